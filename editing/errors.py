@@ -1,0 +1,66 @@
+"""Typed errors raised by editops' editing layer.
+
+Every error carries a message that tells the user what to change. Callers catch
+``EditopsError`` to handle any of them.
+"""
+from __future__ import annotations
+
+
+class EditopsError(Exception):
+    """Base class of every error editops raises on purpose."""
+
+
+class ModelLoadError(EditopsError):
+    """A model or tokenizer could not be loaded (missing path, offline hub id, bad file)."""
+
+
+class GGUFError(ModelLoadError):
+    """A GGUF file is missing, truncated or not a model transformers can dequantise."""
+
+
+class UnsupportedArchitectureError(EditopsError):
+    """No adapter knows where this architecture keeps its MLP output projection."""
+
+
+class RequestError(EditopsError):
+    """An edit request is malformed or cannot be applied to this model/tokenizer."""
+
+
+class SubjectNotInPromptError(RequestError):
+    """The subject string does not occur in the prompt template."""
+
+
+class EmptyTargetError(RequestError):
+    """The new target is empty or whitespace."""
+
+
+class PromptTooLongError(RequestError):
+    """The prompt (plus target) is longer than the model's context."""
+
+
+class NoOpEditError(RequestError):
+    """The model already produces the requested target: nothing to edit."""
+
+
+class NothingToDeleteError(RequestError):
+    """The unwanted output does not occur for the given source: nothing to delete."""
+
+
+class DeltaError(EditopsError):
+    """A delta file is corrupt, tampered with, or does not fit the model."""
+
+
+class IntegrityError(DeltaError):
+    """A stored sha256 does not match the content."""
+
+
+class FingerprintMismatchError(DeltaError):
+    """A delta was computed for a different base model."""
+
+
+class StateError(EditopsError):
+    """An editor state does not fit the editor or model it is loaded for."""
+
+
+class FormatError(EditopsError):
+    """A request file is in no format editops reads, or a record misses fields."""
