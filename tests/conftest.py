@@ -21,3 +21,22 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    """SQLAlchemy URL of the real PostgreSQL that `.ci/run` starts (`.ci/postgres.sh`).
+
+    Set ``EDITOPS_TEST_POSTGRES_URL``; without it the test is skipped with this reason.
+    """
+    url = os.environ.get("EDITOPS_TEST_POSTGRES_URL")
+    if not url:
+        pytest.skip("EDITOPS_TEST_POSTGRES_URL is not set: run `bash .ci/postgres.sh` and export the URL it prints")
+    return url
+
+
+@pytest.fixture(scope="session")
+def mlflow_sqlite_uri(tmp_path_factory) -> str:
+    """A real MLflow sqlite backend store shared by the session (migrations run once, ~7 s)."""
+    root = tmp_path_factory.mktemp("mlflow")
+    return f"sqlite:///{root}/mlflow.db"
