@@ -64,3 +64,56 @@ class StateError(EditopsError):
 
 class FormatError(EditopsError):
     """A request file is in no format editops reads, or a record misses fields."""
+
+
+# ---------------------------------------------------------------- registry (issue 5)
+class RegistryError(EditopsError):
+    """The model registry (MLflow) refused or could not complete an operation."""
+
+
+class RegistryUnavailableError(RegistryError):
+    """The tracking/registry server could not be reached after retries with backoff."""
+
+
+class RegistryAuthError(RegistryError):
+    """The tracking server refused the credentials (or their absence)."""
+
+
+class LineNotFoundError(RegistryError):
+    """No model line (registered model) of that name exists."""
+
+
+class VersionNotFoundError(RegistryError):
+    """The version (number or alias) does not exist in the line."""
+
+
+class MissingParentError(RegistryError):
+    """A version's parent (or a version in its ancestry) is missing from the registry."""
+
+
+class StaleParentError(RegistryError):
+    """Compare-and-set failed: the line's head is no longer the parent the caller built on."""
+
+
+class ImmutableVersionError(RegistryError):
+    """An attempt to re-register or overwrite an existing, immutable version."""
+
+
+class ArtifactMissingError(RegistryError):
+    """A version's artifact is missing from the artifact store."""
+
+
+class PromotionRefusedError(RegistryError):
+    """An alias move was refused by the promotion policy (e.g. gates did not pass)."""
+
+
+class RevertError(RegistryError):
+    """A request's change cannot be reverted as asked."""
+
+
+class ExportError(RegistryError):
+    """A version cannot be exported in the asked format."""
+
+
+class MetricsError(EditopsError):
+    """Metrics cannot be computed as asked (e.g. cached base outputs do not cover the requests)."""

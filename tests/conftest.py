@@ -40,3 +40,17 @@ def mlflow_sqlite_uri(tmp_path_factory) -> str:
     """A real MLflow sqlite backend store shared by the session (migrations run once, ~7 s)."""
     root = tmp_path_factory.mktemp("mlflow")
     return f"sqlite:///{root}/mlflow.db"
+
+
+@pytest.fixture(scope="session")
+def tiny_fact_model(tmp_path_factory):
+    """A tiny GPT-2 trained (seconds, one thread) on a seeded synthetic fact world.
+
+    Attributes: ``model_dir`` (HF dir: safetensors + tokenizer), ``requests_path``
+    (300 FactRequests as JSONL, read with ``editing.data.world.read_fact_requests``),
+    ``corpus`` (general filler text, list of str), ``heldout`` (filler never trained
+    on), ``metrics`` (top-1 accuracies; ≥ 0.95 on training templates).
+    """
+    from editing.training.causal import build_tiny_fact_model
+
+    return build_tiny_fact_model(tmp_path_factory.mktemp("tiny_fact_model"), seed=0)

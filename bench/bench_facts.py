@@ -1,0 +1,355 @@
+"""Fact-editing benchmark: sequential edits in batches, for several editors, against the base model.
+
+One command (defaults: both project models, editors nse, memit and ft, batch sizes 1, 10, 100)::
+
+    .venv/bin/python bench/bench_facts.py [--models smollm2,factworld] [--editors nse,memit,ft]
+        [--batch-sizes 1,10,100] [--limit N] [--checkpoints 4] [--threads 1]
+
+For each model the base model's outputs (pair scores, held-out perplexity) are
+computed once and cached. Each (model, editor, batch size) runs in a fresh
+subprocess (so its peak memory is its own): the model is loaded, the requests
+are applied sequentially with :func:`editing.runner.run_sequential`, and at a
+few checkpoints the requests edited so far are scored (efficacy, paraphrase,
+neighbourhood vs base, retention of the first batch); the last checkpoint adds
+perplexity drift and locality. Prints a table, writes ``bench/results/facts.json``
+and a plot of the metrics against the number of edits (``bench/facts.png``).
+
+Metric conventions: :mod:`editing.metrics.facts` (probability variants, mean
+token log-prob). Seconds per edit = time in ``edit`` + applying the delta,
+divided by the number of edits (evaluation excluded; the first batch includes
+any one-off key statistics the editor computes, reported separately as
+``first_batch_s``). Peak memory = the process's peak RSS while editing (Linux
+``VmHWM`` after resetting it once the model and base outputs are loaded), so it
+includes the resident model.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+@dataclass(frozen=True)
+class BenchModel:
+    name: str
+    model_dir: str
+    requests: str
+    heldout: str  # a file, or stdlib:N
+
+
+MODELS = {
+    "smollm2": BenchModel("smollm2", "models/smollm2-135m", "data/requests/countries.jsonl", "stdlib:200"),
+    "factworld": BenchModel("factworld", "models/factworld-gpt2", "data/requests/factworld.jsonl",
+                            "data/factworld/heldout.txt"),
+    # a tiny fact model trained on the fly (development; built under .editops/bench/tiny)
+    "tiny": BenchModel("tiny", ".editops/bench/tiny/model", ".editops/bench/tiny/requests.jsonl",
+                       ".editops/bench/tiny/heldout.txt"),
+}
+
+
+def _resolve(model: BenchModel) -> BenchModel:
+    """Use the project catalog's paths where it has the model (editing.catalog), else the defaults."""
+    try:
+        from editing import catalog  # type: ignore[attr-defined]
+
+        entry = catalog.get(model.name) if hasattr(catalog, "get") else None
+        if entry is not None:
+            return BenchModel(model.name, str(getattr(entry, "model_dir", model.model_dir)),
+                              str(getattr(entry, "requests", model.requests)),
+                              str(getattr(entry, "heldout", None) or model.heldout))
+    except Exception:
+        pass
+    return model
+
+
+def _rss_mb(field: str) -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _base_outputs(model_name: str, loaded, reqs, held, cache_dir: Path):
+    from editing.metrics.facts import BaseOutputs
+    from editing.metrics.text import heldout_sha256
+
+    path = cache_dir / f"{model_name}-{loaded.fingerprint[:16]}.json"
+    if path.is_file():
+        base = BaseOutputs.load(path)
+        n_new = base.extend(loaded.model, loaded.tokenizer, reqs)
+        if base.heldout_sha256 == heldout_sha256(held) and not n_new:
+            return base
+        if base.heldout_sha256 != heldout_sha256(held):
+            from editing.metrics.text import perplexity
+
+            base.perplexity, base.heldout_sha256 = perplexity(loaded.model, loaded.tokenizer, held), heldout_sha256(held)
+    else:
+        base = BaseOutputs.compute(loaded.model, loaded.tokenizer, reqs, heldout_texts=held,
+                                   model_fingerprint=loaded.fingerprint, progress=True)
+    base.save(path)
+    return base
+
+
+def run_one(model: BenchModel, editor_name: str, batch_size: int, limit: int | None, checkpoints: int,
+            cache_dir: Path, hparams: dict) -> dict:
+    """One configuration, in this process: load, edit sequentially, evaluate at checkpoints."""
+    import torch
+
+    from editing.editors import get_editor
+    from editing.formats import read_requests
+    from editing.metrics.facts import evaluate_facts
+    from editing.metrics.text import heldout_texts
+    from editing.models import load
+    from editing.runner import run_sequential
+
+    loaded = load(model.model_dir)
+    reqs = read_requests(model.requests, kind="fact", limit=limit)
+    held = heldout_texts(model.heldout)
+    base = _base_outputs(model.name, loaded, reqs, held, cache_dir)
+    n_batches = -(-len(reqs) // batch_size)
+    marks = sorted({max(1, round(n_batches * (i + 1) / checkpoints)) for i in range(checkpoints)})
+    editor = get_editor(editor_name, **hparams)
+    first = reqs[:batch_size]
+    curve: list[dict] = []
+    eval_seconds = 0.0
+
+    def on_batch(record) -> None:
+        nonlocal eval_seconds
+        if record.index not in marks:
+            return
+        t0 = time.perf_counter()
+        done = reqs[: min(len(reqs), record.index * batch_size)]
+        final = record.index == n_batches
+        s = evaluate_facts(loaded.model, loaded.tokenizer, done, base=base, earlier=first,
+                           heldout_texts=held if final else None)
+        eval_seconds += time.perf_counter() - t0
+        point = {"n_edits": len(done), **{k: v for k, v in s.summary().items() if k != "per_request"}}
+        curve.append(point)
+        print(f"  [{model.name} {editor_name} b={batch_size}] {len(done)} edits: efficacy {s.efficacy:.3f} "
+              f"paraphrase {s.paraphrase if s.paraphrase is not None else float('nan'):.3f} "
+              f"neighbourhood {s.neighbourhood if s.neighbourhood is not None else float('nan'):.3f} "
+              f"retention {s.retention if s.retention is not None else float('nan'):.3f}", flush=True)
+
+    rss_loaded = _rss_mb("VmRSS")
+    reset = _reset_peak_rss()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    run = run_sequential(loaded.model, loaded.tokenizer, reqs, editor, batch_size, on_batch=on_batch, progress=False,
+                         base_fingerprint=loaded.fingerprint)
+    final = curve[-1]
+    pre = base.base_scores(reqs).summary()
+    return {
+        "model": model.name, "editor": editor_name, "batch_size": batch_size, "n_requests": len(reqs),
+        "hyperparameters": getattr(editor, "hyperparameters", hparams),
+        "final": final, "curve": curve, "pre_edit": pre,
+        "n_failed_diagnostics": len(run.failed),
+        "seconds_per_edit": run.seconds_per_edit, "edit_seconds": run.edit_seconds,
+        "first_batch_s": run.batches[0].seconds if run.batches else None,
+        "eval_seconds": eval_seconds,
+        "rss_after_load_mb": rss_loaded, "peak_rss_mb": _rss_mb("VmHWM") if reset else None,
+        "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _fmt(v, digits: int = 3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+COLUMNS = [
+    ("model", lambda r: r["model"]), ("editor", lambda r: r["editor"]), ("batch", lambda r: r["batch_size"]),
+    ("edits", lambda r: r["n_requests"]),
+    ("efficacy", lambda r: r["final"].get("efficacy")), ("paraphrase", lambda r: r["final"].get("paraphrase")),
+    ("neighbourhood", lambda r: r["final"].get("neighbourhood")),
+    ("nbhd/base", lambda r: r["final"].get("neighbourhood_ratio")),
+    ("ppl drift", lambda r: r["final"].get("perplexity_drift")),
+    ("1st batch kept", lambda r: r["final"].get("retention")),
+    ("s/edit", lambda r: r["seconds_per_edit"]), ("peak RSS MB", lambda r: r["peak_rss_mb"]),
+]
+
+
+def markdown_table(rows: list[dict]) -> str:
+    head = "| " + " | ".join(c for c, _ in COLUMNS) + " |"
+    sep = "|" + "|".join("---" for _ in COLUMNS) + "|"
+    lines = [head, sep]
+    for r in rows:
+        cells = []
+        for name, get in COLUMNS:
+            v = get(r)
+            cells.append(_fmt(v, 0) if name == "peak RSS MB" and v is not None else _fmt(v, 2 if name == "s/edit" else 3))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def base_table(rows: list[dict]) -> str:
+    seen, lines = set(), ["| model | requests | efficacy | paraphrase | neighbourhood | perplexity |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["model"] in seen:
+            continue
+        seen.add(r["model"])
+        p = r["pre_edit"]
+        lines.append(f"| {r['model']} (before editing) | {r['n_requests']} | {_fmt(p.get('efficacy'))} | "
+                     f"{_fmt(p.get('paraphrase'))} | {_fmt(p.get('neighbourhood'))} | {_fmt(p.get('perplexity'), 2)} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    metrics = [("efficacy", "efficacy"), ("paraphrase", "paraphrase"), ("neighbourhood_ratio", "neighbourhood / base"),
+               ("retention", "first batch retained")]
+    fig, axes = plt.subplots(len(models), len(metrics), figsize=(4 * len(metrics), 3.2 * len(models)), squeeze=False)
+    for i, m in enumerate(models):
+        for j, (key, label) in enumerate(metrics):
+            ax = axes[i][j]
+            for r in rows:
+                if r["model"] != m:
+                    continue
+                xs = [p["n_edits"] for p in r["curve"] if p.get(key) is not None]
+                ys = [p[key] for p in r["curve"] if p.get(key) is not None]
+                if xs:
+                    ax.plot(xs, ys, marker="o", label=f"{r['editor']} b={r['batch_size']}")
+            ax.set_title(f"{m}: {label}", fontsize=9)
+            ax.set_xlabel("number of edits", fontsize=8)
+            ax.set_ylim(-0.02, 1.05 if key != "neighbourhood_ratio" else 1.25)
+            ax.grid(alpha=0.3)
+            if i == 0 and j == 0:
+                ax.legend(fontsize=6)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+
+
+def _ensure_tiny(model: BenchModel) -> None:
+    if Path(model.model_dir).is_dir():
+        return
+    from editing.training.causal import build_tiny_fact_model
+
+    out = Path(model.model_dir).parent
+    build_tiny_fact_model(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="smollm2,factworld")
+    ap.add_argument("--editors", default="nse,memit,ft")
+    ap.add_argument("--batch-sizes", default="1,10,100")
+    ap.add_argument("--limit", type=int, default=None, help="requests per model (factworld: at least 1000 for the Bar)")
+    ap.add_argument("--limit-smollm2", type=int, default=None, help="override --limit for smollm2")
+    ap.add_argument("--checkpoints", type=int, default=4, help="evaluation points per run (for the plot)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--set", action="append", default=[], help="editor hyperparameter key=value (all editors)")
+    ap.add_argument("--out", default="bench/results/facts.json")
+    ap.add_argument("--plot", default="bench/facts.png")
+    ap.add_argument("--cache-dir", default=".editops/bench/base-outputs")
+    ap.add_argument("--timeout", type=int, default=None, help="seconds per configuration")
+    ap.add_argument("--single", nargs=3, metavar=("MODEL", "EDITOR", "BATCH"), help=argparse.SUPPRESS)
+    ap.add_argument("--single-out", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    os.chdir(ROOT)
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    from editing.env import configure_offline_defaults
+
+    configure_offline_defaults()
+    hparams = {}
+    for item in args.set:
+        k, v = item.split("=", 1)
+        try:
+            hparams[k] = json.loads(v)
+        except json.JSONDecodeError:
+            hparams[k] = v
+
+    if args.single:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        name, editor, bs = args.single
+        model = _resolve(MODELS[name])
+        limit = args.limit_smollm2 if name == "smollm2" and args.limit_smollm2 else args.limit
+        result = run_one(model, editor, int(bs), limit, args.checkpoints, Path(args.cache_dir), hparams)
+        Path(args.single_out).write_text(json.dumps(result, default=str))
+        return
+
+    rows: list[dict] = []
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    failures = []
+    for name in args.models.split(","):
+        model = _resolve(MODELS[name])
+        if name == "tiny":
+            _ensure_tiny(model)
+        if not Path(model.model_dir).is_dir():
+            print(f"skip {name}: {model.model_dir} does not exist (build it with `dvc repro`)", flush=True)
+            continue
+        for editor in args.editors.split(","):
+            for bs in [int(b) for b in args.batch_sizes.split(",")]:
+                runs_dir = Path(".editops/bench/runs")
+                runs_dir.mkdir(parents=True, exist_ok=True)
+                single_out = runs_dir / f"{name}-{editor}-b{bs}.json"
+                single_out.unlink(missing_ok=True)
+                cmd = [sys.executable, __file__, "--single", name, editor, str(bs), "--single-out", str(single_out),
+                       "--checkpoints", str(args.checkpoints), "--threads", str(args.threads),
+                       "--cache-dir", args.cache_dir]
+                if args.limit:
+                    cmd += ["--limit", str(args.limit)]
+                if args.limit_smollm2:
+                    cmd += ["--limit-smollm2", str(args.limit_smollm2)]
+                for item in args.set:
+                    cmd += ["--set", item]
+                print(f"== {name} / {editor} / batch {bs}", flush=True)
+                t0 = time.perf_counter()
+                try:
+                    proc = subprocess.run(cmd, timeout=args.timeout)
+                    ok = proc.returncode == 0
+                except subprocess.TimeoutExpired:
+                    ok = False
+                if not ok or not single_out.is_file():
+                    failures.append(f"{name}/{editor}/b{bs}")
+                    print(f"   FAILED {name}/{editor}/b{bs} after {time.perf_counter() - t0:.0f} s", flush=True)
+                    continue
+                rows.append(json.loads(single_out.read_text()))
+                out.write_text(json.dumps(rows, indent=1, default=str))
+    if not rows:
+        print("no configuration ran", failures)
+        sys.exit(1)
+    print()
+    print(base_table(rows))
+    print()
+    print(markdown_table(rows))
+    if failures:
+        print("\nfailed:", ", ".join(failures))
+    plot(rows, Path(args.plot))
+    print(f"\nwrote {out} and {args.plot}")
+
+
+if __name__ == "__main__":
+    main()

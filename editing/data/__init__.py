@@ -1,0 +1,1 @@
+"""Project data: the default model's conversion, country facts, the synthetic fact world."""

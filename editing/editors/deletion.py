@@ -1,0 +1,522 @@
+"""Behaviour deletion by rank-one (low-rank for a batch) edits of an MLP output projection.
+
+After *Rank-One Editing of Encoder-Decoder Models* (Raunak & Menezes): one
+positive example (a correct output) is enough to remove an unwanted behaviour.
+Works on encoder-decoder models (Marian, BART, T5: encoder and decoder MLPs) and
+on causal LMs (the prompt is the "source", the continuation the output).
+
+Per request:
+
+1. **Decision point.** Greedy-decode the source. If the unwanted span is not in the
+   output: :class:`NothingToDeleteError`. Otherwise the decision position ``t`` is
+   the first output token where the greedy output leaves the positive example
+   (teacher-forced positive prefix); ``u`` is the token the model prefers there,
+   ``p`` the positive token. Margin ``m = log P(u) − log P(p)`` at ``t``.
+2. **Trace** (where is the behaviour decided?). For every candidate site — each
+   encoder MLP layer at each source position, each decoder MLP layer at the decision
+   position (causal LM: each layer at each prompt/prefix position) — the MLP
+   output at that site is *patched* with the layer's mean output on the statistics
+   corpus, and the drop of ``m`` is measured. The site with the largest drop is
+   edited (layer and token position are chosen by this measurement, never fixed).
+3. **Key and value.** ``k`` = input of ``W_out`` at the site; a vector ``δ`` is added
+   to the MLP output there and optimised with Adam against the model as given
+   (``steps`` ≤ 40, ``lr``) to minimise
+   ``NLL(positive) + unlikelihood(u at t) + wd · ‖δ‖² / ‖v‖²``, stopping early when
+   ``log P(p) − log P(u) ≥ margin`` at ``t``.
+4. **Write** per edited weight, with keys ``K`` and residuals ``R = δ`` of all
+   requests on it, ``ΔW = R Kᵀ (λ C0 + C_edits + K Kᵀ)⁻¹`` (MEMIT's solve,
+   :func:`editing.editors.solve.memit_factors`), stored as factors in a
+   :class:`LowRankDelta`. ``C0 = E[k kᵀ]`` over the statistics corpus (the model's
+   own greedy translations of ``stats_sources``; default: the requests' locality
+   sources); ``C_edits = Σ K Kᵀ`` of earlier deletions (sequential state).
+5. **λ by measurement.** With ``s₀ = median kᵀ C0⁻¹ k`` the grid is
+   ``λ = s₀ / s`` for ``s`` in ``lambda_grid`` (1 … 256: the Mahalanobis gain of the
+   edit key over typical keys), scanned from the largest λ (smallest, most local
+   change) down; the first λ at which every request's unwanted span is gone from
+   its greedy output (checked with the update installed as a forward hook, the
+   weights untouched) is kept. If none works the smallest λ is used and the
+   request is reported as failed in the diagnostics.
+
+The editor never changes the model's weights (all trials run through forward
+hooks): the model is returned bit-for-bit as it came; the caller applies
+``result.delta``. State (:class:`EditorState`), fixed size per edited weight:
+``<weight>::C0``, ``<weight>::C_edits`` and the per-layer mean MLP outputs used for
+tracing (``trace::<module>::mean``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, asdict
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from editing.arch import ArchSpec, get_module, spec_for, weight_view
+from editing.delta import LowRankDelta
+from editing.editors.base import EditorState, EditResult, RequestDiagnostics
+from editing.errors import NothingToDeleteError, PromptTooLongError, RequestError, StateError
+from editing.metrics.deletion import contains_span, generate_outputs, is_seq2seq, prompt_ids
+from editing.requests import DeletionRequest
+
+NAME = "rank-one"
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where an edit is written: MLP output projection of ``layer`` in ``stack`` at token ``pos``."""
+
+    stack: str          # "encoder" | "decoder"
+    layer: int
+    pos: int            # position in that stack's input sequence
+
+
+@dataclass
+class _Example:
+    request: DeletionRequest
+    enc_ids: torch.Tensor | None     # (1, S) seq2seq source ids
+    dec_ids: torch.Tensor            # (1, T') decoder / causal input ids
+    targets: torch.Tensor            # (T,) positive output ids
+    offset: int                      # logits row predicting targets[0]
+    decision: int = 0                # index into targets
+    unwanted_tok: int = 0
+    greedy: str = ""
+
+    @property
+    def logit_row(self) -> int:
+        return self.offset + self.decision
+
+
+# ----------------------------------------------------------------- hooks
+class _Patch:
+    """Forward hooks that change an MLP output at one position per batch row, or add a low-rank ΔW everywhere."""
+
+    def __init__(self) -> None:
+        self.handles: list = []
+
+    def set_at(self, module: nn.Module, pos: int, value: torch.Tensor) -> None:
+        def hook(_m, _a, out):
+            out = out.clone()
+            out[:, pos] = value.to(out.dtype)
+            return out
+        self.handles.append(module.register_forward_hook(hook))
+
+    def add_at(self, module: nn.Module, pos: int, delta: torch.Tensor) -> None:
+        def hook(_m, _a, out):
+            if out.shape[1] <= pos:
+                return out
+            add = torch.zeros_like(out)
+            add[:, pos] = delta.to(out.dtype)
+            return out + add
+        self.handles.append(module.register_forward_hook(hook))
+
+    def add_lowrank(self, module: nn.Module, u: torch.Tensor, v: torch.Tensor) -> None:
+        """``out += x V Uᵀ`` (``ΔW = U Vᵀ`` applied to the module input ``x``)."""
+        uf, vf = u.float(), v.float()
+
+        def hook(_m, args, out):
+            return out + (args[0].to(vf.dtype) @ vf) @ uf.T
+        self.handles.append(module.register_forward_hook(hook))
+
+    def capture_input(self, module: nn.Module, store: dict, key: str) -> None:
+        def hook(_m, args):
+            store[key] = args[0].detach()
+        self.handles.append(module.register_forward_pre_hook(hook))
+
+    def capture_output(self, module: nn.Module, store: dict, key: str) -> None:
+        def hook(_m, _a, out):
+            store[key] = out.detach()
+        self.handles.append(module.register_forward_hook(hook))
+
+    def __enter__(self) -> "_Patch":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+
+# ------------------------------------------------------------ the editor
+@dataclass
+class RankOneDeletionEditor:
+    """Delete unwanted behaviours from one positive example each (see the module docstring)."""
+
+    stacks: tuple[str, ...] = ("encoder", "decoder")   # candidate stacks (causal LMs have only "decoder")
+    layers: tuple[int, ...] | None = None              # restrict candidate layers (default: all)
+    steps: int = 40
+    lr: float = 0.1
+    weight_decay: float = 0.02
+    unlikelihood: float = 1.0
+    margin: float = 2.0
+    lambda_grid: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+    trace_keep: float = 0.5                            # candidate sites: effect >= trace_keep * best effect
+    max_candidates: int = 8
+    stats_sources: tuple[str, ...] | None = None       # corpus for C0 (default: the requests' locality sources)
+    max_stats_sources: int = 512
+    max_new_tokens: int = 40
+    on_nothing_to_delete: str = "raise"                # "raise" | "skip" (report in diagnostics)
+    name: str = NAME
+
+    def __post_init__(self) -> None:
+        self.stacks = tuple(self.stacks)
+        self.lambda_grid = tuple(sorted(float(x) for x in self.lambda_grid))
+        if self.stats_sources is not None:
+            self.stats_sources = tuple(self.stats_sources)
+        if self.on_nothing_to_delete not in ("raise", "skip"):
+            raise ValueError("on_nothing_to_delete must be 'raise' or 'skip'")
+
+    @property
+    def hyperparameters(self) -> dict[str, Any]:
+        hp = {k: v for k, v in asdict(self).items() if k not in ("name", "stats_sources")}
+        hp["stats_sources"] = None if self.stats_sources is None else len(self.stats_sources)
+        return hp
+
+    # ------------------------------------------------------------ helpers
+    def _stacks(self, model, spec: ArchSpec) -> list[str]:
+        names = [s.name for s in spec.stacks]
+        return [s for s in self.stacks if s in names] or names
+
+    def _candidate_layers(self, model, spec: ArchSpec, stack: str) -> list[int]:
+        n = spec.num_layers(model.config, stack)
+        return [l for l in range(n) if self.layers is None or l in self.layers]
+
+    def _forward(self, model, ex: _Example) -> torch.Tensor:
+        """Logits rows predicting ``ex.targets`` (shape ``(T, V)``)."""
+        if ex.enc_ids is not None:
+            out = model(input_ids=ex.enc_ids, attention_mask=torch.ones_like(ex.enc_ids), decoder_input_ids=ex.dec_ids)
+        else:
+            out = model(input_ids=ex.dec_ids, attention_mask=torch.ones_like(ex.dec_ids))
+        logits = out.logits[0]
+        return logits[ex.offset: ex.offset + len(ex.targets)]
+
+    def _margin(self, model, ex: _Example) -> float:
+        lp = torch.log_softmax(self._forward(model, ex)[ex.decision].float(), -1)
+        return float(lp[ex.unwanted_tok] - lp[ex.targets[ex.decision]])
+
+    def _prepare(self, model, tokenizer, req: DeletionRequest) -> _Example:
+        from editing.editors.keys import max_context
+
+        limit = max_context(model)
+        device = next(model.parameters()).device
+        if is_seq2seq(model):
+            src = tokenizer(req.source)["input_ids"]
+            tgt = list(tokenizer(text_target=req.positive)["input_ids"])
+            if limit is not None and (len(src) > limit or len(tgt) > limit):
+                raise PromptTooLongError(
+                    f"request {req.request_id!r}: source is {len(src)} tokens and positive {len(tgt)} tokens but the "
+                    f"model accepts {limit}; shorten the sentence")
+            start = model.config.decoder_start_token_id
+            if start is None:
+                start = tokenizer.pad_token_id
+            dec = [int(start), *tgt[:-1]]
+            ex = _Example(req, torch.tensor([src], device=device), torch.tensor([dec], device=device),
+                          torch.tensor(tgt, device=device), 0)
+        else:
+            src = prompt_ids(tokenizer, req.source)
+            full = list(tokenizer(req.source + " " + req.positive)["input_ids"])
+            tgt = full[len(src):] if full[:len(src)] == src else list(
+                tokenizer(" " + req.positive, add_special_tokens=False)["input_ids"])
+            ends_with_eos = tokenizer.eos_token_id is not None and len(full) > 1 and full[-1] == tokenizer.eos_token_id
+            if not ends_with_eos and tgt and tokenizer.eos_token_id is not None and tgt[-1] == tokenizer.eos_token_id:
+                tgt = tgt[:-1]
+            if limit is not None and len(src) + len(tgt) > limit:
+                raise PromptTooLongError(
+                    f"request {req.request_id!r}: prompt plus positive continuation is {len(src) + len(tgt)} tokens but "
+                    f"the model's context is {limit}; shorten the prompt")
+            ex = _Example(req, None, torch.tensor([src + tgt[:-1]], device=device), torch.tensor(tgt, device=device),
+                          len(src) - 1)
+        return ex
+
+    @torch.no_grad()
+    def _decision(self, model, tokenizer, ex: _Example) -> bool:
+        """Fill ``ex.decision``/``ex.unwanted_tok``; False when the unwanted span is not produced."""
+        req = ex.request
+        out = generate_outputs(model, tokenizer, [req.source], self.max_new_tokens)[0]
+        ex.greedy = out
+        if not contains_span(out, req.unwanted):
+            return False
+        logits = self._forward(model, ex)
+        pred = logits.argmax(-1)
+        diverge = (pred != ex.targets).nonzero()
+        if len(diverge) == 0:
+            return False
+        ex.decision = int(diverge[0])
+        ex.unwanted_tok = int(pred[ex.decision])
+        return True
+
+    # ------------------------------------------------------------ statistics
+    def _stats_sources(self, requests: Sequence[DeletionRequest]) -> list[str]:
+        if self.stats_sources:
+            return list(self.stats_sources)[: self.max_stats_sources]
+        seen, out = set(), []
+        for r in requests:
+            for p in r.locality:
+                if p.source not in seen:
+                    seen.add(p.source)
+                    out.append(p.source)
+        if not out:
+            raise RequestError("the rank-one editor needs text for its key statistics C0: give the requests locality "
+                               "sentences or the editor stats_sources=[...]")
+        return out[: self.max_stats_sources]
+
+    @torch.no_grad()
+    def _stat_batches(self, model, tokenizer, sources: list[str]) -> list[dict]:
+        """Model inputs for the statistics corpus: the sources with the model's own greedy outputs."""
+        outs = generate_outputs(model, tokenizer, sources, self.max_new_tokens)
+        device = next(model.parameters()).device
+        batches = []
+        for i in range(0, len(sources), 32):
+            s, o = sources[i:i + 32], outs[i:i + 32]
+            if is_seq2seq(model):
+                enc = tokenizer(s, text_target=o, padding=True, return_tensors="pt")
+                start = model.config.decoder_start_token_id
+                labels = enc["labels"]
+                dec = torch.cat([torch.full((len(s), 1), int(start)), labels[:, :-1]], 1)
+                pad = tokenizer.pad_token_id
+                dmask = torch.cat([torch.ones((len(s), 1), dtype=torch.long), (labels[:, :-1] != pad).long()], 1)
+                batches.append({"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device),
+                                "decoder_input_ids": dec.to(device), "decoder_attention_mask": dmask.to(device)})
+            else:
+                rows = [prompt_ids(tokenizer, f"{a} {b}") for a, b in zip(s, o)]
+                from editing.editors.keys import pad_id_of, pad_right
+
+                ids, mask = pad_right(rows, pad_id_of(tokenizer))
+                batches.append({"input_ids": ids.to(device), "attention_mask": mask.to(device)})
+        return batches
+
+    @torch.no_grad()
+    def _mean_outputs(self, model, spec, batches, names: list[str]) -> dict[str, torch.Tensor]:
+        sums: dict[str, torch.Tensor] = {}
+        counts: dict[str, int] = {n: 0 for n in names}
+        store: dict[str, torch.Tensor] = {}
+        for b in batches:
+            with _Patch() as p:
+                for n in names:
+                    p.capture_output(get_module(model, n), store, n)
+                model(**b)
+            for n in names:
+                dec = ".decoder." in f".{n}." and "decoder_attention_mask" in b
+                m = (b["decoder_attention_mask"] if dec else b["attention_mask"]).bool()
+                x = store[n][m].double()
+                sums[n] = sums.get(n, 0) + x.sum(0)
+                counts[n] += x.shape[0]
+        return {n: (sums[n] / max(1, counts[n])).float().cpu() for n in names}
+
+    def _init_state(self, model, tokenizer, spec, requests, state: EditorState | None) -> EditorState:
+        if state is not None and state.editor not in ("", self.name):
+            raise StateError(f"state belongs to editor {state.editor!r}, not {self.name!r}")
+        state = EditorState(self.name, dict(state.tensors), dict(state.meta)) if state else EditorState(self.name)
+        names = [spec.mlp_out_name(l, s) for s in self._stacks(model, spec) for l in self._candidate_layers(model, spec, s)]
+        missing = [n for n in names if f"trace::{n}::mean" not in state.tensors]
+        if missing:
+            sources = self._stats_sources(requests)
+            batches = self._stat_batches(model, tokenizer, sources)
+            for n, mean in self._mean_outputs(model, spec, batches, missing).items():
+                state.tensors[f"trace::{n}::mean"] = mean
+            state.meta.setdefault("n_stats_sources", len(sources))
+            state.meta["_batches"] = batches  # transient; removed before returning
+        return state
+
+    def _c0(self, model, tokenizer, requests, state: EditorState, weight: str) -> torch.Tensor:
+        key = f"{weight}::C0"
+        if key not in state.tensors:
+            from editing.stats import accumulate_key_moments
+
+            batches = state.meta.get("_batches") or self._stat_batches(model, tokenizer, self._stats_sources(requests))
+            state.meta["_batches"] = batches
+            module = weight[: -len(".weight")]
+            km = accumulate_key_moments(model, [module], batches, progress=False)[module]
+            state.tensors[key] = km.moment.float()
+            state.meta.setdefault("stats_counts", {})[weight] = km.count
+        return state.tensors[key]
+
+    # ------------------------------------------------------------ trace
+    @torch.no_grad()
+    def trace(self, model, spec: ArchSpec, ex: _Example, state: EditorState) -> list[tuple[Site, float]]:
+        """Effect of patching each candidate site on the margin ``log P(u) − log P(p)``, largest first."""
+        base = self._margin(model, ex)
+        effects: list[tuple[Site, float]] = []
+        for stack in self._stacks(model, spec):
+            if ex.enc_ids is not None:
+                positions = range(ex.enc_ids.shape[1]) if stack == "encoder" else [ex.logit_row]
+            else:
+                positions = range(ex.logit_row + 1)
+            for layer in self._candidate_layers(model, spec, stack):
+                name = spec.mlp_out_name(layer, stack)
+                mean = state.tensors[f"trace::{name}::mean"].to(next(model.parameters()).device)
+                module = get_module(model, name)
+                for pos in positions:
+                    with _Patch() as p:
+                        p.set_at(module, pos, mean)
+                        effects.append((Site(stack, layer, pos), base - self._margin(model, ex)))
+        effects.sort(key=lambda e: -e[1])
+        return effects
+
+    @torch.no_grad()
+    def choose_site(self, model, tokenizer, spec: ArchSpec, ex: _Example, state: EditorState, requests,
+                    effects: list[tuple[Site, float]]) -> tuple[Site, dict]:
+        """Among sites whose effect is ≥ ``trace_keep`` × the best one (at most ``max_candidates``), the one
+        whose key is most distinct from ordinary keys: the largest ``kᵀ C0⁻¹ k / d_in`` (1 for a typical key;
+        a large value means a rank-one write there barely touches other inputs)."""
+        best = effects[0][1]
+        cands = [(s, e) for s, e in effects if e >= self.trace_keep * best][: self.max_candidates]
+        store: dict[str, torch.Tensor] = {}
+        with _Patch() as p:
+            for stack, layer in {(s.stack, s.layer) for s, _ in cands}:
+                name = spec.mlp_out_name(layer, stack)
+                p.capture_input(get_module(model, name), store, name)
+            self._forward(model, ex)
+        scored = []
+        for site, effect in cands:
+            name = spec.mlp_out_name(site.layer, site.stack)
+            C0 = self._c0(model, tokenizer, requests, state, name + ".weight").double()
+            k = store[name][0, site.pos].double().cpu()
+            ridge = 1e-6 * float(C0.diagonal().mean()) * torch.eye(C0.shape[0], dtype=torch.float64)
+            dist = float(k @ torch.linalg.solve(C0 + ridge, k)) / C0.shape[0]
+            scored.append((dist, effect, site))
+        scored.sort(key=lambda x: (-x[0], -x[1]))
+        dist, effect, site = scored[0]
+        return site, {"trace_effect": effect, "key_distinctness": dist,
+                      "candidates": [(asdict(s), round(e, 4), round(d, 3)) for d, e, s in scored]}
+
+    # ------------------------------------------------------------ value
+    def _value(self, model, spec: ArchSpec, ex: _Example, site: Site) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+        """``(key, δ, loss, final margin)`` for ``ex`` at ``site`` (optimised against the model as given)."""
+        name = spec.mlp_out_name(site.layer, site.stack)
+        module = get_module(model, name)
+        store: dict[str, torch.Tensor] = {}
+        with torch.no_grad(), _Patch() as p:
+            p.capture_input(module, store, "k")
+            p.capture_output(module, store, "v")
+            self._forward(model, ex)
+        key = store["k"][0, site.pos].detach().float()
+        v_norm = float(store["v"][0, site.pos].norm()) + 1e-6
+        delta = torch.zeros(store["v"].shape[-1], device=key.device, requires_grad=True)
+        opt = torch.optim.Adam([delta], lr=self.lr)
+        params = [q for q in model.parameters()]
+        flags = [q.requires_grad for q in params]
+        for q in params:
+            q.requires_grad_(False)
+        loss_val, margin = float("nan"), float("nan")
+        try:
+            for _ in range(self.steps):
+                with _Patch() as p:
+                    p.add_at(module, site.pos, delta)
+                    lp = torch.log_softmax(self._forward(model, ex).float(), -1)
+                nll = -lp.gather(1, ex.targets[:, None]).mean()
+                p_u = lp[ex.decision, ex.unwanted_tok].exp().clamp(max=1 - 1e-6)
+                ul = -torch.log1p(-p_u)
+                reg = self.weight_decay * delta.pow(2).sum() / v_norm ** 2
+                loss = nll + self.unlikelihood * ul + reg
+                margin = float((lp[ex.decision, ex.targets[ex.decision]] - lp[ex.decision, ex.unwanted_tok]).detach())
+                loss_val = float(loss.detach())
+                if margin >= self.margin and float(nll) < 0.1:
+                    break
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        finally:
+            for q, f in zip(params, flags):
+                q.requires_grad_(f)
+        return key, delta.detach(), loss_val, margin
+
+    # ------------------------------------------------------------ edit
+    @torch.no_grad()
+    def _check(self, model, tokenizer, examples: list[_Example],
+               factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> tuple[list[str], list[bool]]:
+        """Greedy outputs with the update installed as hooks, and whether each edit took: the unwanted
+        span is gone AND the positive token now wins at the decision position."""
+        with _Patch() as p:
+            for w, (u, v) in factors.items():
+                p.add_lowrank(get_module(model, w[: -len(".weight")]), u, v)
+            outs = generate_outputs(model, tokenizer, [ex.request.source for ex in examples], self.max_new_tokens)
+            ok = [not contains_span(o, ex.request.unwanted) and
+                  int(self._forward(model, ex)[ex.decision].argmax()) == int(ex.targets[ex.decision])
+                  for o, ex in zip(outs, examples)]
+        return outs, ok
+
+    def edit(self, model: nn.Module, tokenizer, requests: Sequence[DeletionRequest],
+             state: EditorState | None = None) -> EditResult:
+        """Delete each request's unwanted span; returns the change as a LowRankDelta (model untouched)."""
+        from editing.editors.solve import memit_factors
+        from editing.models import fingerprint
+
+        requests = list(requests)
+        for r in requests:
+            if not isinstance(r, DeletionRequest):
+                raise RequestError(f"the rank-one editor deletes behaviours; {getattr(r, 'request_id', r)!r} is a "
+                                   f"{type(r).__name__}, not a DeletionRequest")
+        spec = spec_for(model)
+        was_training = model.training
+        model.eval()
+        diags: dict[str, RequestDiagnostics] = {}
+        examples: list[_Example] = []
+        for r in requests:
+            ex = self._prepare(model, tokenizer, r)
+            if not self._decision(model, tokenizer, ex):
+                msg = (f"request {r.request_id!r}: the model does not produce {r.unwanted!r} for {r.source!r} "
+                       f"(it outputs {ex.greedy!r}); nothing to delete")
+                if self.on_nothing_to_delete == "raise":
+                    raise NothingToDeleteError(msg)
+                diags[r.request_id] = RequestDiagnostics(r.request_id, False, message=msg,
+                                                         extra={"nothing_to_delete": True, "output": ex.greedy})
+                continue
+            examples.append(ex)
+        state = self._init_state(model, tokenizer, spec, requests, state) if examples else (
+            state or EditorState(self.name))
+        per_weight: dict[str, list[tuple[_Example, torch.Tensor, torch.Tensor]]] = {}
+        info: dict[str, dict] = {}
+        for ex in examples:
+            effects = self.trace(model, spec, ex, state)
+            site, why = self.choose_site(model, tokenizer, spec, ex, state, requests, effects)
+            key, delta, loss, margin = self._value(model, spec, ex, site)
+            weight = spec.mlp_out_name(site.layer, site.stack) + ".weight"
+            per_weight.setdefault(weight, []).append((ex, key, delta))
+            info[ex.request.request_id] = {"site": asdict(site), "weight": weight, **why,
+                                           "value_loss": loss, "value_margin": margin,
+                                           "decision_index": ex.decision, "base_output": ex.greedy}
+        factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        chosen_lambda: dict[str, float] = {}
+        if per_weight:
+            solves = {}
+            for w, items in per_weight.items():
+                C0 = self._c0(model, tokenizer, requests, state, w).double()
+                K = torch.stack([k for _, k, _ in items]).double().cpu()
+                R = torch.stack([d for _, _, d in items]).double().cpu()
+                ridge = 1e-6 * float(C0.diagonal().mean()) * torch.eye(C0.shape[0], dtype=torch.float64)
+                s0 = float(torch.median((K * torch.linalg.solve(C0 + ridge, K.T).T).sum(1)))
+                ce = state.tensors.get(f"{w}::C_edits")
+                solves[w] = (K, R, C0, s0, ce)
+            outs: list[str] = []
+            for gain in self.lambda_grid:
+                factors = {}
+                for w, (K, R, C0, s0, ce) in solves.items():
+                    lam = s0 / gain
+                    chosen_lambda[w] = lam
+                    u, v = memit_factors(K, R, C0, lam, ce.double() if ce is not None else None)
+                    factors[w] = (u.float(), v.float())
+                outs, ok = self._check(model, tokenizer, examples, factors)
+                if all(ok):
+                    break
+            for w, (K, R, C0, s0, ce) in solves.items():
+                kk = (K.T @ K).float()
+                state.tensors[f"{w}::C_edits"] = kk if ce is None else ce + kk
+            for ex, out, took in zip(examples, outs, ok):
+                rid = ex.request.request_id
+                w = info[rid]["weight"]
+                gone = took
+                diags[rid] = RequestDiagnostics(
+                    rid, gone, value_loss=info[rid]["value_loss"], residual_norm=None,
+                    message="" if gone else f"edit did not take: output {out!r} (unwanted {ex.request.unwanted!r})",
+                    extra={**info[rid], "edited_output": out, "equals_positive": out == " ".join(ex.request.positive.split()),
+                           "lambda": chosen_lambda[w], "lambda_gain": chosen_lambda and solves[w][3] / chosen_lambda[w]})
+        state.meta.pop("_batches", None)
+        state.meta["n_edits"] = int(state.meta.get("n_edits", 0)) + len(examples)
+        model.train(was_training)
+        delta = LowRankDelta(
+            factors=factors, base_fingerprint=fingerprint(model), editor=self.name,
+            hyperparameters=self.hyperparameters, request_ids=[ex.request.request_id for ex in examples],
+            meta={"sites": {rid: i["site"] for rid, i in info.items()},
+                  "lambda": chosen_lambda})
+        return EditResult(delta=delta, state=state, diagnostics=[diags[r.request_id] for r in requests])

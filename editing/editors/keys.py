@@ -1,0 +1,195 @@
+"""Keys of fact requests: the input of ``W_out`` at the subject's last token.
+
+For a request with prompt template ``"{} is the capital of"`` and subject
+``"Paris"``, the key at layer ``l`` is the MLP hidden activation (the input of
+``W_out``) at the last token of ``"Paris"``. MEMIT averages it over the bare
+prompt and a few short *context templates* (``"{}"`` is the bare prompt;
+``"Here is a fact. {}"`` puts a prefix before it), so the edit does not depend on
+what came before the subject.
+
+Tokenisation rules (shared by keys, values and diagnostics):
+- a prompt is encoded with the tokenizer's special tokens (BOS where it adds one),
+  minus a trailing EOS some tokenizers append;
+- a target is encoded without special tokens, with one leading space
+  (CounterFact convention: ``"Paris"`` is scored as ``" Paris"``).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from editing.arch import ArchSpec, get_module
+from editing.errors import EmptyTargetError, PromptTooLongError, SubjectNotInPromptError
+
+DEFAULT_CONTEXT_TEMPLATES: tuple[str, ...] = ("{}", "Here is a fact. {}", "I read this today. {}",
+                                              "Note that {}", "As everyone knows, {}")
+
+
+class _StopForward(Exception):
+    pass
+
+
+def fill(template: str, subject: str) -> str:
+    """``template`` with its first ``{}`` replaced by ``subject`` (no other brace handling)."""
+    return template.replace("{}", subject, 1)
+
+
+def prompt_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of a prompt: with special tokens, minus a trailing EOS."""
+    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if len(ids) > 1 and eos is not None and ids[-1] == eos and not text.endswith(str(tokenizer.eos_token)):
+        ids = ids[:-1]
+    return ids
+
+
+def target_ids(tokenizer, target: str) -> list[int]:
+    """Token ids of a target continuation: one leading space, no special tokens."""
+    if not target or not target.strip():
+        raise EmptyTargetError("the target is empty or whitespace; give the text the model should produce")
+    text = target if target.startswith(" ") else " " + target
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if not ids:
+        raise EmptyTargetError(f"the target {target!r} encodes to no tokens")
+    return ids
+
+
+def subject_last_token(tokenizer, prompt_template: str, subject: str) -> int:
+    """Index (in :func:`prompt_ids` of the filled prompt) of the subject's last token.
+
+    ``prompt_template`` holds ``{}`` where the subject goes. Raises
+    :class:`SubjectNotInPromptError` when it has no ``{}`` (and does not contain the
+    subject) or the subject maps to no token.
+    """
+    if not subject or not subject.strip():
+        raise SubjectNotInPromptError("the subject is empty; give the entity the fact is about")
+    if "{}" not in prompt_template:
+        if subject in prompt_template:
+            prompt_template = prompt_template.replace(subject, "{}", 1)
+        else:
+            raise SubjectNotInPromptError(
+                f"subject {subject!r} does not occur in prompt {prompt_template!r}; "
+                "write the prompt with '{}' where the subject goes")
+    start = prompt_template.index("{}")
+    end = start + len(subject)
+    text = fill(prompt_template, subject)
+    ids = prompt_ids(tokenizer, text)
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+        best = None
+        for i, (s, e) in enumerate(enc["offset_mapping"][: len(ids)]):
+            if e > s and s < end and e > start:
+                best = i
+        if best is not None:
+            return best
+    # slow tokenizers: the length of the encoded text up to the subject's end
+    n = len(prompt_ids(tokenizer, text[:end]))
+    if n == 0:
+        raise SubjectNotInPromptError(f"subject {subject!r} maps to no token in {text!r}")
+    return n - 1
+
+
+def max_context(model: nn.Module) -> int | None:
+    """The model's context length from its config, or ``None`` where it has none."""
+    cfg = model.config
+    for attr in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length"):
+        value = getattr(cfg, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_length(model: nn.Module, tokenizer, request, context_templates: Sequence[str] = ("{}",)) -> None:
+    """Raise :class:`PromptTooLongError` when prompt (with its longest prefix) plus target exceeds the context."""
+    limit = max_context(model)
+    if limit is None:
+        return
+    longest = max(context_templates, key=len)
+    n = len(prompt_ids(tokenizer, fill(fill(longest, request.prompt), request.subject))) + len(
+        target_ids(tokenizer, request.target_new))
+    if n > limit:
+        raise PromptTooLongError(
+            f"request {request.request_id!r}: prompt plus target is {n} tokens but the model's context is {limit}; "
+            "shorten the prompt (or the context templates)")
+
+
+def pad_right(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``input_ids`` and ``attention_mask`` (causal positions before padding are unaffected)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(list(r), dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+def pad_id_of(tokenizer) -> int:
+    for attr in ("pad_token_id", "eos_token_id", "unk_token_id"):
+        v = getattr(tokenizer, attr, None)
+        if v is not None:
+            return int(v)
+    return 0
+
+
+@torch.no_grad()
+def module_inputs_at(model: nn.Module, module_names: Sequence[str], rows: Sequence[Sequence[int]],
+                     positions: Sequence[int], pad_id: int = 0, chunk: int = 32) -> dict[str, torch.Tensor]:
+    """Input of each module at ``positions[i]`` of ``rows[i]``: ``{name: (len(rows), d_in)}`` (float32)."""
+    names = list(module_names)
+    order = {n: i for i, n in enumerate(dict(model.named_modules()))}
+    last = max(names, key=lambda n: order.get(n, 0))
+    out: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    device = next(model.parameters()).device
+    for c in range(0, len(rows), chunk):
+        ids, mask = pad_right(rows[c:c + chunk], pad_id)
+        pos = torch.tensor(list(positions[c:c + chunk]), device=device)
+        ar = torch.arange(len(pos), device=device)
+
+        def make_hook(name):
+            def hook(_m, args):
+                out[name].append(args[0][ar, pos].detach().float().cpu())
+                if name == last:
+                    raise _StopForward
+            return hook
+
+        handles = [get_module(model, n).register_forward_pre_hook(make_hook(n)) for n in names]
+        try:
+            model(input_ids=ids.to(device), attention_mask=mask.to(device))
+        except _StopForward:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+    return {n: torch.cat(v) for n, v in out.items()}
+
+
+def key_rows(tokenizer, requests: Sequence, context_templates: Sequence[str]) -> tuple[list[list[int]], list[int]]:
+    """Token rows and subject positions: for each request, each context template (request-major order)."""
+    rows, positions = [], []
+    for r in requests:
+        for ctx in context_templates:
+            template = fill(ctx, r.prompt)
+            positions.append(subject_last_token(tokenizer, template, r.subject))
+            rows.append(prompt_ids(tokenizer, fill(template, r.subject)))
+    return rows, positions
+
+
+def compute_keys_multi(model: nn.Module, tokenizer, spec: ArchSpec, requests: Sequence, layers: Sequence[int],
+                       context_templates: Sequence[str] = DEFAULT_CONTEXT_TEMPLATES,
+                       stack: str | None = None) -> dict[int, torch.Tensor]:
+    """:func:`compute_keys` for several layers in one forward pass: ``{layer: (n, d_in)}``."""
+    templates = list(context_templates) or ["{}"]
+    rows, positions = key_rows(tokenizer, requests, templates)
+    names = {spec.mlp_out_name(l, stack): l for l in layers}
+    ins = module_inputs_at(model, list(names), rows, positions, pad_id=pad_id_of(tokenizer))
+    return {l: ins[n].reshape(len(requests), len(templates), -1).mean(1) for n, l in names.items()}
+
+
+def compute_keys(model: nn.Module, tokenizer, spec: ArchSpec, requests: Sequence, layer: int,
+                 context_templates: Sequence[str] = DEFAULT_CONTEXT_TEMPLATES, stack: str | None = None) -> torch.Tensor:
+    """Keys ``(n, d_in)``: input of layer ``layer``'s ``W_out`` at each request's subject's last token,
+    averaged over ``context_templates`` (each holds ``{}`` where the prompt goes)."""
+    return compute_keys_multi(model, tokenizer, spec, requests, [layer], context_templates, stack)[layer]

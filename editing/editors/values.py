@@ -1,0 +1,230 @@
+"""Target values of fact requests: the residual stream that makes the model say ``target_new``.
+
+For request ``i`` let ``h_i`` be the residual stream (output of block ``L``, the last
+edited layer) at the subject's last token. We look for ``δ_i`` such that adding
+it there makes ``target_new`` likely, and return ``z_i = h_i + δ_i``:
+
+``loss_i(δ) = NLL(target_new | prompt_c, δ) averaged over context templates c``
+``          + kl_weight · KL(p₀ ‖ p_δ) on "{subject} is a"`` (keeps the subject's other properties)
+``          + weight_decay · ‖δ‖² / ‖h‖²``
+
+minimised with Adam (``steps``, ``lr``), stopping early once every request's NLL
+is below ``loss_stop``; after each step ``‖δ_i‖`` is clamped to
+``clamp_norm_factor · ‖h_i‖``. All requests are optimised at once (one ``δ`` row
+each; Adam is element-wise so this equals separate runs). The optimisation runs
+against whatever model it is given; the caller decides which (the sequential
+editor rewinds to the original weights first). The model is left unchanged.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from editing.arch import ArchSpec, get_module
+from editing.editors.keys import DEFAULT_CONTEXT_TEMPLATES, fill, pad_id_of, pad_right, prompt_ids, \
+    subject_last_token, target_ids
+
+
+@dataclass
+class ValueHparams:
+    """Hyperparameters of the value optimisation (MEMIT defaults)."""
+
+    steps: int = 25
+    lr: float = 0.5
+    kl_weight: float = 0.0625
+    weight_decay: float = 0.5
+    clamp_norm_factor: float = 4.0
+    loss_stop: float = 0.05
+    kl_prompt: str = "{} is a"
+    context_templates: tuple[str, ...] = DEFAULT_CONTEXT_TEMPLATES
+    chunk: int = 64
+
+
+@dataclass
+class ValueResult:
+    """``z = h + delta`` per request, with the optimisation's record."""
+
+    z: torch.Tensor           # (n, d_model) target residual at block L, subject's last token
+    h: torch.Tensor           # (n, d_model) the residual before the edit
+    delta: torch.Tensor       # (n, d_model)
+    loss: list[float]         # final total loss per request
+    nll: list[float]          # final NLL of target_new per request
+    nll_init: list[float]     # NLL before optimisation
+    steps: int = 0
+    history: list[float] = field(default_factory=list)  # mean loss per step
+
+
+def _block_output_hook(delta: torch.Tensor, row_req: torch.Tensor, row_pos: torch.Tensor, record: dict):
+    ar = torch.arange(len(row_req))
+
+    def hook(_module, _args, output):
+        hs = output[0] if isinstance(output, tuple) else output
+        record["h"] = hs[ar, row_pos].detach()
+        add = torch.zeros_like(hs)
+        add[ar, row_pos] = delta[row_req].to(hs.dtype)
+        hs = hs + add
+        if isinstance(output, tuple):
+            return (hs, *output[1:])
+        return hs
+    return hook
+
+
+def compute_values(model: nn.Module, tokenizer, spec: ArchSpec, requests: Sequence, layer: int,
+                   hp: ValueHparams | None = None, stack: str | None = None) -> ValueResult:
+    """Optimise ``δ`` at block ``layer``'s output, subject's last token, for every request (see module doc)."""
+    hp = hp or ValueHparams()
+    templates = list(hp.context_templates) or ["{}"]
+    if templates[0] != "{}":
+        templates = ["{}", *templates]
+    device = next(model.parameters()).device
+    pad = pad_id_of(tokenizer)
+    rows, pos, req, tgt_start, tgt = [], [], [], [], []
+    for i, r in enumerate(requests):
+        t_ids = target_ids(tokenizer, r.target_new)
+        for ctx in templates:
+            template = fill(ctx, r.prompt)
+            p_ids = prompt_ids(tokenizer, fill(template, r.subject))
+            rows.append(p_ids + t_ids[:-1])
+            pos.append(subject_last_token(tokenizer, template, r.subject))
+            req.append(i)
+            tgt_start.append(len(p_ids) - 1)
+            tgt.append(t_ids)
+    kl_rows, kl_pos, kl_req, kl_last = [], [], [], []
+    if hp.kl_weight > 0:
+        for i, r in enumerate(requests):
+            ids = prompt_ids(tokenizer, fill(hp.kl_prompt, r.subject))
+            kl_rows.append(ids)
+            kl_pos.append(subject_last_token(tokenizer, hp.kl_prompt, r.subject))
+            kl_req.append(i)
+            kl_last.append(len(ids) - 1)
+    all_rows = rows + kl_rows
+    all_pos = torch.tensor(pos + kl_pos)
+    all_req = torch.tensor(req + kl_req)
+    n_main = len(rows)
+    n = len(requests)
+    block = get_module(model, spec.layer_name(layer, stack))
+
+    # labels for the NLL rows: -100 except target positions
+    ids_full, mask_full = pad_right(all_rows, pad)
+    labels = torch.full_like(ids_full, -100)
+    for j in range(n_main):
+        for k, t in enumerate(tgt[j]):
+            labels[j, tgt_start[j] + k] = t
+    ids_full, mask_full, labels = ids_full.to(device), mask_full.to(device), labels.to(device)
+
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    was_training = model.training
+    model.eval()
+    d_model = None
+    delta = None
+    h = None
+    kl_ref = None
+    opt = None
+    history: list[float] = []
+    nll_init: list[float] = []
+    nll_req = torch.zeros(n)
+    loss_req = torch.zeros(n)
+    steps_done = 0
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        for step in range(hp.steps + 1):
+            record: dict = {}
+            nll_sum = torch.zeros(n, device=device)
+            nll_cnt = torch.zeros(n, device=device)
+            kl_per = torch.zeros(n, device=device)
+            h_rows = []
+            if delta is not None and opt is not None:
+                opt.zero_grad()
+            for c in range(0, len(all_rows), hp.chunk):
+                sl = slice(c, c + hp.chunk)
+                width = int(mask_full[sl].sum(1).max())
+                d_arg = delta if delta is not None else torch.zeros((n, 1), device=device)
+                if delta is None:
+                    # first pass: find d_model and h without any addition
+                    def hook0(_m, _a, output):
+                        hs = output[0] if isinstance(output, tuple) else output
+                        ar = torch.arange(hs.shape[0])
+                        record["h"] = hs[ar, all_pos[sl].to(hs.device)].detach()
+                    handle = block.register_forward_hook(hook0)
+                else:
+                    handle = block.register_forward_hook(
+                        _block_output_hook(d_arg, all_req[sl].to(device), all_pos[sl].to(device), record))
+                try:
+                    with torch.set_grad_enabled(delta is not None):
+                        logits = model(input_ids=ids_full[sl, :width], attention_mask=mask_full[sl, :width]).logits
+                        logp = F.log_softmax(logits.float(), -1)
+                        lab = labels[sl, :width]
+                        rq = all_req[sl].to(device)
+                        main = torch.arange(c, min(c + hp.chunk, len(all_rows)), device=device) < n_main
+                        tok_lp = torch.gather(logp, 2, lab.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+                        valid = (lab >= 0) & main.unsqueeze(1)
+                        row_nll = -(tok_lp * valid).sum(1) / valid.sum(1).clamp(min=1)
+                        nll_sum = nll_sum.index_add(0, rq, (row_nll * main).detach())
+                        nll_cnt = nll_cnt.index_add(0, rq, main.float())
+                        if hp.kl_weight > 0 and (~main).any():
+                            kl_idx = torch.nonzero(~main).squeeze(1)
+                            last = torch.tensor([kl_last[c + int(j) - n_main] for j in kl_idx], device=device)
+                            cur = logp[kl_idx, last]
+                            if kl_ref is None:
+                                record.setdefault("kl_ref", []).append(cur.detach())
+                            else:
+                                ref = kl_ref[rq[kl_idx]]
+                                kl = (ref.exp() * (ref - cur)).sum(-1)
+                                kl_per = kl_per.index_add(0, rq[kl_idx], kl.detach())
+                        if delta is not None:
+                            chunk_loss = (row_nll * main).sum() / len(templates)
+                            # KL of this chunk only (kl_per accumulates across chunks): add it here
+                            if hp.kl_weight > 0 and (~main).any():
+                                chunk_loss = chunk_loss + hp.kl_weight * kl.sum()
+                            if c == 0:
+                                wd = hp.weight_decay * ((delta.norm(dim=1) / h.norm(dim=1).clamp(min=1e-8)) ** 2)
+                                chunk_loss = chunk_loss + wd.sum()
+                            chunk_loss.backward()
+                finally:
+                    handle.remove()
+                h_rows.append(record["h"])
+            nll = (nll_sum / nll_cnt.clamp(min=1)).detach().cpu()
+            if delta is None:
+                hr = torch.cat(h_rows).float()
+                first = torch.tensor([req.index(i) for i in range(n)])
+                h = hr[first].to(device)
+                d_model = h.shape[1]
+                delta = torch.zeros((n, d_model), device=device, requires_grad=True)
+                opt = torch.optim.Adam([delta], lr=hp.lr)
+                if hp.kl_weight > 0:
+                    refs = torch.cat(record.get("kl_ref", []))
+                    kl_ref = torch.zeros((n, refs.shape[-1]), device=device)
+                    kl_ref[torch.tensor(kl_req, device=device)] = refs
+                nll_init = nll.tolist()
+                nll_req = nll
+                loss_req = nll.clone()
+                if bool((nll < hp.loss_stop).all()):
+                    break
+                continue
+            with torch.no_grad():
+                wd = hp.weight_decay * ((delta.norm(dim=1) / h.norm(dim=1).clamp(min=1e-8)) ** 2)
+                loss_req = (nll + (hp.kl_weight * kl_per + wd).detach().cpu())
+                nll_req = nll
+            history.append(float(loss_req.mean()))
+            steps_done = step
+            if bool((nll < hp.loss_stop).all()) or step == hp.steps:
+                break
+            opt.step()
+            with torch.no_grad():
+                limit = hp.clamp_norm_factor * h.norm(dim=1, keepdim=True)
+                norm = delta.norm(dim=1, keepdim=True).clamp(min=1e-12)
+                delta.mul_(torch.clamp(limit / norm, max=1.0))
+    finally:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+        model.train(was_training)
+    d = delta.detach().cpu()
+    hh = h.detach().cpu()
+    return ValueResult(z=hh + d, h=hh, delta=d, loss=loss_req.tolist(), nll=nll_req.tolist(), nll_init=nll_init,
+                       steps=steps_done, history=history)

@@ -1,0 +1,1 @@
+"""Training small models from scratch on generated data (offline, CPU)."""

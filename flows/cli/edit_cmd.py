@@ -1,0 +1,301 @@
+"""``editops edit`` and ``editops eval``: point editops at a model directory and a request file.
+
+``editops edit`` writes ``--out`` as a plain Hugging Face directory (config,
+safetensors weights, tokenizer) that any ``from_pretrained`` loads, plus::
+
+    deltas/batch-0001.safetensors …   one LowRankDelta per batch (sha256-checked)
+    editor_state.safetensors          the editor's sequential state after the last batch
+    edit_summary.json                 source, base fingerprint, editor, hyperparameters,
+                                      per-batch timing, per-request diagnostics, metrics
+    base_outputs.json                 the base model's scores (fact requests, with --eval):
+                                      ``editops eval --model <out>`` compares with it
+
+``editops eval`` prints the CounterFact metrics table (facts) or the deletion
+metrics (deletions). Locality is measured against the base model: ``--base DIR``
+(scored once, cached under ``.editops/base-outputs/``) or the ``base_outputs.json``
+that ``editops edit`` left in the model directory.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from flows.cli.app import app
+
+KIND_HELP = "fact or deletion (default: from the request records)"
+
+
+def parse_layers(text: str | None) -> list[int] | None:
+    """``"3,4,5"`` or ``"3-5"`` (or a mix, ``"1,3-5"``) → ``[3, 4, 5]``."""
+    from editing.errors import EditopsError
+
+    if not text:
+        return None
+    layers: list[int] = []
+    try:
+        for part in text.split(","):
+            part = part.strip()
+            if "-" in part:
+                a, b = part.split("-", 1)
+                layers.extend(range(int(a), int(b) + 1))
+            elif part:
+                layers.append(int(part))
+    except ValueError as exc:
+        raise EditopsError(f"--layers {text!r}: give layer numbers like '4,5,6' or '4-6'") from exc
+    return layers
+
+
+def parse_settings(items: list[str] | None) -> dict[str, Any]:
+    """``--set key=value`` pairs; values are read as JSON where they parse (``2e4``, ``true``, ``[1,2]``)."""
+    from editing.errors import EditopsError
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise EditopsError(f"--set {item!r}: write it as key=value")
+        key, value = item.split("=", 1)
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def build_editor(name: str, hyperparameters: dict[str, Any]):
+    """``get_editor`` with an actionable error for hyperparameters the editor does not take."""
+    from editing.editors import get_editor
+    from editing.errors import EditopsError
+
+    try:
+        return get_editor(name, **hyperparameters)
+    except TypeError as exc:
+        raise EditopsError(f"editor {name!r} rejected the hyperparameters {sorted(hyperparameters)}: {exc}") from exc
+
+
+def load_heldout(spec: str | None) -> list[str] | None:
+    from editing.metrics.text import heldout_texts
+
+    return heldout_texts(spec) if spec else None
+
+
+def default_out(model: str, editor: str) -> Path:
+    return Path(".editops") / "edits" / f"{Path(model).name}-{editor}"
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+def base_outputs_for(base_dir: str, requests, heldout: list[str] | None, cache_dir: Path,
+                     mlp_out_template: str | None = None):
+    """The base model's :class:`BaseOutputs`, cached per base fingerprint and extended with missing pairs."""
+    from editing.metrics.facts import BaseOutputs
+    from editing.metrics.text import heldout_sha256
+    from editing.models import load
+
+    loaded = load(base_dir, mlp_out_template=mlp_out_template)
+    fp = loaded.fingerprint
+    path = cache_dir / f"{fp[:16]}.json"
+    if path.is_file():
+        base = BaseOutputs.load(path)
+        changed = base.extend(loaded.model, loaded.tokenizer, requests) > 0
+    else:
+        base = BaseOutputs.compute(loaded.model, loaded.tokenizer, requests, model_fingerprint=fp, progress=True)
+        changed = True
+    if heldout and base.heldout_sha256 != heldout_sha256(heldout):
+        from editing.metrics.text import perplexity
+
+        base.perplexity, base.heldout_sha256 = perplexity(loaded.model, loaded.tokenizer, heldout), heldout_sha256(heldout)
+        changed = True
+    if changed:
+        base.save(path)
+    return base
+
+
+@app.command("edit")
+def edit(
+    model: str = typer.Option(..., "--model", "-m", help="model directory or hub id"),
+    requests: Path = typer.Option(..., "--requests", "-r", help="CounterFact / zsRE / editops / deletion JSON or JSONL"),
+    editor: Optional[str] = typer.Option(None, "--editor", "-e", help="memit, nse, ft, hook, rank-one (default: nse for facts, rank-one for deletions)"),
+    batch_size: int = typer.Option(1, "--batch-size", "-b", min=1, help="requests per edit; batches are applied one after another"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="output directory (a plain HF model dir + deltas)"),
+    kind: Optional[str] = typer.Option(None, "--kind", help=KIND_HELP),
+    mlp_out_template: Optional[str] = typer.Option(None, "--mlp-out-template", help="module-name template of the edited matrix, e.g. 'model.layers.{}.mlp.down_proj'"),
+    layers: Optional[str] = typer.Option(None, "--layers", help="edited layers, e.g. '3,4,5' or '3-5' (default: the editor's choice)"),
+    settings: Optional[list[str]] = typer.Option(None, "--set", help="editor hyperparameter key=value (repeatable)"),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="only the first N requests"),
+    evaluate: bool = typer.Option(True, "--eval/--no-eval", help="score fact requests before and after (base outputs saved)"),
+    heldout: Optional[str] = typer.Option(None, "--heldout", help="held-out text for perplexity: a file (one text per line) or stdlib:N"),
+    state: Optional[Path] = typer.Option(None, "--state", help="continue from a saved editor state"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Apply requests sequentially in batches and write the edited model, the deltas and the editor state."""
+    from editing.editors import DEFAULT_DELETION_EDITOR, DEFAULT_FACT_EDITOR, EditorState
+    from editing.formats import read_requests, request_kind
+    from editing.metrics.facts import BaseOutputs, evaluate_facts
+    from editing.models import load
+    from editing.runner import run_sequential
+
+    console = _console()
+    reqs = read_requests(requests, kind=kind, limit=limit)  # type: ignore[arg-type]
+    req_kind = request_kind(reqs)
+    editor_name = editor or (DEFAULT_FACT_EDITOR if req_kind == "fact" else DEFAULT_DELETION_EDITOR)
+    hparams = parse_settings(settings)
+    if layers:
+        hparams["layers"] = parse_layers(layers)
+    if mlp_out_template:
+        hparams.setdefault("mlp_out_template", mlp_out_template)
+    ed = build_editor(editor_name, hparams)
+    out_dir = out or default_out(model, editor_name)
+    loaded = load(model, mlp_out_template=mlp_out_template)
+    base_fp = loaded.fingerprint
+    console.print(f"[bold]{len(reqs)}[/] {req_kind} requests from {requests} → {loaded.source} "
+                  f"({loaded.spec.model_type}, base {base_fp[:12]}…), editor [bold]{editor_name}[/], batch size {batch_size}")
+    held = load_heldout(heldout)
+    base = None
+    if evaluate and req_kind == "fact":
+        base = BaseOutputs.compute(loaded.model, loaded.tokenizer, reqs, heldout_texts=held, model_fingerprint=base_fp,
+                                   progress=progress)
+    prior = EditorState.load(state, editor=getattr(ed, "name", editor_name)) if state else None
+    deltas_dir = out_dir / "deltas"
+
+    def save_delta(record) -> None:
+        record.result.delta.save(deltas_dir / f"batch-{record.index:04d}.safetensors")
+
+    run = run_sequential(loaded.model, loaded.tokenizer, reqs, ed, batch_size, state=prior, on_batch=save_delta,
+                         progress=progress, base_fingerprint=base_fp)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary: dict[str, Any] = {
+        "source": loaded.source, "base_fingerprint": base_fp, "requests": str(requests), "kind": req_kind,
+        "editor": editor_name, "hyperparameters": getattr(ed, "hyperparameters", hparams), **run.summary(),
+    }
+    scores = None
+    if base is not None:
+        base.save(out_dir / "base_outputs.json")
+        scores = evaluate_facts(loaded.model, loaded.tokenizer, reqs, base=base, heldout_texts=held)
+        summary["metrics"] = scores.summary()
+        summary["base_metrics"] = base.base_scores(reqs).summary()
+    save_model_dir(loaded, out_dir, run, base_fp)
+    if run.state is not None:
+        run.state.save(out_dir / "editor_state.safetensors")
+    (out_dir / "edit_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+
+    console.print(batch_table(run))
+    if scores is not None:
+        console.print(scores.table(title=f"after {len(reqs)} edits (locality vs the base model)"))
+    failed = run.failed
+    if failed:
+        ids = ", ".join(d.request_id for d in failed[:8]) + (" …" if len(failed) > 8 else "")
+        console.print(f"[bold red]warning: {len(failed)} of {run.n_requests} edits did not take[/] ({ids}); "
+                      "see edit_summary.json for each request's loss and residual", highlight=False)
+    if scores is not None:
+        missed = [r.request_id for r in scores.per_request if not (r.efficacy or r.efficacy_acc)]
+        if missed:
+            ids = ", ".join(missed[:8]) + (" …" if len(missed) > 8 else "")
+            console.print(f"[bold red]warning: after editing, {len(missed)} of {len(reqs)} requests still prefer their "
+                          f"old answer on the edit prompt[/] ({ids})", highlight=False)
+    console.print(f"wrote {out_dir} (HF model dir), {len(run.batches)} deltas in {deltas_dir}")
+
+
+def save_model_dir(loaded, out_dir: Path, run, base_fp: str) -> None:
+    """The edited model as a plain HF directory; hook edits are saved beside base weights (``hooks.safetensors``)."""
+    if any(d.kind == "hook" for d in run.deltas):
+        from editing.editors.hook import save_hooks
+        from editing.editors.hook_module import uninstall_all
+
+        save_hooks(loaded.model, out_dir, base_fingerprint=base_fp)
+        uninstall_all(loaded.model)
+    loaded.model.save_pretrained(out_dir, safe_serialization=True)
+    loaded.tokenizer.save_pretrained(out_dir)
+
+
+def batch_table(run):
+    from rich.table import Table
+
+    t = Table(title=f"{run.editor}: {run.n_requests} requests in {len(run.batches)} batches of {run.batch_size}")
+    for col in ("batch", "requests", "took", "mean value loss", "seconds"):
+        t.add_column(col, justify="right")
+    for b in run.batches:
+        losses = [d.value_loss for d in b.result.diagnostics if d.value_loss is not None]
+        took = f"{b.n_succeeded}/{len(b.request_ids)}"
+        t.add_row(str(b.index), str(len(b.request_ids)), took if b.n_succeeded == len(b.request_ids) else f"[red]{took}[/]",
+                  f"{sum(losses) / len(losses):.4f}" if losses else "-", f"{b.seconds:.2f}")
+    return t
+
+
+@app.command("eval")
+def eval_(
+    model: str = typer.Option(..., "--model", "-m", help="model directory or hub id"),
+    requests: Path = typer.Option(..., "--requests", "-r", help="request file (any supported format)"),
+    kind: Optional[str] = typer.Option(None, "--kind", help=KIND_HELP),
+    base: Optional[str] = typer.Option(None, "--base", help="base model directory: locality, neighbourhood ratio and perplexity drift against it"),
+    heldout: Optional[str] = typer.Option(None, "--heldout", help="held-out text for perplexity: a file (one text per line) or stdlib:N"),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="only the first N requests"),
+    fluency_n: int = typer.Option(0, "--fluency", min=0, help="also score fluency of greedy generations from N edit prompts"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the metrics as JSON here"),
+    cache_dir: Path = typer.Option(Path(".editops/base-outputs"), "--cache-dir", help="where base outputs are cached"),
+    mlp_out_template: Optional[str] = typer.Option(None, "--mlp-out-template"),
+    comparison: str = typer.Option("mean", "--comparison", help="compare mean (CounterFact) or sum of target token log-probs"),
+) -> None:
+    """Print the CounterFact metrics (facts) or deletion metrics (deletions) of a model on a request file."""
+    from editing.formats import read_requests, request_kind
+    from editing.metrics.facts import BaseOutputs, evaluate_facts
+    from editing.metrics.text import heldout_sha256
+    from editing.models import load
+
+    console = _console()
+    reqs = read_requests(requests, kind=kind, limit=limit)  # type: ignore[arg-type]
+    req_kind = request_kind(reqs)
+    loaded = load(model, mlp_out_template=mlp_out_template)
+    held = load_heldout(heldout)
+    if req_kind == "deletion":
+        _eval_deletions(console, loaded, reqs, base, json_out)
+        return
+    base_outputs = None
+    origin = "none: the model is scored on its own (base metrics)"
+    if base:
+        base_outputs = base_outputs_for(base, reqs, held, cache_dir, mlp_out_template=mlp_out_template)
+        origin = f"base model {base}"
+    elif (Path(model) / "base_outputs.json").is_file():
+        base_outputs = BaseOutputs.load(Path(model) / "base_outputs.json")
+        origin = f"{Path(model) / 'base_outputs.json'} (written by editops edit)"
+        if base_outputs.missing(reqs):
+            console.print("[yellow]the cached base outputs do not cover these requests; pass --base to score them[/]")
+            base_outputs = None
+        elif held and base_outputs.heldout_sha256 != heldout_sha256(held):
+            console.print("[yellow]the cached base perplexity is for other held-out text; pass --base for drift[/]")
+            base_outputs.perplexity = None
+    prompts = [r.text for r in reqs[:fluency_n]] if fluency_n else None
+    scores = evaluate_facts(loaded.model, loaded.tokenizer, reqs, base=base_outputs, heldout_texts=held,
+                            fluency_prompts=prompts, progress=True, comparison=comparison)  # type: ignore[arg-type]
+    console.print(scores.table(title=f"{Path(loaded.source).name}: {len(reqs)} fact requests from {requests.name}"))
+    console.print(f"[dim]locality reference: {origin}[/]", highlight=False)
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps({"model": loaded.source, "requests": str(requests), **scores.summary()},
+                                       indent=2) + "\n")
+
+
+def _eval_deletions(console, loaded, reqs, base: str | None, json_out: Path | None) -> None:
+    """Deletion metrics via the deletion evaluator (``editing.metrics.deletion.evaluate_deletions``)."""
+    from editing.errors import EditopsError
+
+    try:
+        from editing.metrics.deletion import evaluate_deletions
+    except ModuleNotFoundError as exc:
+        raise EditopsError("deletion metrics are not available in this installation (editing.metrics.deletion)") from exc
+    from editing.models import load
+
+    base_loaded = load(base) if base else None
+    result = evaluate_deletions(loaded.model, loaded.tokenizer, reqs,
+                                **({"base_model": base_loaded.model} if base_loaded is not None else {}))
+    table = getattr(result, "table", None)
+    console.print(table() if callable(table) else result)
+    if json_out:
+        summary = result.summary() if hasattr(result, "summary") else result
+        json_out.write_text(json.dumps(summary, indent=2, default=str) + "\n")

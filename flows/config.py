@@ -1,0 +1,235 @@
+"""Project and model-line configuration (one YAML file, ``editops.yaml``).
+
+A *model line* is a sequence of versions of one base model edited by one editor.
+Its config says which base model, which editor (and its hyperparameters), the
+batch size, which requesters may file tickets against it, the gate thresholds and
+the promotion policy::
+
+    workdir: .editops                      # inbox/outbox/quarantine/ledger/mlflow live here
+    ledger_url: null                       # default sqlite:///<workdir>/ledger.db; any SQLAlchemy URL
+    tracking_uri: null                     # default sqlite:///<workdir>/mlflow.db
+    lines:
+      smollm2-135m-facts:
+        base_model: models/smollm2-135m
+        kind: fact                         # fact | deletion
+        editor: nse
+        hyperparameters: {}
+        batch_size: 8
+        allowed_requesters: ["*"]          # "*" = anyone
+        promotion: auto                    # auto (gates pass -> champion) | manual
+        gates: {efficacy: 0.8, paraphrase: 0.5, neighbourhood: 0.8, perplexity_drift: 0.1, retention: 0.9}
+
+Relative paths are relative to the config file's directory (the project dir).
+``EDITOPS_CONFIG`` names the file; without one, ``./editops.yaml``; without that,
+the built-in lines of :mod:`editing.catalog` (when it lists them).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields, asdict
+from pathlib import Path
+from typing import Any
+
+from editing.errors import EditopsError
+
+
+class ConfigError(EditopsError):
+    """The editops.yaml file is missing fields, has unknown ones, or names an unknown line."""
+
+
+KINDS = ("fact", "deletion")
+PROMOTION_POLICIES = ("auto", "manual")
+
+
+@dataclass
+class GateThresholds:
+    """Minimum shares (0-1) and maximum drifts a batch must meet to be registered.
+
+    - ``efficacy``: per ticket, the edit prompt's new target must win (P(new) > P(true)); batch share ≥ this.
+    - ``paraphrase``: per ticket, share of its paraphrases where the new target wins ≥ this.
+    - ``neighbourhood``: per ticket, share of neighbour prompts whose answer is the BASE model's ≥ this.
+    - ``perplexity_drift``: batch, (ppl_edited - ppl_base) / ppl_base on general text ≤ this.
+    - ``retention``: batch, share of all earlier edits of the line that still hold ≥ this.
+    - ``deletion_gone``: per ticket (deletions), the unwanted output is gone on its source (1 = must).
+    - ``unrelated_unchanged``: batch (deletions), share of unrelated sources translated exactly as by BASE ≥ this.
+    """
+
+    efficacy: float = 1.0
+    paraphrase: float = 0.0
+    neighbourhood: float = 0.6
+    perplexity_drift: float = 0.25
+    retention: float = 0.8
+    deletion_gone: float = 1.0
+    unrelated_unchanged: float = 0.9
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> "GateThresholds":
+        d = dict(d or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown gate(s) {unknown}; known gates: {sorted(known)}")
+        return cls(**{k: float(v) for k, v in d.items()})
+
+
+@dataclass
+class LineConfig:
+    """One model line: what is edited, by which editor, by whom, under which gates."""
+
+    name: str
+    base_model: str
+    kind: str = "fact"
+    editor: str = "nse"
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    batch_size: int = 8
+    allowed_requesters: list[str] = field(default_factory=lambda: ["*"])
+    promotion: str = "auto"
+    gates: GateThresholds = field(default_factory=GateThresholds)
+    general_text: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ConfigError(f"line {self.name!r}: kind must be one of {KINDS}, not {self.kind!r}")
+        if self.promotion not in PROMOTION_POLICIES:
+            raise ConfigError(f"line {self.name!r}: promotion must be one of {PROMOTION_POLICIES}, not {self.promotion!r}")
+        if int(self.batch_size) < 1:
+            raise ConfigError(f"line {self.name!r}: batch_size must be ≥ 1")
+        self.batch_size = int(self.batch_size)
+
+    def allows(self, requester: str) -> bool:
+        return "*" in self.allowed_requesters or requester in self.allowed_requesters
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class ProjectConfig:
+    """Where editops keeps its state, and the model lines it serves."""
+
+    root: Path
+    workdir: Path
+    lines: dict[str, LineConfig]
+    ledger_url: str
+    tracking_uri: str
+    registry_uri: str | None = None
+    artifact_root: Path | None = None
+
+    @property
+    def inbox(self) -> Path:
+        return self.workdir / "inbox"
+
+    @property
+    def outbox(self) -> Path:
+        return self.workdir / "outbox"
+
+    @property
+    def quarantine(self) -> Path:
+        return self.workdir / "quarantine"
+
+    def line(self, name: str) -> LineConfig:
+        if name not in self.lines:
+            raise ConfigError(f"unknown model line {name!r}; configured lines: {sorted(self.lines)}")
+        return self.lines[name]
+
+    def ensure_dirs(self) -> None:
+        for p in (self.workdir, self.inbox, self.outbox, self.quarantine):
+            p.mkdir(parents=True, exist_ok=True)
+
+
+def _resolve(root: Path, value: str | None) -> str | None:
+    if value is None:
+        return None
+    p = Path(value).expanduser()
+    if p.is_absolute() or "://" in value:
+        return value
+    cand = root / p
+    # a relative path that exists (or looks like one) is project-relative; a bare hub id stays as is
+    return str(cand) if (cand.exists() or value.startswith((".", "models/", "data/"))) else value
+
+
+def _catalog_lines() -> dict[str, dict[str, Any]]:
+    """Model lines from :mod:`editing.catalog` when it is present (teammate-owned)."""
+    try:
+        from editing import catalog  # noqa: WPS433
+    except ImportError:
+        return {}
+    out: dict[str, dict[str, Any]] = {}
+    for entry in getattr(catalog, "CATALOG", getattr(catalog, "MODELS", [])) or []:
+        get = (lambda k, e=entry: e.get(k) if isinstance(e, dict) else getattr(e, k, None))
+        line = get("line") or get("model_line")
+        if not line:
+            continue
+        kind = get("request_kind") or ("deletion" if "deletion" in str(line) else "fact")
+        out[line] = {"base_model": str(get("dir") or get("model_dir") or get("path")), "kind": kind,
+                     "editor": "rank-one" if kind == "deletion" else "nse"}
+    return out
+
+
+def load_config(path: str | os.PathLike | None = None, *, workdir: str | os.PathLike | None = None) -> ProjectConfig:
+    """Read ``editops.yaml`` (see module docstring); defaults for everything not given."""
+    import yaml
+
+    if path is None:
+        path = os.environ.get("EDITOPS_CONFIG") or ("editops.yaml" if Path("editops.yaml").is_file() else None)
+    raw: dict[str, Any] = {}
+    root = Path.cwd()
+    if path is not None:
+        p = Path(path).expanduser().resolve()
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist; create it (see `editops --help`) or unset EDITOPS_CONFIG")
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p} is not valid YAML: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p} must hold a mapping with a 'lines' key")
+        root = p.parent
+    known = {"workdir", "ledger_url", "tracking_uri", "registry_uri", "artifact_root", "lines"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in the config; known: {sorted(known)}")
+    wd = Path(workdir or raw.get("workdir") or ".editops")
+    wd = (wd if wd.is_absolute() else root / wd).resolve()
+    lines_raw = raw.get("lines") if raw.get("lines") is not None else _catalog_lines()
+    lines: dict[str, LineConfig] = {}
+    for name, spec in (lines_raw or {}).items():
+        spec = dict(spec or {})
+        allowed = {f.name for f in fields(LineConfig)} - {"name"}
+        bad = sorted(set(spec) - allowed)
+        if bad:
+            raise ConfigError(f"line {name!r}: unknown key(s) {bad}; known: {sorted(allowed)}")
+        if "base_model" not in spec:
+            raise ConfigError(f"line {name!r}: 'base_model' is required (a model directory or hub id)")
+        spec["base_model"] = _resolve(root, str(spec["base_model"]))
+        spec["gates"] = GateThresholds.from_dict(spec.get("gates"))
+        allowed_req = spec.get("allowed_requesters", ["*"])
+        spec["allowed_requesters"] = [allowed_req] if isinstance(allowed_req, str) else list(allowed_req)
+        lines[str(name)] = LineConfig(name=str(name), **spec)
+    ledger_url = raw.get("ledger_url") or os.environ.get("EDITOPS_LEDGER_URL") or f"sqlite:///{wd}/ledger.db"
+    tracking_uri = raw.get("tracking_uri") or os.environ.get("EDITOPS_TRACKING_URI") or f"sqlite:///{wd}/mlflow.db"
+    art = raw.get("artifact_root")
+    artifact_root = Path(art) if art else wd / "artifacts"
+    if not artifact_root.is_absolute():
+        artifact_root = (root / artifact_root).resolve()
+    return ProjectConfig(root=root, workdir=wd, lines=lines, ledger_url=ledger_url, tracking_uri=tracking_uri,
+                         registry_uri=raw.get("registry_uri"), artifact_root=artifact_root)
+
+
+def write_config(cfg: ProjectConfig, path: str | os.PathLike) -> Path:
+    """Write ``cfg`` as YAML (absolute paths), e.g. for tests and the demo."""
+    import yaml
+
+    data = {
+        "workdir": str(cfg.workdir),
+        "ledger_url": cfg.ledger_url,
+        "tracking_uri": cfg.tracking_uri,
+        "artifact_root": str(cfg.artifact_root) if cfg.artifact_root else None,
+        "lines": {n: {k: v for k, v in l.to_dict().items() if k != "name"} for n, l in cfg.lines.items()},
+    }
+    if cfg.registry_uri:
+        data["registry_uri"] = cfg.registry_uri
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return p

@@ -1,0 +1,66 @@
+"""The synthetic fact world: determinism, request shape, and the tiny model trained on it."""
+from __future__ import annotations
+
+import json
+
+from editing.data.world import RELATIONS, generate_world, read_fact_requests, write_jsonl
+
+
+def _dump(world) -> str:
+    return json.dumps([r.to_dict() for r in world.requests] + world.filler + world.heldout_filler + world.fact_sentences())
+
+
+def test_same_seed_same_world_different_seed_different():
+    assert _dump(generate_world(3, 20)) == _dump(generate_world(3, 20))
+    assert _dump(generate_world(3, 20)) != _dump(generate_world(4, 20))
+
+
+def test_requests_are_counterfact_shaped():
+    world = generate_world(0, 20)
+    assert len(world.requests) == 20 * len(RELATIONS) and len(RELATIONS) >= 10
+    for req in world.requests:
+        rel = world.relation(req.relation)
+        assert "{}" in req.prompt and req.subject in req.text
+        assert req.target_true == world.facts[(req.subject, req.relation)]
+        assert req.target_new != req.target_true and req.target_new in rel.objects
+        assert len(req.paraphrases) >= 2 and all(req.subject in p for p in req.paraphrases)
+        assert len(req.neighbours) >= 5
+        by_prompt = {req.prompt.format(e): e for e in world.entities}
+        for probe in req.neighbours:
+            other = by_prompt[probe.prompt]
+            assert other != req.subject and world.facts[(other, req.relation)] == probe.target
+
+
+def test_paraphrase_templates_held_out_for_unseen_subjects():
+    world = generate_world(0, 20)
+    corpus = "\n".join(world.training_texts())
+    unseen = [e for e in world.entities if e not in world.para_seen]
+    assert unseen and len(world.para_seen) > 0
+    for req in world.requests:
+        for p in req.paraphrases:
+            assert (p in corpus) == (req.subject in world.para_seen)
+    assert set(world.heldout_filler) - set(world.filler)
+
+
+def test_jsonl_round_trip(tmp_path):
+    world = generate_world(1, 10)
+    path = tmp_path / "r.jsonl"
+    assert write_jsonl(world.requests, path) == len(world.requests)
+    assert read_fact_requests(path) == world.requests
+
+
+def test_tiny_fact_model_knows_its_facts(tiny_fact_model):
+    from editing.models import load
+    from editing.training.causal import topk_accuracy
+
+    loaded = load(tiny_fact_model.model_dir)
+    requests = read_fact_requests(tiny_fact_model.requests_path)
+    assert len(requests) == 300 and tiny_fact_model.corpus
+    from editing.requests import Probe
+
+    probes = [Probe(r.text, r.target_true) for r in requests]
+    acc = topk_accuracy(loaded.model, loaded.tokenizer, probes)
+    assert acc >= 0.9, tiny_fact_model.metrics
+    # some objects are multi-token under the world's own BPE
+    lengths = {len(loaded.tokenizer(" " + r.target_true, add_special_tokens=False)["input_ids"]) for r in requests}
+    assert max(lengths) > 1

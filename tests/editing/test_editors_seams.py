@@ -1,0 +1,92 @@
+"""Keys, values and the closed-form solves on a tiny GPT-2 and a tiny Llama that know their facts."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from editing.arch import get_module, spec_for, weight_view
+from editing.editors.keys import compute_keys, subject_last_token, prompt_ids
+from editing.editors.solve import alphaedit_factors, memit_factors, nullspace_projector, residual_norms, \
+    responsible_neurons
+from editing.editors.values import ValueHparams, compute_values
+from editing.errors import SubjectNotInPromptError
+from editing.models import fingerprint
+from tinyworld import facts, requests, tiny_gpt2, tiny_llama, top1  # noqa: F401  (fixtures)
+
+
+def test_subject_last_token(tiny_gpt2):
+    _, tok = tiny_gpt2
+    i = subject_last_token(tok, "{} lives in the city of", "Abo Kel")
+    ids = prompt_ids(tok, "Abo Kel lives in the city of")
+    assert tok.convert_ids_to_tokens(ids[i]) == "Kel"
+    j = subject_last_token(tok, "Here is a fact. {} works as a", "Bira Tun")
+    assert tok.convert_ids_to_tokens(prompt_ids(tok, "Here is a fact. Bira Tun works as a")[j]) == "Tun"
+    with pytest.raises(SubjectNotInPromptError):
+        subject_last_token(tok, "lives in the city of", "Abo Kel")
+
+
+@pytest.mark.parametrize("which", ["tiny_gpt2", "tiny_llama"])
+def test_keys_are_w_out_inputs_at_subject(which, request, facts):
+    model, tok = request.getfixturevalue(which)
+    spec = spec_for(model)
+    reqs = requests(facts, 3)
+    keys = compute_keys(model, tok, spec, reqs, 1, context_templates=("{}",))
+    d_in = weight_view(get_module(model, spec.mlp_out_name(1))).shape[1]
+    assert keys.shape == (3, d_in)
+    # the same vector captured by hand for the first request
+    r = reqs[0]
+    ids = torch.tensor([prompt_ids(tok, r.text)])
+    pos = subject_last_token(tok, r.prompt, r.subject)
+    seen = []
+    h = get_module(model, spec.mlp_out_name(1)).register_forward_pre_hook(lambda m, a: seen.append(a[0][0, pos]))
+    with torch.no_grad():
+        model(input_ids=ids)
+    h.remove()
+    assert torch.allclose(keys[0], seen[0], atol=1e-5)
+    averaged = compute_keys(model, tok, spec, reqs, 1)
+    assert not torch.allclose(averaged, keys)  # prefixes change the average
+
+
+@pytest.mark.parametrize("which", ["tiny_gpt2", "tiny_llama"])
+def test_values_make_the_target_likely_and_leave_model_alone(which, request, facts):
+    model, tok = request.getfixturevalue(which)
+    spec = spec_for(model)
+    reqs = requests(facts, 3)
+    before = fingerprint(model)
+    res = compute_values(model, tok, spec, reqs, 1, ValueHparams(steps=25, context_templates=("{}", "Note that {}")))
+    assert fingerprint(model) == before
+    assert res.z.shape == res.h.shape == (3, model.config.hidden_size)
+    assert all(a < b for a, b in zip(res.nll, res.nll_init))
+    assert max(res.nll) < 0.5, res.nll
+    assert torch.allclose(res.z, res.h + res.delta)
+    assert all(float(n) <= 4.0 * float(hn) + 1e-4 for n, hn in zip(res.delta.norm(dim=1), res.h.norm(dim=1)))
+
+
+def test_closed_form_solves_hit_their_targets():
+    g = torch.Generator().manual_seed(0)
+    d_in, d_out, n = 32, 16, 4
+    basis = torch.randn(d_in, 12, generator=g, dtype=torch.float64)
+    C0 = basis @ basis.T / 12  # rank 12: a null space of dimension 20
+    K = torch.randn(n, d_in, generator=g, dtype=torch.float64)
+    R = torch.randn(n, d_out, generator=g, dtype=torch.float64)
+    # MEMIT with a tiny regulariser reproduces R exactly; with a large one it shrinks
+    u, v = memit_factors(K, R, C0, lam=1e-6)
+    assert u.shape == (d_out, n) and v.shape == (d_in, n)
+    assert float(residual_norms(K, R, u, v).max()) < 1e-3
+    dense = u @ v.T
+    A = 1e-6 * C0 + K.T @ K
+    assert torch.allclose(dense, R.T @ K @ torch.linalg.pinv(A + 1e-6 * A.diagonal().mean() * torch.eye(d_in)), atol=1e-4)
+    u2, v2 = memit_factors(K, R, C0, lam=1e3)
+    assert float(residual_norms(K, R, u2, v2).mean()) > float(residual_norms(K, R, u, v).mean())
+    # AlphaEdit: the update vanishes on C0's span and still reaches the targets
+    P, dim = nullspace_projector(C0, threshold=1e-8)
+    assert dim == 20 and torch.allclose(P @ P, P, atol=1e-8)
+    ua, va = alphaedit_factors(K, R, P, alpha=1e-6)
+    assert float((basis.T @ va).abs().max()) < 1e-6
+    assert float(residual_norms(K, R, ua, va).max()) < 1e-3
+    # neuron restriction: V is zero outside the chosen neurons
+    S = responsible_neurons(K, share=0.6)
+    un, vn = memit_factors(K, R, C0, lam=1e-6, neurons=S)
+    outside = torch.ones(d_in, dtype=torch.bool)
+    outside[S] = False
+    assert 0 < len(S) < d_in and float(vn[outside].abs().max()) == 0.0

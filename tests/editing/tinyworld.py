@@ -1,0 +1,139 @@
+"""A tiny fact world and tiny causal LMs overfit on it in seconds (fixtures for the editor tests).
+
+12 invented people × 3 relations; a word-level fast tokenizer (offsets work);
+GPT-2 and Llama models built from config and trained until they know every fact.
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from editing.requests import FactRequest, Probe
+
+NAMES = ["Abo Kel", "Bira Tun", "Cado Mef", "Dari Sol", "Eno Vap", "Fila Rud", "Gomo Tex", "Hiru Pan",
+         "Ivo Lam", "Jena Fos", "Kuro Bet", "Lesa Nim"]
+CITIES = ["Paris", "Oslo", "Lima", "Cairo", "Perth", "Quito"]
+JOBS = ["baker", "pilot", "farmer", "doctor", "singer", "tailor"]
+LANGS = ["Welsh", "Dutch", "Thai", "Greek", "Hindi", "Czech"]
+RELATIONS = {
+    "city": ("{} lives in the city of", ["{} has a home in the city of"], CITIES),
+    "job": ("{} works as a", ["{} earns a living as a"], JOBS),
+    "lang": ("{} speaks the language", ["{} talks in the language"], LANGS),
+}
+FILLER = ["the weather was mild and the roads were quiet", "people walked to the market in the morning",
+          "a small boat crossed the river at noon", "the library opened late on the last day",
+          "children played near the old stone bridge", "the train left the station before dawn"]
+
+
+def world(seed: int = 0) -> dict[tuple[str, str], str]:
+    rng = random.Random(seed)
+    return {(n, r): rng.choice(spec[2]) for n in NAMES for r, spec in RELATIONS.items()}
+
+
+def training_texts(facts: dict[tuple[str, str], str]) -> list[str]:
+    texts = []
+    for (name, rel), obj in facts.items():
+        prompt, paras, _ = RELATIONS[rel]
+        for t in [prompt, *paras]:
+            texts.append(f"{t.format(name)} {obj}")
+        texts.append(f"{name} is a person")
+    return texts + FILLER
+
+
+def requests(facts: dict[tuple[str, str], str], n: int, seed: int = 1, offset: int = 0) -> list[FactRequest]:
+    """``n`` requests changing a fact to another value of the same relation, each subject once per relation."""
+    rng = random.Random(seed)
+    keys = sorted(facts)
+    rng.shuffle(keys)
+    out = []
+    for i, (name, rel) in enumerate(keys[offset: offset + n]):
+        prompt, paras, values = RELATIONS[rel]
+        true = facts[(name, rel)]
+        new = rng.choice([v for v in values if v != true])
+        neigh = [Probe(prompt.format(o), facts[(o, rel)]) for o in NAMES if o != name][:3]
+        out.append(FactRequest(request_id=f"{rel}-{name.replace(' ', '_')}", prompt=prompt, subject=name,
+                               target_new=new, target_true=true, relation=rel,
+                               paraphrases=tuple(p.format(name) for p in paras), neighbours=tuple(neigh)))
+    return out
+
+
+def tokenizer_for(texts):
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<eos>": 0}
+    for t in texts:
+        for w in t.split():
+            vocab.setdefault(w, len(vocab))
+    for w in ["Here", "is", "a", "fact.", "I", "read", "this", "today.", "Note", "that", "As", "everyone", "knows,"]:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<eos>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    tok.post_processor = processors.TemplateProcessing(single="<eos> $A", special_tokens=[("<eos>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>", unk_token="<eos>",
+                                   bos_token="<eos>", model_max_length=32)
+
+
+def build(arch: str, n_layer: int, facts, seed: int = 0, steps: int = 150, d: int = 64, lr: float = 1e-2):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    texts = training_texts(facts)
+    tok = tokenizer_for(texts)
+    torch.manual_seed(seed)
+    if arch == "gpt2":
+        cfg = GPT2Config(vocab_size=len(tok), n_positions=32, n_embd=d, n_layer=n_layer, n_head=4,
+                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+        model = GPT2LMHeadModel(cfg)
+    else:
+        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=d, intermediate_size=2 * d, num_hidden_layers=n_layer,
+                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32,
+                          bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=False)
+        model = LlamaForCausalLM(cfg)
+    rows = [tok(t)["input_ids"] for t in texts]
+    width = max(map(len, rows))
+    ids = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    labels = ids.masked_fill(mask == 0, -100)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    g = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        idx = torch.arange(len(rows))
+        loss = model(input_ids=ids[idx], attention_mask=mask[idx], labels=labels[idx]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    return model, tok
+
+
+def top1(model, tok, prompt: str, target: str) -> bool:
+    """Teacher-forced: every token of ``" " + target`` is the argmax after ``prompt``."""
+    p = tok(prompt)["input_ids"]
+    t = tok(" " + target, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([p + t[:-1]])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0]
+    pred = logits[len(p) - 1: len(p) - 1 + len(t)].argmax(-1).tolist()
+    return pred == t
+
+
+@pytest.fixture(scope="session")
+def facts():
+    return world(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(facts):
+    return build("gpt2", 3, facts, lr=3e-3)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(facts):
+    return build("llama", 4, facts)
