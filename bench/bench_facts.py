@@ -49,26 +49,22 @@ class BenchModel:
 MODELS = {
     "smollm2": BenchModel("smollm2", "models/smollm2-135m", "data/requests/countries.jsonl", "stdlib:200"),
     "factworld": BenchModel("factworld", "models/factworld-gpt2", "data/requests/factworld.jsonl",
-                            "data/factworld/heldout.txt"),
+                            "data/world/heldout.txt"),
     # a tiny fact model trained on the fly (development; built under .editops/bench/tiny)
     "tiny": BenchModel("tiny", ".editops/bench/tiny/model", ".editops/bench/tiny/requests.jsonl",
                        ".editops/bench/tiny/heldout.txt"),
 }
+CATALOG_NAMES = {"smollm2": "smollm2-135m", "factworld": "factworld-gpt2"}
 
 
 def _resolve(model: BenchModel) -> BenchModel:
-    """Use the project catalog's paths where it has the model (editing.catalog), else the defaults."""
-    try:
-        from editing import catalog  # type: ignore[attr-defined]
+    """Paths from the project catalog (:mod:`editing.catalog`) where it lists the model."""
+    if model.name not in CATALOG_NAMES:
+        return model
+    from editing import catalog
 
-        entry = catalog.get(model.name) if hasattr(catalog, "get") else None
-        if entry is not None:
-            return BenchModel(model.name, str(getattr(entry, "model_dir", model.model_dir)),
-                              str(getattr(entry, "requests", model.requests)),
-                              str(getattr(entry, "heldout", None) or model.heldout))
-    except Exception:
-        pass
-    return model
+    entry = catalog.get(CATALOG_NAMES[model.name])
+    return BenchModel(model.name, str(entry.model_path(ROOT)), str(entry.requests_path(ROOT)), model.heldout)
 
 
 def _rss_mb(field: str) -> float | None:
@@ -226,6 +222,7 @@ def plot(rows: list[dict], path: Path) -> None:
     models = list(dict.fromkeys(r["model"] for r in rows))
     metrics = [("efficacy", "efficacy"), ("paraphrase", "paraphrase"), ("neighbourhood_ratio", "neighbourhood / base"),
                ("retention", "first batch retained")]
+    bars = {"efficacy": 0.95, "paraphrase": 0.80, "neighbourhood_ratio": 0.90, "retention": 0.90}
     fig, axes = plt.subplots(len(models), len(metrics), figsize=(4 * len(metrics), 3.2 * len(models)), squeeze=False)
     for i, m in enumerate(models):
         for j, (key, label) in enumerate(metrics):
@@ -237,7 +234,8 @@ def plot(rows: list[dict], path: Path) -> None:
                 ys = [p[key] for p in r["curve"] if p.get(key) is not None]
                 if xs:
                     ax.plot(xs, ys, marker="o", label=f"{r['editor']} b={r['batch_size']}")
-            ax.set_title(f"{m}: {label}", fontsize=9)
+            ax.axhline(bars[key], color="grey", linestyle=":", linewidth=1)
+            ax.set_title(f"{m}: {label} (dotted: the Bar)", fontsize=9)
             ax.set_xlabel("number of edits", fontsize=8)
             ax.set_ylim(-0.02, 1.05 if key != "neighbourhood_ratio" else 1.25)
             ax.grid(alpha=0.3)

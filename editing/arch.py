@@ -114,6 +114,8 @@ def spec_for(model: nn.Module, mlp_out_template: str | None = None) -> ArchSpec:
     """The adapter of ``model``; ``mlp_out_template`` overrides the table for unknown models."""
     config = model.config
     model_type = getattr(config, "model_type", type(model).__name__)
+    # a template given at load time (editing.models.load) travels with the model to every editor
+    mlp_out_template = mlp_out_template or getattr(model, "editops_mlp_out_template", None)
     if mlp_out_template:
         spec = custom_spec(model_type, mlp_out_template)
     elif model_type in ADAPTERS:

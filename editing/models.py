@@ -104,6 +104,8 @@ def load(name_or_path: str | os.PathLike, kind: ModelKind | None = None, *, gguf
     if getattr(tokenizer, "pad_token", None) is None and getattr(tokenizer, "eos_token", None) is not None:
         tokenizer.pad_token = tokenizer.eos_token
     spec = spec_for(model, mlp_out_template)
+    if mlp_out_template:
+        model.editops_mlp_out_template = mlp_out_template  # later spec_for(model) calls use it too
     return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, source=source, kind=kind)
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from editing.errors import EditopsError
+from editing.gates import GateThresholds
 
 
 class ConfigError(EditopsError):
@@ -39,37 +40,6 @@ class ConfigError(EditopsError):
 
 KINDS = ("fact", "deletion")
 PROMOTION_POLICIES = ("auto", "manual")
-
-
-@dataclass
-class GateThresholds:
-    """Minimum shares (0-1) and maximum drifts a batch must meet to be registered.
-
-    - ``efficacy``: per ticket, the edit prompt's new target must win (P(new) > P(true)); batch share ≥ this.
-    - ``paraphrase``: per ticket, share of its paraphrases where the new target wins ≥ this.
-    - ``neighbourhood``: per ticket, share of neighbour prompts whose answer is the BASE model's ≥ this.
-    - ``perplexity_drift``: batch, (ppl_edited - ppl_base) / ppl_base on general text ≤ this.
-    - ``retention``: batch, share of all earlier edits of the line that still hold ≥ this.
-    - ``deletion_gone``: per ticket (deletions), the unwanted output is gone on its source (1 = must).
-    - ``unrelated_unchanged``: batch (deletions), share of unrelated sources translated exactly as by BASE ≥ this.
-    """
-
-    efficacy: float = 1.0
-    paraphrase: float = 0.0
-    neighbourhood: float = 0.6
-    perplexity_drift: float = 0.25
-    retention: float = 0.8
-    deletion_gone: float = 1.0
-    unrelated_unchanged: float = 0.9
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> "GateThresholds":
-        d = dict(d or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown gate(s) {unknown}; known gates: {sorted(known)}")
-        return cls(**{k: float(v) for k, v in d.items()})
 
 
 @dataclass
@@ -85,7 +55,8 @@ class LineConfig:
     allowed_requesters: list[str] = field(default_factory=lambda: ["*"])
     promotion: str = "auto"
     gates: GateThresholds = field(default_factory=GateThresholds)
-    general_text: list[str] = field(default_factory=list)
+    heldout: str | None = None  # held-out text for perplexity: a file (one text per line) or stdlib:N
+    max_new_tokens: int = 40    # deletion lines: generation length for the gates
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -202,7 +173,10 @@ def load_config(path: str | os.PathLike | None = None, *, workdir: str | os.Path
         if "base_model" not in spec:
             raise ConfigError(f"line {name!r}: 'base_model' is required (a model directory or hub id)")
         spec["base_model"] = _resolve(root, str(spec["base_model"]))
-        spec["gates"] = GateThresholds.from_dict(spec.get("gates"))
+        try:
+            spec["gates"] = GateThresholds.from_dict(spec.get("gates"))
+        except EditopsError as exc:
+            raise ConfigError(f"line {name!r}: {exc}") from exc
         allowed_req = spec.get("allowed_requesters", ["*"])
         spec["allowed_requesters"] = [allowed_req] if isinstance(allowed_req, str) else list(allowed_req)
         lines[str(name)] = LineConfig(name=str(name), **spec)

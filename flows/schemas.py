@@ -391,7 +391,7 @@ def validate_records(records: Iterable[Any]) -> ValidationResult:
     reasons: dict[int, list[dict[str, Any]]] = {}
     by_kind: dict[str, list[int]] = {"fact": [], "deletion": []}
     for i, row in rows.items():
-        if row["kind"] in by_kind:
+        if isinstance(row["kind"], str) and row["kind"] in by_kind:
             by_kind[row["kind"]].append(i)
         else:
             reasons[i] = [{"field": "kind", "check": "unknown_kind", "detail": "kind must be fact or deletion",

@@ -89,3 +89,94 @@ def test_cli_errors_are_one_red_line(random_model_dir, tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "record 1" in proc.stderr and "misses field 'requested_rewrite.target_true'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("editor", ["nse", "hook"])
+def test_edit_writes_hf_dir_deltas_state_and_summary(cli, tiny_fact_model, tmp_path, editor):
+    """`editops edit` on the tiny fact model: a loadable HF dir, one sha256-checked delta per batch, the
+    editor state, a summary with per-request diagnostics, and `editops eval` comparing with the saved base."""
+    from transformers import AutoModelForCausalLM
+
+    from editing.delta import LowRankDelta
+    from editing.editors.base import EditorState
+
+    runner, app = cli
+    out = tmp_path / "edited"
+    res = runner.invoke(app, ["edit", "--model", str(tiny_fact_model.model_dir), "--requests",
+                              str(tiny_fact_model.requests_path), "--editor", editor, "--batch-size", "2",
+                              "--limit", "4", "--out", str(out), "--heldout", str(tiny_fact_model.heldout_path),
+                              "--set", f"stats_dir={tmp_path / 'stats'}", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "2 batches of 2" in res.output and "efficacy" in res.output
+    summary = json.loads((out / "edit_summary.json").read_text())
+    assert summary["n_requests"] == 4 and summary["editor"] == editor
+    assert [d["request_id"] for d in summary["diagnostics"]] == [json.loads(line)["request_id"] for line in
+                                                                 tiny_fact_model.requests_path.read_text().splitlines()[:4]]
+    n_failed = sum(not d["succeeded"] for d in summary["diagnostics"])
+    assert ("did not take" in res.output) == (n_failed > 0)
+    assert summary["metrics"]["n_requests"] == 4 and summary["base_metrics"]["n_requests"] == 4
+    deltas = sorted((out / "deltas").glob("batch-*.safetensors"))
+    assert [d.name for d in deltas] == ["batch-0001.safetensors", "batch-0002.safetensors"]
+    d1 = LowRankDelta.load(deltas[0])
+    assert d1.base_fingerprint == summary["base_fingerprint"] and len(d1.request_ids) == 2
+    assert EditorState.load(out / "editor_state.safetensors").editor == editor
+    AutoModelForCausalLM.from_pretrained(out, use_safetensors=True)  # a plain HF directory
+
+    res = runner.invoke(app, ["eval", "--model", str(out), "--requests", str(tiny_fact_model.requests_path),
+                              "--limit", "4", "--json", str(tmp_path / "m.json")])
+    assert res.exit_code == 0, res.output
+    assert "base_outputs.json (written by editops edit)" in res.output.replace("\n", "")
+    again = json.loads((tmp_path / "m.json").read_text())
+    assert again["efficacy"] == pytest.approx(summary["metrics"]["efficacy"])
+    assert again["locality"] == pytest.approx(summary["metrics"]["locality"])
+
+
+def test_eval_deletion_requests_use_deletion_metrics(cli, random_model_dir, tmp_path):
+    """Deletion records go to the deletion metrics (a causal LM can have behaviours deleted too)."""
+    runner, app = cli
+    from editing.requests import DeletionRequest, TranslationProbe
+
+    reqs = [DeletionRequest("d1", "The capital of France is", "Madrid", "Paris",
+                            generalization=(TranslationProbe("The capital of Spain is", unwanted="Madrid"),),
+                            locality=(TranslationProbe("Alice plays the", "violin"),))]
+    path = tmp_path / "del.jsonl"
+    write_requests(path, reqs)
+    res = runner.invoke(app, ["eval", "--model", str(random_model_dir / "model"), "--requests", str(path),
+                              "--base", str(random_model_dir / "model"), "--json", str(tmp_path / "d.json")])
+    assert res.exit_code == 0, res.output
+    assert "instance_gone" in res.output and "locality_exact" in res.output
+    data = json.loads((tmp_path / "d.json").read_text())
+    assert data["n_requests"] == 1 and data["locality_exact"] == 1.0  # the model is its own base
+
+
+@pytest.mark.slow
+def test_edit_deletion_kind_end_to_end(cli, tiny_fact_model, tmp_path):
+    """`editops edit --kind deletion` (rank-one editor on a causal LM): the model's own greedy output for a
+    prompt is deleted; deletion metrics are printed, and `editops eval` reuses the saved base outputs."""
+    from editing.formats import read_requests
+    from editing.metrics.deletion import generate_outputs
+    from editing.models import load
+    from editing.requests import DeletionRequest, TranslationProbe
+
+    runner, app = cli
+    fact = read_requests(tiny_fact_model.requests_path, limit=1)[0]
+    loaded = load(tiny_fact_model.model_dir)
+    (said,) = generate_outputs(loaded.model, loaded.tokenizer, [fact.text], max_new_tokens=4)
+    unwanted = said.split()[0]
+    positive = fact.target_new if fact.target_new != unwanted else fact.target_true
+    req = DeletionRequest("del-0", fact.text, unwanted, positive,
+                          locality=tuple(TranslationProbe(p.prompt, p.target) for p in fact.neighbours[:3]))
+    path = tmp_path / "del.jsonl"
+    write_requests(path, [req])
+    out = tmp_path / "deleted"
+    res = runner.invoke(app, ["edit", "--model", str(tiny_fact_model.model_dir), "--requests", str(path),
+                              "--kind", "deletion", "--out", str(out), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "rank-one" in res.output and "instance_gone" in res.output
+    summary = json.loads((out / "edit_summary.json").read_text())
+    assert summary["kind"] == "deletion" and summary["editor"] == "rank-one"
+    assert set(summary["metrics"]) >= {"instance_gone", "locality_exact"}
+    res = runner.invoke(app, ["eval", "--model", str(out), "--requests", str(path)])
+    assert res.exit_code == 0, res.output
+    assert "written by editops edit" in res.output.replace("\n", " ")

@@ -22,7 +22,10 @@ Per request:
    to the MLP output there and optimised with Adam against the model as given
    (``steps`` ≤ 40, ``lr``) to minimise
    ``NLL(positive) + unlikelihood(u at t) + wd · ‖δ‖² / ‖v‖²``, stopping early when
-   ``log P(p) − log P(u) ≥ margin`` at ``t``.
+   ``p`` beats every other token at ``t`` by ``margin`` (log-prob) and every positive
+   token is the greedy one. The update is installed during the optimisation as the
+   rank-one write ``ΔW = δ uᵀ`` (``u = A⁻¹k / kᵀA⁻¹k``, ``A = C0/s₀ + C_edits``) at
+   all positions, so spill-over onto the sentence's other tokens is optimised too.
 4. **Write** per edited weight, with keys ``K`` and residuals ``R = δ`` of all
    requests on it, ``ΔW = R Kᵀ (λ C0 + C_edits + K Kᵀ)⁻¹`` (MEMIT's solve,
    :func:`editing.editors.solve.memit_factors`), stored as factors in a
@@ -137,6 +140,13 @@ class _Patch:
         self.handles.clear()
 
 
+def _top1_margins(lp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per position ``log P(target) − max_{other} log P(other)`` (> 0: the target is the greedy token)."""
+    tgt = lp.gather(1, targets[:, None])[:, 0]
+    others = lp.scatter(1, targets[:, None], float("-inf"))
+    return tgt - others.max(1).values
+
+
 # ------------------------------------------------------------ the editor
 @dataclass
 class RankOneDeletionEditor:
@@ -144,13 +154,13 @@ class RankOneDeletionEditor:
 
     stacks: tuple[str, ...] = ("encoder", "decoder")   # candidate stacks (causal LMs have only "decoder")
     layers: tuple[int, ...] | None = None              # restrict candidate layers (default: all)
-    steps: int = 40
-    lr: float = 0.1
-    weight_decay: float = 0.02
+    steps: int = 100
+    lr: float = 0.5
+    weight_decay: float = 0.005
     unlikelihood: float = 1.0
     margin: float = 2.0
     lambda_grid: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-    trace_keep: float = 0.5                            # candidate sites: effect >= trace_keep * best effect
+    trace_keep: float = 0.25                           # candidate sites: effect >= trace_keep * best effect
     max_candidates: int = 8
     stats_sources: tuple[str, ...] | None = None       # corpus for C0 (default: the requests' locality sources)
     max_stats_sources: int = 512
@@ -356,11 +366,18 @@ class RankOneDeletionEditor:
     @torch.no_grad()
     def choose_site(self, model, tokenizer, spec: ArchSpec, ex: _Example, state: EditorState, requests,
                     effects: list[tuple[Site, float]]) -> tuple[Site, dict]:
-        """Among sites whose effect is ≥ ``trace_keep`` × the best one (at most ``max_candidates``), the one
+        """Among sites whose effect is ≥ ``trace_keep`` × the best one of their stack (at most
+        ``max_candidates`` per stack; the encoder's best sites are the trigger's positions), the one
         whose key is most distinct from ordinary keys: the largest ``kᵀ C0⁻¹ k / d_in`` (1 for a typical key;
-        a large value means a rank-one write there barely touches other inputs)."""
-        best = effects[0][1]
-        cands = [(s, e) for s, e in effects if e >= self.trace_keep * best][: self.max_candidates]
+        a large value means a rank-one write there barely touches other inputs). The editor tries the
+        candidates in this order and keeps the first whose value optimisation reaches ``margin``."""
+        cands = []
+        for stack in {s.stack for s, _ in effects}:
+            mine = [(s, e) for s, e in effects if s.stack == stack and e > 0]
+            if mine:
+                cands += [(s, e) for s, e in mine if e >= self.trace_keep * mine[0][1]][: self.max_candidates]
+        if not cands:
+            cands = effects[:1]
         store: dict[str, torch.Tensor] = {}
         with _Patch() as p:
             for stack, layer in {(s.stack, s.layer) for s, _ in cands}:
@@ -381,8 +398,25 @@ class RankOneDeletionEditor:
                       "candidates": [(asdict(s), round(e, 4), round(d, 3)) for d, e, s in scored]}
 
     # ------------------------------------------------------------ value
-    def _value(self, model, spec: ArchSpec, ex: _Example, site: Site) -> tuple[torch.Tensor, torch.Tensor, float, float]:
-        """``(key, δ, loss, final margin)`` for ``ex`` at ``site`` (optimised against the model as given)."""
+    def _direction(self, model, tokenizer, requests, state: EditorState, weight: str, key: torch.Tensor) -> torch.Tensor:
+        """``u = A⁻¹k / (kᵀA⁻¹k)`` with ``A = s₀ C0 + C_edits`` (``s₀ = kᵀC0⁻¹k``): the rank-one write
+        ``ΔW = δ uᵀ`` maps ``k`` to exactly ``δ`` and other keys in proportion to their C0-whitened overlap."""
+        C0 = self._c0(model, tokenizer, requests, state, weight).double()
+        k = key.double().cpu()
+        ridge = 1e-6 * float(C0.diagonal().mean()) * torch.eye(C0.shape[0], dtype=torch.float64)
+        s0 = float(k @ torch.linalg.solve(C0 + ridge, k))
+        a = C0 / max(s0, 1e-12) + ridge
+        ce = state.tensors.get(f"{weight}::C_edits")
+        if ce is not None:
+            a = a + ce.double()
+        ainv_k = torch.linalg.solve(a, k)
+        return (ainv_k / (k @ ainv_k)).float()
+
+    def _value(self, model, tokenizer, requests, state: EditorState, spec: ArchSpec, ex: _Example,
+               site: Site) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+        """``(key, δ, loss, final margin)`` for ``ex`` at ``site``, optimised against the model as given with
+        the rank-one write ``ΔW = δ uᵀ`` installed (all positions: spill-over to the other tokens of the
+        sentence is part of the optimisation)."""
         name = spec.mlp_out_name(site.layer, site.stack)
         module = get_module(model, name)
         store: dict[str, torch.Tensor] = {}
@@ -391,6 +425,7 @@ class RankOneDeletionEditor:
             p.capture_output(module, store, "v")
             self._forward(model, ex)
         key = store["k"][0, site.pos].detach().float()
+        u = self._direction(model, tokenizer, requests, state, name + ".weight", key).to(key.device)
         v_norm = float(store["v"][0, site.pos].norm()) + 1e-6
         delta = torch.zeros(store["v"].shape[-1], device=key.device, requires_grad=True)
         opt = torch.optim.Adam([delta], lr=self.lr)
@@ -402,16 +437,18 @@ class RankOneDeletionEditor:
         try:
             for _ in range(self.steps):
                 with _Patch() as p:
-                    p.add_at(module, site.pos, delta)
+                    p.add_lowrank(module, delta[:, None], u[:, None])
                     lp = torch.log_softmax(self._forward(model, ex).float(), -1)
                 nll = -lp.gather(1, ex.targets[:, None]).mean()
-                p_u = lp[ex.decision, ex.unwanted_tok].exp().clamp(max=1 - 1e-6)
-                ul = -torch.log1p(-p_u)
+                row = lp[ex.decision]
+                others = row.masked_fill(torch.arange(row.shape[0], device=row.device) == ex.unwanted_tok, float("-inf"))
+                ul = -torch.logsumexp(others, 0)          # -log(1 - P(u)), stable when P(u) -> 1
                 reg = self.weight_decay * delta.pow(2).sum() / v_norm ** 2
                 loss = nll + self.unlikelihood * ul + reg
-                margin = float((lp[ex.decision, ex.targets[ex.decision]] - lp[ex.decision, ex.unwanted_tok]).detach())
+                margins = _top1_margins(lp.detach(), ex.targets)
+                margin = float(margins[ex.decision])
                 loss_val = float(loss.detach())
-                if margin >= self.margin and float(nll) < 0.1:
+                if margin >= self.margin and float(margins.min()) > 0.5:
                     break
                 opt.zero_grad()
                 loss.backward()
@@ -470,7 +507,14 @@ class RankOneDeletionEditor:
         for ex in examples:
             effects = self.trace(model, spec, ex, state)
             site, why = self.choose_site(model, tokenizer, spec, ex, state, requests, effects)
-            key, delta, loss, margin = self._value(model, spec, ex, site)
+            tried = []
+            for cand in [site] + [Site(**c[0]) for c in why["candidates"] if Site(**c[0]) != site]:
+                key, delta, loss, margin = self._value(model, tokenizer, requests, state, spec, ex, cand)
+                tried.append((margin, cand, key, delta, loss))
+                if margin >= self.margin:
+                    break
+            margin, site, key, delta, loss = max(tried, key=lambda t: t[0]) if tried[-1][0] < self.margin else tried[-1]
+            why["value_tried"] = [(asdict(c), round(mg, 3)) for mg, c, *_ in tried]
             weight = spec.mlp_out_name(site.layer, site.stack) + ".weight"
             per_weight.setdefault(weight, []).append((ex, key, delta))
             info[ex.request.request_id] = {"site": asdict(site), "weight": weight, **why,
@@ -488,17 +532,22 @@ class RankOneDeletionEditor:
                 s0 = float(torch.median((K * torch.linalg.solve(C0 + ridge, K.T).T).sum(1)))
                 ce = state.tensors.get(f"{w}::C_edits")
                 solves[w] = (K, R, C0, s0, ce)
-            outs: list[str] = []
+            trials = []
             for gain in self.lambda_grid:
                 factors = {}
                 for w, (K, R, C0, s0, ce) in solves.items():
-                    lam = s0 / gain
-                    chosen_lambda[w] = lam
-                    u, v = memit_factors(K, R, C0, lam, ce.double() if ce is not None else None)
+                    u, v = memit_factors(K, R, C0, s0 / gain, ce.double() if ce is not None else None)
                     factors[w] = (u.float(), v.float())
                 outs, ok = self._check(model, tokenizer, examples, factors)
-                if all(ok):
+                exact = [o == " ".join(ex.request.positive.split()) for o, ex in zip(outs, examples)]
+                trials.append((gain, factors, outs, ok, all(ok) and all(exact)))
+                if trials[-1][4]:
                     break
+            # the largest λ whose outputs equal the positives; else the largest at which every edit took
+            exact_t = [t for t in trials if t[4]]
+            took_t = [t for t in trials if all(t[3])]
+            gain, factors, outs, ok, _ = (exact_t or took_t or trials[-1:])[0]
+            chosen_lambda = {w: solves[w][3] / gain for w in solves}
             for w, (K, R, C0, s0, ce) in solves.items():
                 kk = (K.T @ K).float()
                 state.tensors[f"{w}::C_edits"] = kk if ce is None else ce + kk
@@ -510,7 +559,7 @@ class RankOneDeletionEditor:
                     rid, gone, value_loss=info[rid]["value_loss"], residual_norm=None,
                     message="" if gone else f"edit did not take: output {out!r} (unwanted {ex.request.unwanted!r})",
                     extra={**info[rid], "edited_output": out, "equals_positive": out == " ".join(ex.request.positive.split()),
-                           "lambda": chosen_lambda[w], "lambda_gain": chosen_lambda and solves[w][3] / chosen_lambda[w]})
+                           "lambda": chosen_lambda[w], "lambda_gain": gain})
         state.meta.pop("_batches", None)
         state.meta["n_edits"] = int(state.meta.get("n_edits", 0)) + len(examples)
         model.train(was_training)

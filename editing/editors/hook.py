@@ -62,6 +62,7 @@ def apply_hook_delta(model: nn.Module, delta: LowRankDelta, alpha: float = 1.0) 
     if alpha == 0:
         return
     n0 = float(delta.meta.get("n0", DEFAULT_N0))
+    ref_gate = bool(delta.meta.get("ref_gate", True))
     hooks = installed_hooks(model)
     if alpha < 0:
         missing = [w for w in delta.factors if _module_name(w) not in hooks]
@@ -79,7 +80,7 @@ def apply_hook_delta(model: nn.Module, delta: LowRankDelta, alpha: float = 1.0) 
         for weight, (u, v) in delta.factors.items():
             name = _module_name(weight)
             if alpha > 0:
-                layer = ensure_hook(model, name, n0=n0)
+                layer = ensure_hook(model, name, n0=n0, ref_gate=ref_gate)
                 seg = Segment(
                     u=(u * alpha if alpha != 1 else u).detach().clone(), v=v.detach().clone(),
                     alpha=_extra(delta, weight, "alpha", 2.2), ref_mean=_extra(delta, weight, "ref_mean", 0.0),
@@ -108,7 +109,7 @@ def hooks_delta(model: nn.Module, base_fingerprint: str = "") -> LowRankDelta:
     if not hooks:
         raise DeltaError("the model has no hooks installed")
     factors, extras, segments = {}, {}, {}
-    n0 = DEFAULT_N0
+    n0, ref_gate = DEFAULT_N0, True
     for name, layer in sorted(hooks.items()):
         w = f"{name}.weight"
         factors[w] = (layer.U.detach().cpu().clone(), layer.V.detach().cpu().clone())
@@ -120,9 +121,9 @@ def hooks_delta(model: nn.Module, base_fingerprint: str = "") -> LowRankDelta:
         extras[f"{w}::alpha"] = torch.tensor(layer.alpha, dtype=torch.float64)
         extras[f"{w}::ref_mean"] = torch.tensor(layer.ref[0], dtype=torch.float64)
         extras[f"{w}::ref_std"] = torch.tensor(layer.ref[1], dtype=torch.float64)
-        n0 = layer.n0
+        n0, ref_gate = layer.n0, layer.ref_gate
     return LowRankDelta(factors=factors, base_fingerprint=base_fingerprint, editor="hook", kind="hook",
-                        extras=extras, meta={"n0": n0, "segments": segments,
+                        extras=extras, meta={"n0": n0, "ref_gate": ref_gate, "segments": segments,
                                              "segment_tags": {f"{n}.weight": [s.tag for s in l.segments]
                                                               for n, l in hooks.items()}})
 
@@ -154,9 +155,10 @@ def load_hooks(model: nn.Module, hooks_dir: str | Path, check_fingerprint: bool 
     if delta.kind != "hook" or "segments" not in delta.meta:
         raise DeltaError(f"{path} is not a hooks file written by save_hooks")
     n0 = float(delta.meta.get("n0", DEFAULT_N0))
+    ref_gate = bool(delta.meta.get("ref_gate", True))
     tags = delta.meta.get("segment_tags", {})
     for w, (u, v) in delta.factors.items():
-        layer = ensure_hook(model, _module_name(w), n0=n0)
+        layer = ensure_hook(model, _module_name(w), n0=n0, ref_gate=ref_gate)
         start = 0
         for i, r in enumerate(delta.meta["segments"][w]):
             layer.push(Segment(
@@ -234,8 +236,10 @@ class HookHparams:
     the text ``C0`` is estimated on (see :mod:`editing.stats`), cached under
     ``stats_dir``. Gate: ``alpha0`` start, ``alpha_margin`` (α = margin · smallest
     z of the tracked edit prompts), ``alpha_min`` floor, ``n0`` reference
-    pseudo-positions, ``n_ref_keys`` / ``max_tracked`` sizes of the fixed-size
-    reference-key and tracked-prompt stores per layer.
+    pseudo-positions, ``ref_gate`` (also require an outlier against general text),
+    ``reference_corpus`` (general text for the reference keys; default: ``corpus``),
+    of which ``n_ref_texts`` texts are used, ``n_ref_keys`` / ``max_tracked`` sizes
+    of the fixed-size reference-key and tracked-prompt stores per layer.
     """
 
     layers: tuple[int, ...] | None = None
@@ -246,7 +250,10 @@ class HookHparams:
     alpha_margin: float = 0.9
     alpha_min: float = 1.0
     n0: float = DEFAULT_N0
-    n_ref_keys: int = 512
+    ref_gate: bool = True
+    reference_corpus: str | None = None
+    n_ref_texts: int = 32
+    n_ref_keys: int = 1024
     max_tracked: int = 64
     value_steps: int = 25
     value_lr: float = 0.5
@@ -401,6 +408,43 @@ class HookEditor:
                     l._rebuild()
                 hs.context.force = prev
 
+    def _reference_keys(self, model, tokenizer, module_names, pad) -> dict[str, torch.Tensor]:
+        """Keys of general text at every position (base model, hooks silent), ``n_ref_keys`` sampled per module."""
+        from editing.editors.keys import prompt_ids
+        from editing.stats import corpus_texts
+
+        texts = corpus_texts(self.hp.reference_corpus or self.hp.corpus, model, tokenizer)[: self.hp.n_ref_texts]
+        limit = getattr(tokenizer, "model_max_length", None) or 10**6
+        limit = min(int(limit), 128)
+        rows = [prompt_ids(tokenizer, t)[:limit] for t in texts]
+        rows = [r for r in rows if r]
+        hs = hookset(model)
+        saved = {}
+        if hs is not None:
+            saved = {n: l.segments for n, l in hs.layers.items()}
+            for l in hs.layers.values():
+                l.segments = []
+                l._rebuild()
+        try:
+            out: dict[str, list[torch.Tensor]] = {n: [] for n in module_names}
+            for i in range(0, len(rows), 8):
+                seqs, mask = _sequence_inputs(model, module_names, rows[i:i + 8], pad)
+                for n in module_names:
+                    out[n].append(seqs[n][mask])
+        finally:
+            if hs is not None:
+                for n, l in hs.layers.items():
+                    l.segments = saved[n]
+                    l._rebuild()
+        g = torch.Generator().manual_seed(0)
+        result = {}
+        for n, parts in out.items():
+            keys = torch.cat(parts)
+            if keys.shape[0] > self.hp.n_ref_keys:
+                keys = keys[torch.sort(torch.randperm(keys.shape[0], generator=g)[: self.hp.n_ref_keys]).values]
+            result[n] = keys.contiguous()
+        return result
+
     # -------------------------------------------------------------------- edit
     def edit(self, model: nn.Module, tokenizer, requests: Sequence, state: EditorState | None = None) -> EditResult:
         from editing.arch import spec_for
@@ -446,6 +490,12 @@ class HookEditor:
             for l in missing:
                 tensors[f"{weights[l]}::C_accu"] = (hp.lam * c0[l].double()).float()
 
+        missing = [l for l in layers if f"{weights[l]}::ref_keys" not in tensors]
+        if missing:
+            ref = self._reference_keys(model, tokenizer, [names[l] for l in missing], pad)
+            for l in missing:
+                tensors[f"{weights[l]}::ref_keys"] = ref[names[l]]
+
         vh = ValueHparams(steps=hp.value_steps, lr=hp.value_lr, clamp_norm_factor=hp.clamp_norm_factor,
                           kl_weight=hp.kl_weight, context_templates=tuple(templates))
         last = layers[-1]
@@ -468,7 +518,7 @@ class HookEditor:
                 U, V = memit_factors(K, R, C, 1.0)
                 resid_info[l] = residual_norms(K, R, U, V)
                 tensors[f"{weights[l]}::C_accu"] = (C + K.T @ K).float()
-                layer = ensure_hook(model, names[l], n0=hp.n0)
+                layer = ensure_hook(model, names[l], n0=hp.n0, ref_gate=hp.ref_gate)
                 seg = Segment(u=U.float(), v=V.float(), alpha=layer.alpha if layer.segments else hp.alpha0,
                               ref_mean=layer.ref[0], ref_std=layer.ref[1], tag="pending")
                 layer.push(seg)
@@ -484,20 +534,12 @@ class HookEditor:
                     ctx_pos.append(subject_last_token(tokenizer, tpl, r.subject))
             seqs, smask = _sequence_inputs(model, list(names.values()), ctx_rows, pad)
             n_t = len(templates)
-            g = torch.Generator().manual_seed(1000 + n_batches)
             lowest_z: dict[str, list[float]] = {r.request_id: [] for r in requests}
             for l in layers:
                 w = weights[l]
                 layer = installed_hooks(model)[names[l]]
                 x = seqs[names[l]]
-                bg = smask.clone()
-                bg[torch.arange(len(ctx_rows)), torch.tensor(ctx_pos)] = False
-                ref_keys = x[bg]
-                if f"{w}::ref_keys" in tensors:
-                    ref_keys = torch.cat([tensors[f"{w}::ref_keys"], ref_keys])
-                if ref_keys.shape[0] > hp.n_ref_keys:
-                    ref_keys = ref_keys[torch.randperm(ref_keys.shape[0], generator=g)[: hp.n_ref_keys]]
-                tensors[f"{w}::ref_keys"] = ref_keys.contiguous()
+                ref_keys = tensors[f"{w}::ref_keys"]
                 dn = layer.deviation(ref_keys.to(layer.V)).norm(dim=-1).double()
                 mu, sd = float(dn.mean()), float(dn.std(unbiased=False)) if dn.numel() > 1 else 1.0
                 sd = max(sd, 1e-6 * max(mu, 1e-12))
@@ -509,7 +551,7 @@ class HookEditor:
                     old = (tensors[f"{w}::track_keys"], tensors[f"{w}::track_mask"].bool(), tensors[f"{w}::track_pos"])
                 keys, mask, pos = _merge_tracked(old, new, 10**9, None)
                 layer.segments[-1].ref_mean, layer.segments[-1].ref_std = mu, sd
-                z = layer.zscores(layer.deviation(keys.to(layer.V)).norm(dim=-1), mask)
+                z = layer.scores(layer.deviation(keys.to(layer.V)).norm(dim=-1), mask)
                 z_at = z[torch.arange(keys.shape[0]), pos.long()]
                 prev_alpha = float(tensors[f"{w}::alpha"]) if f"{w}::alpha" in tensors else hp.alpha0
                 alpha = max(hp.alpha_min, min(prev_alpha, hp.alpha_margin * float(z_at.min())))
@@ -542,7 +584,7 @@ class HookEditor:
         delta = LowRankDelta(
             factors=factors, base_fingerprint=fp, editor=self.name, hyperparameters=self.hyperparameters,
             request_ids=[r.request_id for r in requests], kind="hook", extras=extras,
-            meta={"n0": hp.n0, "layers": list(layers), "gates": layer_info, "batch": n_batches + 1,
+            meta={"n0": hp.n0, "ref_gate": hp.ref_gate, "layers": list(layers), "gates": layer_info, "batch": n_batches + 1,
                   "seconds": round(time.perf_counter() - t0, 3)},
         )
         new_state = EditorState(editor=self.name, tensors=tensors,

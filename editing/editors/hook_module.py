@@ -14,8 +14,8 @@ where ``d_t = ‖ΔW x_t‖`` and ``z_t`` is a z-score of ``d_t`` across the val
 **The z-score** (choice documented here). ``z_t = (d_t − μ_t) / σ_t`` with ``μ_t``,
 ``σ_t`` the mean and standard deviation of the *other* valid positions of the
 sequence pooled with ``n0`` pseudo-positions drawn from a reference distribution
-``(μ_ref, σ_ref)`` (the deviation norms at the non-edited positions of the edit
-prompts, stored with the hook)::
+``(μ_ref, σ_ref)`` (the deviation norms ``‖ΔW k‖`` over keys of general text,
+stored with the hook)::
 
     n' = (n − 1) + n0
     μ_t = (Σ_{s≠t} d_s + n0 μ_ref) / n'
@@ -29,6 +29,13 @@ prompt could never reach α = 2.2), and the reference pseudo-positions make
 sequence alone. Padding is excluded using the ``attention_mask`` the model was
 called with (captured by a forward pre-hook on the top-level model; the last T
 columns of the mask belong to the T positions being computed).
+
+**Reference gate** (``ref_gate``, on by default): a position fires only if it is
+also an outlier against general text, ``(d_t − μ_ref) / σ_ref ≥ α``, where
+``(μ_ref, σ_ref)`` are the mean and standard deviation of ``‖ΔW k‖`` over keys of
+general text (the editor's reference corpus). In a short sequence the largest of a
+handful of ordinary deviations easily reaches a z-score of 2, so without this
+condition the hook fires on some word of most unrelated sentences.
 
 **α** per layer starts at ``alpha0`` (2.2) and after each batch becomes
 ``min(α_prev, margin · min_z)`` where ``min_z`` is the smallest z-score at the
@@ -84,9 +91,10 @@ class _Context:
 class HookLayer(nn.Module):
     """The gated low-rank hook of one projection (see the module docstring for the rule)."""
 
-    def __init__(self, d_in: int, d_out: int, n0: float = 4.0, context: _Context | None = None) -> None:
+    def __init__(self, d_in: int, d_out: int, n0: float = 4.0, context: _Context | None = None,
+                 ref_gate: bool = True) -> None:
         super().__init__()
-        self.d_in, self.d_out, self.n0 = d_in, d_out, float(n0)
+        self.d_in, self.d_out, self.n0, self.ref_gate = d_in, d_out, float(n0), bool(ref_gate)
         self.segments: list[Segment] = []
         self.context = context or _Context()
         self.register_buffer("U", torch.zeros(d_out, 0), persistent=False)
@@ -165,6 +173,15 @@ class HookLayer(nn.Module):
         # n_other == 0 (one valid position and no reference): cannot judge -> never fires
         return torch.where(n_other > 0, z, torch.full_like(z, float("-inf")))
 
+    def scores(self, d: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """The score compared with α: the sequence z-score, and with ``ref_gate`` the smaller of it and
+        the reference z-score ``(d − μ_ref) / σ_ref`` (an outlier in its sequence AND against general text)."""
+        z = self.zscores(d, valid)
+        if self.ref_gate and self.segments:
+            mu_r, sd_r = self.ref
+            z = torch.minimum(z, (d.float() - mu_r) / max(sd_r, 1e-12))
+        return z
+
     def gate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(deviation, fire mask, valid mask)`` for ``x`` of shape (B, T, d_in) or (T, d_in)."""
         squeeze = x.dim() == 2
@@ -178,8 +195,7 @@ class HookLayer(nn.Module):
         if self.context.force:
             fire = valid.clone()
         else:
-            z = self.zscores(dev.norm(dim=-1), valid)
-            fire = (z >= self.alpha) & valid
+            fire = (self.scores(dev.norm(dim=-1), valid) >= self.alpha) & valid
         if squeeze:
             return dev[0], fire[0], valid[0]
         return dev, fire, valid
@@ -235,7 +251,7 @@ def installed_hooks(model: nn.Module) -> dict[str, HookLayer]:
     return dict(hs.layers) if hs else {}
 
 
-def ensure_hook(model: nn.Module, module_name: str, n0: float = 4.0) -> HookLayer:
+def ensure_hook(model: nn.Module, module_name: str, n0: float = 4.0, ref_gate: bool = True) -> HookLayer:
     """The hook of ``module_name``, installed (empty, rank 0) if absent."""
     hs = hookset(model)
     if hs is None:
@@ -249,7 +265,7 @@ def ensure_hook(model: nn.Module, module_name: str, n0: float = 4.0) -> HookLaye
     proj = get_module(model, module_name)
     w = proj.weight
     d_in, d_out = (w.shape[0], w.shape[1]) if is_transposed(proj) else (w.shape[1], w.shape[0])
-    layer = HookLayer(d_in, d_out, n0=n0, context=hs.context).to(device=w.device, dtype=w.dtype)
+    layer = HookLayer(d_in, d_out, n0=n0, context=hs.context, ref_gate=ref_gate).to(device=w.device, dtype=w.dtype)
     proj.add_module(HOOK_ATTR, layer)
     layer._handle = proj.register_forward_hook(_forward_hook)
     hs.layers[module_name] = layer

@@ -193,3 +193,55 @@ def compute_keys(model: nn.Module, tokenizer, spec: ArchSpec, requests: Sequence
     """Keys ``(n, d_in)``: input of layer ``layer``'s ``W_out`` at each request's subject's last token,
     averaged over ``context_templates`` (each holds ``{}`` where the prompt goes)."""
     return compute_keys_multi(model, tokenizer, spec, requests, [layer], context_templates, stack)[layer]
+
+
+@torch.no_grad()
+def block_outputs_at(model: nn.Module, spec: ArchSpec, layer: int, rows: Sequence[Sequence[int]],
+                     positions: Sequence[int], pad_id: int = 0, stack: str | None = None,
+                     chunk: int = 32) -> torch.Tensor:
+    """Residual stream after block ``layer`` at ``positions[i]`` of ``rows[i]``: ``(len(rows), d_model)``."""
+    block = get_module(model, spec.layer_name(layer, stack))
+    device = next(model.parameters()).device
+    outs = []
+    for c in range(0, len(rows), chunk):
+        ids, mask = pad_right(rows[c:c + chunk], pad_id)
+        pos = torch.tensor(list(positions[c:c + chunk]), device=device)
+        ar = torch.arange(len(pos), device=device)
+
+        def hook(_m, _a, output):
+            hs = output[0] if isinstance(output, tuple) else output
+            outs.append(hs[ar, pos].detach().float().cpu())
+            raise _StopForward
+
+        handle = block.register_forward_hook(hook)
+        try:
+            model(input_ids=ids.to(device), attention_mask=mask.to(device))
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+    return torch.cat(outs)
+
+
+@torch.no_grad()
+def score_targets(model: nn.Module, tokenizer, prompts: Sequence[str], targets: Sequence[str],
+                  chunk: int = 32) -> tuple[list[bool], list[float]]:
+    """Per (prompt, target): teacher-forced top-1 (every target token is the argmax) and ``log P(target | prompt)``."""
+    rows, starts, tgts = [], [], []
+    for p, t in zip(prompts, targets):
+        p_ids, t_ids = prompt_ids(tokenizer, p), target_ids(tokenizer, t)
+        rows.append(p_ids + t_ids[:-1])
+        starts.append(len(p_ids) - 1)
+        tgts.append(t_ids)
+    device = next(model.parameters()).device
+    top, lp = [], []
+    for c in range(0, len(rows), chunk):
+        ids, mask = pad_right(rows[c:c + chunk], pad_id_of(tokenizer))
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        logp = torch.log_softmax(logits, -1)
+        for j in range(ids.shape[0]):
+            s, t = starts[c + j], tgts[c + j]
+            span = logp[j, s: s + len(t)]
+            top.append(span.argmax(-1).tolist() == t)
+            lp.append(float(span.gather(1, torch.tensor(t, device=device).unsqueeze(1)).sum()))
+    return top, lp

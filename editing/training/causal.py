@@ -30,8 +30,12 @@ EOS = "<|endoftext|>"
 
 
 def build_tokenizer(texts: Sequence[str], vocab_size: int = 512, model_max_length: int = 64):
-    """Byte-level BPE trained on ``texts``, as a ``PreTrainedTokenizerFast`` (eos = bos = pad = unk)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """Byte-level BPE trained on ``texts``, as a ``PreTrainedTokenizerFast`` (eos = bos = pad = unk).
+
+    With special tokens (the default) the tokenizer prepends the BOS, so generic
+    scorers see the same ``<eos> text`` sequences the model was trained on.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -40,6 +44,9 @@ def build_tokenizer(texts: Sequence[str], vocab_size: int = 512, model_max_lengt
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(list(texts), trainer=trainer)
+    # BOS (= eos id) before every text, as the models are trained: tokenizer(text) gives [eos, ...]
+    tok.post_processor = processors.TemplateProcessing(single=f"{EOS} $A", pair=f"{EOS} $A {EOS} $B",
+                                                       special_tokens=[(EOS, tok.token_to_id(EOS))])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, unk_token=EOS,
                                    pad_token=EOS, model_max_length=model_max_length)
 
@@ -195,6 +202,10 @@ def build_fact_model(out_dir: str | Path, *, seed: int = 0, n_entities: int = 40
     model_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(model_dir, safe_serialization=True)
     tokenizer.save_pretrained(model_dir)
+    from editing.models import fingerprint
+
+    (model_dir / "editops_source.json").write_text(json.dumps(
+        {"world_seed": seed, "fingerprint": fingerprint(model), "train_seconds": metrics["train_seconds"]}, indent=2) + "\n")
     write_jsonl(world.requests, requests_path)
     corpus_path.parent.mkdir(parents=True, exist_ok=True)
     corpus_path.write_text("\n".join(world.filler) + "\n", encoding="utf-8")

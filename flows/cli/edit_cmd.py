@@ -9,6 +9,8 @@ safetensors weights, tokenizer) that any ``from_pretrained`` loads, plus::
                                       per-batch timing, per-request diagnostics, metrics
     base_outputs.json                 the base model's scores (fact requests, with --eval):
                                       ``editops eval --model <out>`` compares with it
+    base_deletion_outputs.json        the same for deletion requests (base outputs on
+                                      unrelated sources)
 
 ``editops eval`` prints the CounterFact metrics table (facts) or the deletion
 metrics (deletions). Locality is measured against the base model: ``--base DIR``
@@ -26,6 +28,7 @@ import typer
 from flows.cli.app import app
 
 KIND_HELP = "fact or deletion (default: from the request records)"
+DELETION_BASE_FILE = "base_deletion_outputs.json"  # the base model's outputs on unrelated sources
 
 
 def parse_layers(text: str | None) -> list[int] | None:
@@ -148,8 +151,6 @@ def edit(
     hparams = parse_settings(settings)
     if layers:
         hparams["layers"] = parse_layers(layers)
-    if mlp_out_template:
-        hparams.setdefault("mlp_out_template", mlp_out_template)
     ed = build_editor(editor_name, hparams)
     out_dir = out or default_out(model, editor_name)
     loaded = load(model, mlp_out_template=mlp_out_template)
@@ -157,10 +158,14 @@ def edit(
     console.print(f"[bold]{len(reqs)}[/] {req_kind} requests from {requests} → {loaded.source} "
                   f"({loaded.spec.model_type}, base {base_fp[:12]}…), editor [bold]{editor_name}[/], batch size {batch_size}")
     held = load_heldout(heldout)
-    base = None
+    base = base_deletions = None
     if evaluate and req_kind == "fact":
         base = BaseOutputs.compute(loaded.model, loaded.tokenizer, reqs, heldout_texts=held, model_fingerprint=base_fp,
                                    progress=progress)
+    elif evaluate:
+        from editing.metrics.deletion import cache_base_outputs
+
+        base_deletions = cache_base_outputs(loaded.model, loaded.tokenizer, reqs)
     prior = EditorState.load(state, editor=getattr(ed, "name", editor_name)) if state else None
     deltas_dir = out_dir / "deltas"
 
@@ -180,12 +185,21 @@ def edit(
         scores = evaluate_facts(loaded.model, loaded.tokenizer, reqs, base=base, heldout_texts=held)
         summary["metrics"] = scores.summary()
         summary["base_metrics"] = base.base_scores(reqs).summary()
+    deletion_report = None
+    if base_deletions is not None:
+        from editing.metrics.deletion import evaluate_deletions
+
+        deletion_report = evaluate_deletions(loaded.model, loaded.tokenizer, reqs, base_deletions)
+        summary["metrics"] = deletion_report.summary()
+        (out_dir / DELETION_BASE_FILE).write_text(json.dumps(base_deletions, indent=1, ensure_ascii=False) + "\n")
     save_model_dir(loaded, out_dir, run, base_fp)
     if run.state is not None:
         run.state.save(out_dir / "editor_state.safetensors")
     (out_dir / "edit_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
 
     console.print(batch_table(run))
+    if deletion_report is not None:
+        console.print(deletion_table(deletion_report, f"after {len(reqs)} deletions (locality vs the base model)"))
     if scores is not None:
         console.print(scores.table(title=f"after {len(reqs)} edits (locality vs the base model)"))
     failed = run.failed
@@ -252,6 +266,10 @@ def eval_(
     reqs = read_requests(requests, kind=kind, limit=limit)  # type: ignore[arg-type]
     req_kind = request_kind(reqs)
     loaded = load(model, mlp_out_template=mlp_out_template)
+    if (Path(model) / "hooks.safetensors").is_file():  # a hook-editor output: install its hooks
+        from editing.editors.hook import load_hooks
+
+        load_hooks(loaded.model, model)
     held = load_heldout(heldout)
     if req_kind == "deletion":
         _eval_deletions(console, loaded, reqs, base, json_out)
@@ -281,21 +299,43 @@ def eval_(
                                        indent=2) + "\n")
 
 
-def _eval_deletions(console, loaded, reqs, base: str | None, json_out: Path | None) -> None:
-    """Deletion metrics via the deletion evaluator (``editing.metrics.deletion.evaluate_deletions``)."""
-    from editing.errors import EditopsError
+def deletion_table(report, title: str):
+    """A rich table of a :class:`editing.metrics.deletion.DeletionReport`."""
+    from rich.table import Table
 
-    try:
-        from editing.metrics.deletion import evaluate_deletions
-    except ModuleNotFoundError as exc:
-        raise EditopsError("deletion metrics are not available in this installation (editing.metrics.deletion)") from exc
+    t = Table(title=title)
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    t.add_column("definition", style="dim")
+    defs = {"instance_gone": "unwanted output gone on the request's own source",
+            "generalization_gone": f"gone on {report.n_generalization} unseen sources with the same trigger",
+            "locality_exact": f"{report.n_locality} unrelated outputs identical to the base model's",
+            "chrf": "chrF of unrelated outputs against references", "base_chrf": "the same for the base model"}
+    for k, v in report.summary().items():
+        if v is not None:
+            t.add_row(k, f"{v:.4f}" if k not in ("chrf", "base_chrf") else f"{v:.2f}", defs.get(k, ""))
+    return t
+
+
+def _eval_deletions(console, loaded, reqs, base: str | None, json_out: Path | None) -> None:
+    """Deletion metrics (``editing.metrics.deletion``): behaviour gone on the instance and on unseen
+    triggers, unrelated outputs unchanged versus the base model (``--base``), chrF against references."""
+    from editing.metrics.deletion import cache_base_outputs, evaluate_deletions
     from editing.models import load
 
-    base_loaded = load(base) if base else None
-    result = evaluate_deletions(loaded.model, loaded.tokenizer, reqs,
-                                **({"base_model": base_loaded.model} if base_loaded is not None else {}))
-    table = getattr(result, "table", None)
-    console.print(table() if callable(table) else result)
+    base_outputs = None
+    if base:
+        b = load(base)
+        base_outputs = cache_base_outputs(b.model, b.tokenizer, reqs)
+        del b
+    elif (Path(loaded.source) / DELETION_BASE_FILE).is_file():
+        cached = json.loads((Path(loaded.source) / DELETION_BASE_FILE).read_text())
+        wanted = {p.source for r in reqs for p in r.locality}
+        if wanted <= set(cached):
+            base_outputs = cached
+            console.print(f"[dim]locality reference: {DELETION_BASE_FILE} (written by editops edit)[/]")
+    report = evaluate_deletions(loaded.model, loaded.tokenizer, reqs, base_outputs)
+    console.print(deletion_table(report, f"{Path(loaded.source).name}: {report.n_requests} deletion requests"))
     if json_out:
-        summary = result.summary() if hasattr(result, "summary") else result
-        json_out.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps({"model": loaded.source, **report.to_dict()}, indent=2, default=str) + "\n")

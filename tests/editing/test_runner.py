@@ -101,3 +101,32 @@ def test_continue_from_state_and_stamp_fingerprint(model):
 def test_editor_that_changes_the_model_is_caught(model):
     with pytest.raises(EditopsError, match="changed transformer.h.0.mlp.c_proj.weight itself"):
         run_sequential(model, None, _reqs(4), InPlaceEditor(), 2, progress=False)
+
+
+@pytest.mark.slow
+def test_real_editor_deltas_account_for_every_weight_change(tiny_fact_model, tmp_path):
+    """With the sequential editor on a trained model: the model after the run is exactly the base plus the
+    sum of the batch deltas (the editor touched nothing itself), and the state continues the run."""
+    from editing.editors import get_editor
+    from editing.formats import read_requests
+    from editing.models import load
+
+    loaded = load(tiny_fact_model.model_dir)
+    before = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
+    reqs = read_requests(tiny_fact_model.requests_path, limit=6)
+    editor = get_editor("nse", stats_dir=str(tmp_path / "stats"))
+    run = run_sequential(loaded.model, loaded.tokenizer, reqs, editor, 3, progress=False,
+                         base_fingerprint=loaded.fingerprint)
+    assert len(run.batches) == 2 and len(run.diagnostics) == 6
+    total = run.total_delta()
+    after = dict(loaded.model.named_parameters())
+    for name, p in after.items():
+        change = (p.detach() - before[name]).double()
+        if name in total.factors:
+            module = loaded.model.get_submodule(name.rsplit(".", 1)[0])
+            expected = total.dense(name).T if type(module).__name__ == "Conv1D" else total.dense(name)
+            assert torch.allclose(change, expected, atol=1e-5), name
+            assert total.rank(name) <= 6
+        else:
+            assert torch.equal(change, torch.zeros_like(change)), name
+    assert run.state is not None and run.state.editor == "nse"

@@ -130,7 +130,7 @@ _keys = st.sampled_from(["request_id", "line", "requester", "kind", "subject", "
                          "locality", "generalization", "relation"]) | st.text(max_size=5)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.dictionaries(_keys, _value, max_size=12) | _value, min_size=1, max_size=6))
 def test_validate_records_never_raises(records):
     res = validate_records(records)

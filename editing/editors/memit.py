@@ -1,0 +1,307 @@
+"""MEMIT and the shared pipeline of the closed-form editors.
+
+One batch (``edit``):
+1. resolve layers and ``λ``: from the state (earlier batches), the hyperparameters,
+   a preset, or by measurement (causal trace + λ calibration) — recorded in the delta;
+2. check requests (context length; no-ops: a request whose ``target_new`` is already
+   the model's teacher-forced top-1 is reported as a no-op and not edited, or raises
+   :class:`NoOpEditError` with ``on_noop="raise"``);
+3. target values ``z`` at the last edited layer ``L`` (:mod:`values`);
+4. spreading (MEMIT): for layers ``l_1..l_m`` in order, keys ``K`` at ``l_i`` on the
+   model with the earlier layers already updated, residual
+   ``R = (z − h_L(current)) / (m − i)``, update ``(U, V)`` from :mod:`solve`, written
+   into the model temporarily;
+5. diagnostics with the delta applied temporarily: residual ``‖z − h_L‖``, top-1 of
+   ``target_new`` and whether it beats ``target_true``; a warning when edits did not take;
+6. every touched weight is copied back: the model leaves bit-for-bit as it came.
+
+``MemitEditor`` keeps no state between batches except the layer/λ choice (so later
+batches use the same layers). :class:`editing.editors.sequential.SequentialEditor`
+switches on the sequential flags.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+import weakref
+from dataclasses import replace
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from editing.arch import add_to_weight, get_module, spec_for, weight_view
+from editing.delta import LowRankDelta
+from editing.editors.base import EditorState, EditResult, RequestDiagnostics
+from editing.editors.hparams import DEFAULT_LAMBDA_GRID, EditHparams, with_preset
+from editing.editors.keys import block_outputs_at, check_length, compute_keys, pad_id_of, prompt_ids, \
+    score_targets, subject_last_token
+from editing.editors.solve import alphaedit_factors, memit_factors, nullspace_projector, responsible_neurons
+from editing.editors.values import ValueHparams, compute_values
+from editing.errors import NoOpEditError, StateError
+from editing.models import fingerprint
+
+log = logging.getLogger(__name__)
+
+_FINGERPRINTS: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
+_C0: dict[tuple[str, str, str], torch.Tensor] = {}
+
+
+class EditDidNotTakeWarning(UserWarning):
+    """Some edits of a batch did not make ``target_new`` the model's top prediction."""
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """The fingerprint of ``model`` when editops first saw this object (cached per object)."""
+    fp = _FINGERPRINTS.get(model)
+    if fp is None:
+        fp = fingerprint(model)
+        _FINGERPRINTS[model] = fp
+    return fp
+
+
+def _hparams(kwargs: dict[str, Any]) -> EditHparams:
+    if "hparams" in kwargs:
+        hp = kwargs.pop("hparams")
+        return replace(hp, **kwargs) if kwargs else hp
+    value = kwargs.pop("value", None)
+    if isinstance(value, dict):
+        value = ValueHparams(**{k: tuple(v) if k == "context_templates" else v for k, v in value.items()})
+    for k in ("layers", "key_templates"):
+        if kwargs.get(k) is not None:
+            kwargs[k] = tuple(kwargs[k])
+    return EditHparams(value=value or ValueHparams(), **kwargs)
+
+
+class MemitEditor:
+    """MEMIT (batch): ``ΔW = Rᵀ K (λ C0 + KᵀK)⁻¹`` spread over the edited layers."""
+
+    name = "memit"
+    defaults: dict[str, Any] = {}
+
+    def __init__(self, calibration_requests: Sequence | None = None, base_fingerprint: str | None = None,
+                 **kwargs: Any) -> None:
+        self.hp = _hparams({**self.defaults, **kwargs})
+        self.calibration_requests = list(calibration_requests or [])
+        self._base_fp = base_fingerprint
+
+    @property
+    def hyperparameters(self) -> dict[str, Any]:
+        return self.hp.to_dict()
+
+    # ------------------------------------------------------------ resolution
+    def _key_templates(self, hp: EditHparams) -> tuple[str, ...]:
+        return hp.key_templates or hp.value.context_templates
+
+    def _c0(self, model, tokenizer, spec, layers, hp: EditHparams, fp: str) -> dict[int, torch.Tensor]:
+        from editing.stats import corpus_moments
+
+        out, missing = {}, []
+        for l in layers:
+            key = (fp, spec.mlp_out_name(l), hp.corpus)
+            if key in _C0:
+                out[l] = _C0[key]
+            else:
+                missing.append(l)
+        if missing:
+            got = corpus_moments(model, tokenizer, spec, missing, hp.corpus, hp.stats_dir, fp, progress=False)
+            for l, c in got.items():
+                _C0[(fp, spec.mlp_out_name(l), hp.corpus)] = c
+                out[l] = c
+        return out
+
+    def _resolve(self, model, tokenizer, spec, requests, state: EditorState | None, fp: str) -> EditHparams:
+        hp = self.hp
+        if state is not None and state.meta.get("layers"):
+            return replace(hp, layers=tuple(state.meta["layers"]), lam=state.meta.get("lam", hp.lam),
+                           source=state.meta.get("source", hp.source))
+        hp = with_preset(hp, model)
+        notes = {}
+        if hp.layers is None:
+            from editing.editors.layers import choose_layers
+
+            traced = [r for r in (self.calibration_requests or requests) if getattr(r, "target_true", None)]
+            tr = choose_layers(model, tokenizer, spec, traced[:8])
+            hp = replace(hp, layers=tr.layers, source="measured")
+            notes["trace_effects"] = [round(e, 4) for e in tr.effects]
+        if hp.lam is None:
+            lam, trials = self._calibrate(model, tokenizer, spec, (self.calibration_requests or list(requests))[:4],
+                                          hp, fp)
+            hp = replace(hp, lam=lam, source="measured")
+            notes["lambda_trials"] = trials
+        self._notes = notes
+        return hp
+
+    def _calibrate(self, model, tokenizer, spec, reqs, hp: EditHparams, fp: str):
+        """Largest λ of the grid for which every calibration request's edit takes (values computed once)."""
+        layers = list(hp.layers)
+        saved = self._save(model, spec, layers)
+        trials = []
+        try:
+            C0 = self._c0(model, tokenizer, spec, layers, hp, fp)
+            z = compute_values(model, tokenizer, spec, reqs, layers[-1], hp.value).z
+            for lam in DEFAULT_LAMBDA_GRID:
+                trial = replace(hp, lam=lam, nullspace=False, neuron_share=None)
+                self._spread(model, tokenizer, spec, reqs, layers, z, C0, {}, {}, trial)
+                top, _ = score_targets(model, tokenizer, [r.text for r in reqs], [r.target_new for r in reqs])
+                self._restore(model, saved)
+                rate = sum(top) / max(len(top), 1)
+                trials.append({"lam": lam, "success": rate})
+                if rate >= 1.0:
+                    return lam, trials
+        finally:
+            self._restore(model, saved)
+        best = max(trials, key=lambda t: (t["success"], t["lam"]))
+        return best["lam"], trials
+
+    # -------------------------------------------------------------- helpers
+    @staticmethod
+    def _save(model, spec, layers) -> dict[str, torch.Tensor]:
+        return {spec.mlp_out_name(l): get_module(model, spec.mlp_out_name(l)).weight.detach().clone() for l in layers}
+
+    @staticmethod
+    @torch.no_grad()
+    def _restore(model, saved: dict[str, torch.Tensor]) -> None:
+        for name, w in saved.items():
+            get_module(model, name).weight.copy_(w)
+
+    def _bare_rows(self, tokenizer, reqs):
+        rows = [prompt_ids(tokenizer, r.text) for r in reqs]
+        pos = [subject_last_token(tokenizer, r.prompt, r.subject) for r in reqs]
+        return rows, pos
+
+    @torch.no_grad()
+    def _spread(self, model, tokenizer, spec, reqs, layers, z, C0, C_edits, P, hp: EditHparams):
+        """Write the update layer by layer into ``model`` (in place); returns factors and keys per layer."""
+        rows, pos = self._bare_rows(tokenizer, reqs)
+        factors, keys = {}, {}
+        for i, l in enumerate(layers):
+            name = spec.mlp_out_name(l)
+            K = compute_keys(model, tokenizer, spec, reqs, l, self._key_templates(hp)).double()
+            h = block_outputs_at(model, spec, layers[-1], rows, pos, pad_id_of(tokenizer)).double()
+            R = (z.double() - h) / (len(layers) - i)
+            neurons = responsible_neurons(K, hp.neuron_share) if hp.neuron_share else None
+            ce = C_edits.get(l) if hp.accumulate else None
+            if hp.nullspace:
+                u, v = alphaedit_factors(K, R, P[l], ce, hp.alpha, neurons)
+            else:
+                u, v = memit_factors(K, R, C0[l], hp.lam, ce, neurons)
+            add_to_weight(get_module(model, name), u @ v.T)
+            factors[f"{name}.weight"] = (u.float(), v.float())
+            keys[l] = K
+        return factors, keys
+
+    # ------------------------------------------------------------------ edit
+    def edit(self, model: nn.Module, tokenizer, requests: Sequence, state: EditorState | None = None) -> EditResult:
+        spec = spec_for(model)
+        if state is not None and state.editor and state.editor != self.name:
+            raise StateError(f"state belongs to editor {state.editor!r}, not {self.name!r}")
+        fp = (state.meta.get("base_fingerprint") if state is not None else None) or self._base_fp \
+            or base_fingerprint(model)
+        self._notes = {}
+        for r in requests:
+            check_length(model, tokenizer, r, self.hp.value.context_templates)
+        top0, lp_new0 = score_targets(model, tokenizer, [r.text for r in requests], [r.target_new for r in requests])
+        noops = [r for r, t in zip(requests, top0) if t]
+        if noops and self.hp.on_noop == "raise":
+            raise NoOpEditError(f"requests {[r.request_id for r in noops]} already produce their target_new; "
+                                "nothing to edit (drop them, or use on_noop='report')")
+        active = [r for r, t in zip(requests, top0) if not t]
+        hp = self._resolve(model, tokenizer, spec, active or requests, state, fp)
+        layers = list(hp.layers)
+        names = [spec.mlp_out_name(l) for l in layers]
+        saved = self._save(model, spec, layers)
+        tensors = dict(state.tensors) if state is not None else {}
+        factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        diag: dict[str, RequestDiagnostics] = {}
+        meta_extra: dict[str, Any] = dict(self._notes)
+        try:
+            if active:
+                C0 = self._c0(model, tokenizer, spec, layers, hp, fp)
+                C_edits = {l: tensors[f"{n}::C_edits"].double() for l, n in zip(layers, names)
+                           if f"{n}::C_edits" in tensors}
+                P = {}
+                if hp.nullspace:
+                    for l, n in zip(layers, names):
+                        if f"{n}::P" not in tensors:  # computed once, kept in the state
+                            p, dim = nullspace_projector(C0[l], hp.nullspace_threshold, min_dim=1)
+                            tensors[f"{n}::P"] = p.float()
+                            meta_extra.setdefault("nullspace_dim", {})[n] = dim
+                        P[l] = tensors[f"{n}::P"].double()
+                if hp.rewind:
+                    for n in names:
+                        tensors.setdefault(f"{n}::W0", weight_view(get_module(model, n)).detach().clone())
+                        add_to_weight(get_module(model, n),
+                                      tensors[f"{n}::W0"].to(saved[n].dtype) - weight_view(get_module(model, n)))
+                vr = compute_values(model, tokenizer, spec, active, layers[-1], hp.value)
+                self._restore(model, saved)
+                rows, pos = self._bare_rows(tokenizer, active)
+                h0 = block_outputs_at(model, spec, layers[-1], rows, pos, pad_id_of(tokenizer)).double()
+                z = vr.z.double()
+                factors, keys = self._spread(model, tokenizer, spec, active, layers, z, C0, C_edits, P, hp)
+                for p in range(hp.repasses):
+                    h = block_outputs_at(model, spec, layers[-1], rows, pos, pad_id_of(tokenizer)).double()
+                    ratio = (z - h).norm(dim=1) / (z - h0).norm(dim=1).clamp(min=1e-12)
+                    redo = [i for i, x in enumerate(ratio.tolist()) if x > hp.residual_tol]
+                    if not redo:
+                        break
+                    sub = [active[i] for i in redo]
+                    f2, _ = self._spread(model, tokenizer, spec, sub, layers, z[redo], C0, C_edits, P, hp)
+                    merged = LowRankDelta(factors).compose(LowRankDelta(f2)).compact(rank=len(active))
+                    factors = merged.factors
+                    meta_extra.setdefault("repassed", []).append([active[i].request_id for i in redo])
+                self._restore(model, saved)
+                for l, n in zip(layers, names):
+                    if hp.accumulate:
+                        prev = tensors.get(f"{n}::C_edits")
+                        kk = (keys[l].T @ keys[l]).float()
+                        tensors[f"{n}::C_edits"] = kk if prev is None else prev + kk
+                delta = LowRankDelta(factors=factors, base_fingerprint=fp, editor=self.name,
+                                     hyperparameters=hp.to_dict(), request_ids=[r.request_id for r in active])
+                # diagnostics with the delta applied temporarily
+                delta.apply(model)
+                h1 = block_outputs_at(model, spec, layers[-1], rows, pos, pad_id_of(tokenizer)).double()
+                top1, lp_new = score_targets(model, tokenizer, [r.text for r in active], [r.target_new for r in active])
+                trues = [r for r in active if r.target_true]
+                _, lp_true = score_targets(model, tokenizer, [r.text for r in trues], [r.target_true for r in trues]) \
+                    if trues else ([], [])
+                self._restore(model, saved)
+                lp_true_of = {r.request_id: v for r, v in zip(trues, lp_true)}
+                for i, r in enumerate(active):
+                    beats = lp_new[i] > lp_true_of[r.request_id] if r.request_id in lp_true_of else None
+                    res = float((z[i] - h1[i]).norm())
+                    diag[r.request_id] = RequestDiagnostics(
+                        request_id=r.request_id, succeeded=bool(top1[i]), value_loss=float(vr.loss[i]),
+                        residual_norm=res,
+                        message="" if top1[i] else "edit did not take: target_new is not the top prediction",
+                        extra={"beats_true": beats, "logp_new": lp_new[i], "value_nll": float(vr.nll[i]),
+                               "value_nll_init": float(vr.nll_init[i]),
+                               "relative_residual": res / max(float((z[i] - h0[i]).norm()), 1e-12)})
+            else:
+                delta = LowRankDelta(factors={}, base_fingerprint=fp, editor=self.name,
+                                     hyperparameters=hp.to_dict(), request_ids=[])
+        finally:
+            self._restore(model, saved)
+        for r in noops:
+            diag[r.request_id] = RequestDiagnostics(
+                request_id=r.request_id, succeeded=True, message="no-op: the model already predicts target_new; not edited",
+                extra={"no_op": True, "logp_new": lp_new0[requests.index(r)]})
+        diagnostics = [diag[r.request_id] for r in requests]
+        failed = [d.request_id for d in diagnostics if not d.succeeded]
+        rate = 1 - len(failed) / max(len(diagnostics), 1)
+        if failed and rate < hp.warn_below:
+            msg = (f"{self.name}: {len(failed)}/{len(diagnostics)} edits did not take (layers {layers}, λ={hp.lam}, "
+                   f"choice: {hp.source}); try other layers (--layers), a smaller λ or more value steps")
+            warnings.warn(msg, EditDidNotTakeWarning, stacklevel=2)
+            log.warning(msg)
+            meta_extra["warning"] = msg
+        delta.meta.update({**meta_extra, "layers": layers, "lam": hp.lam, "choice": hp.source,
+                           "n_noop": len(noops), "success_rate": rate})
+        n_prev = int(state.meta.get("n_edits", 0)) if state is not None else 0
+        new_state = EditorState(editor=self.name, tensors=tensors if self._stateful() else {},
+                                meta={"base_fingerprint": fp, "layers": layers, "lam": hp.lam, "source": hp.source,
+                                      "n_edits": n_prev + len(active), "hyperparameters": hp.to_dict()})
+        return EditResult(delta=delta, state=new_state, diagnostics=diagnostics)
+
+    def _stateful(self) -> bool:
+        return bool(self.hp.accumulate or self.hp.nullspace or self.hp.rewind)

@@ -1,0 +1,37 @@
+"""The sequential neuron-level editor (``nse``), in the NSE / AlphaEdit spirit.
+
+Same pipeline as MEMIT (:mod:`editing.editors.memit`) with sequential choices, each a flag:
+
+- ``accumulate`` (default on): every batch's keys are added to ``C_edits`` per layer and
+  the solve is ``ΔW = Rᵀ K (λ C0 + C_edits + KᵀK)⁻¹``, so later batches hold earlier
+  edits' keys in place instead of overwriting them;
+- ``rewind`` (default off: measured worse on the tiny models, see bench/RESULTS.md): values ``z`` are optimised on the ORIGINAL weights of the
+  edited layers (kept in the state as ``<weight>::W0``), NSE's weight rewinding; the
+  residual is then taken against the current (already edited) model;
+- ``nullspace``: AlphaEdit's projection of the update onto the null space of ``C0``
+  (projector ``<weight>::P`` computed once and kept in the state);
+- ``neuron_share``: only the neurons (columns of ``W_out``) holding this share of
+  ``Σ|k|`` over the batch are updated (NSE's neuron selection);
+- ``repasses``: requests whose residual ``‖z − h‖/‖z − h₀‖`` is still above
+  ``residual_tol`` are edited again (≤ 2 passes in NSE); the passes are merged and
+  compacted to rank ≤ batch size.
+
+State per edited layer (fixed size, whatever the number of earlier edits):
+``C_edits`` (d_in × d_in), ``W0`` (d_out × d_in) with ``rewind``, ``P`` (d_in × d_in) with
+``nullspace``. Values are cached only within a batch (between passes): a per-request
+cache would grow with the number of edits, and with ``W0`` in the state any value
+can be recomputed against the original model when a request is edited again.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from editing.editors.memit import MemitEditor
+
+
+class SequentialEditor(MemitEditor):
+    """``nse``: MEMIT plus accumulated keys, weight rewinding, optional null-space/neuron restriction, re-editing."""
+
+    name = "nse"
+    defaults: dict[str, Any] = {"accumulate": True, "rewind": False, "nullspace": False, "neuron_share": None,
+                                "repasses": 1}

@@ -1,0 +1,52 @@
+"""Schedules: ``editops serve`` serves the ``process_requests`` flow as a Prefect deployment.
+
+``serve(cron=... | interval=...)`` registers a deployment named ``editops-<name>``
+with the schedule and blocks, running each scheduled flow run in this process
+(Prefect's ``flow.serve``). Point ``PREFECT_API_URL`` at a Prefect server for a
+team (``prefect server start --host 127.0.0.1``); without one Prefect starts a
+temporary local server. Team mode with workers instead of ``serve``::
+
+    prefect work-pool create editops --type process
+    prefect deploy ...   # or: python -c "from flows.deploy import deploy_to_pool; deploy_to_pool('editops')"
+    prefect worker start --pool editops     # on each machine; the ledger lease keeps lines exclusive
+"""
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from editing.errors import EditopsError
+
+
+def _schedule_kwargs(cron: str | None, interval: float | None) -> dict[str, Any]:
+    if cron and interval:
+        raise EditopsError("give either --cron or --interval, not both")
+    if cron:
+        return {"cron": cron}
+    if interval:
+        if interval <= 0:
+            raise EditopsError("--interval must be a positive number of seconds")
+        return {"interval": timedelta(seconds=float(interval))}
+    raise EditopsError("give a schedule: --cron '*/5 * * * *' or --interval SECONDS")
+
+
+def serve(config: str | None = None, *, cron: str | None = None, interval: float | None = None,
+          name: str = "scheduled", lock_wait_s: float = 0.0) -> None:
+    """Serve ``process_requests`` on a schedule (blocks until interrupted)."""
+    from flows.pipeline import process_requests
+
+    process_requests.serve(
+        name=f"editops-{name}", parameters={"config": config, "lock_wait_s": lock_wait_s},
+        description="editops: process the inbox and every queued ticket", **_schedule_kwargs(cron, interval),
+    )
+
+
+def deploy_to_pool(pool: str, config: str, *, name: str = "pool", cron: str | None = None,
+                   interval: float | None = None, source: str = ".") -> Any:
+    """Create a deployment of ``process_requests`` on a process work pool (team mode; workers run it)."""
+    from prefect import flow as _flow
+
+    kwargs = _schedule_kwargs(cron, interval) if (cron or interval) else {}
+    remote = _flow.from_source(source=source, entrypoint="flows/pipeline.py:process_requests")
+    return remote.deploy(name=f"editops-{name}", work_pool_name=pool, parameters={"config": config,
+                                                                                   "lock_wait_s": 30.0}, **kwargs)

@@ -1,0 +1,150 @@
+"""Every architecture adapter against a tiny model built from its config (no downloads).
+
+For each stack of each architecture: the MLP output module exists at the first and
+last layer, ``weight_view`` is ``(d_model, d_ff)``, the module's input (captured
+with a forward pre-hook during a real forward pass) has size ``d_ff``, and a
+LowRankDelta applied then removed restores the weights.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as tf
+
+from editing.arch import ADAPTERS, get_module, in_out_features, spec_for, weight_view
+from editing.delta import LowRankDelta
+from editing.errors import UnsupportedArchitectureError
+
+V, D, F = 64, 32, 48  # vocab, d_model, d_ff (GPT-2/GPT-J use 4·d_model)
+
+CAUSAL = {
+    "gpt2": (lambda: tf.GPT2Config(vocab_size=V, n_positions=32, n_embd=D, n_layer=2, n_head=2), 4 * D),
+    "gptj": (lambda: tf.GPTJConfig(vocab_size=V, n_positions=32, n_embd=D, n_layer=2, n_head=2, rotary_dim=8), 4 * D),
+    "gpt_neox": (lambda: tf.GPTNeoXConfig(vocab_size=V, hidden_size=D, num_hidden_layers=2, num_attention_heads=2,
+                                          intermediate_size=F, max_position_embeddings=32), F),
+    "llama": (lambda: tf.LlamaConfig(vocab_size=V, hidden_size=D, intermediate_size=F, num_hidden_layers=2,
+                                     num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32), F),
+    "mistral": (lambda: tf.MistralConfig(vocab_size=V, hidden_size=D, intermediate_size=F, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32), F),
+    "qwen2": (lambda: tf.Qwen2Config(vocab_size=V, hidden_size=D, intermediate_size=F, num_hidden_layers=2,
+                                     num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32), F),
+    "gemma": (lambda: tf.GemmaConfig(vocab_size=V, hidden_size=D, intermediate_size=F, num_hidden_layers=2,
+                                     num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                     max_position_embeddings=32), F),
+    "gemma3_text": (lambda: tf.Gemma3TextConfig(vocab_size=V, hidden_size=D, intermediate_size=F, num_hidden_layers=2,
+                                                num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                                max_position_embeddings=32, sliding_window=16), F),
+    "opt": (lambda: tf.OPTConfig(vocab_size=V, hidden_size=D, ffn_dim=F, num_hidden_layers=2, num_attention_heads=2,
+                                 word_embed_proj_dim=D, max_position_embeddings=32), F),
+}
+SEQ2SEQ = {
+    "t5": (lambda: tf.T5Config(vocab_size=V, d_model=D, d_ff=F, d_kv=16, num_layers=2, num_decoder_layers=2,
+                               num_heads=2, decoder_start_token_id=0, pad_token_id=0), F),
+    "marian": (lambda: tf.MarianConfig(vocab_size=V, d_model=D, encoder_layers=2, decoder_layers=2,
+                                       encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=F,
+                                       decoder_ffn_dim=F, max_position_embeddings=32, pad_token_id=0,
+                                       decoder_start_token_id=0), F),
+    "bart": (lambda: tf.BartConfig(vocab_size=V, d_model=D, encoder_layers=2, decoder_layers=2,
+                                   encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=F,
+                                   decoder_ffn_dim=F, max_position_embeddings=32, pad_token_id=1,
+                                   decoder_start_token_id=2), F),
+}
+
+
+def _build(model_type: str):
+    torch.manual_seed(0)
+    if model_type in CAUSAL:
+        make, d_ff = CAUSAL[model_type]
+        return tf.AutoModelForCausalLM.from_config(make()).eval(), d_ff
+    make, d_ff = SEQ2SEQ[model_type]
+    return tf.AutoModelForSeq2SeqLM.from_config(make()).eval(), d_ff
+
+
+def _forward(model) -> None:
+    ids = torch.randint(3, V, (2, 7))
+    with torch.no_grad():
+        if model.config.is_encoder_decoder:
+            model(input_ids=ids, decoder_input_ids=ids[:, :5])
+        else:
+            model(input_ids=ids)
+
+
+@pytest.mark.parametrize("model_type", sorted({**CAUSAL, **SEQ2SEQ}))
+def test_adapter_finds_mlp_out_with_key_space_d_ff(model_type):
+    model, d_ff = _build(model_type)
+    spec = spec_for(model)
+    assert spec.model_type == model_type
+    assert len(spec.stacks) == (2 if model_type in SEQ2SEQ else 1)
+    for stack in spec.stacks:
+        n = spec.num_layers(model.config, stack.name)
+        assert n == 2
+        for layer in (0, n - 1):
+            name = spec.mlp_out_name(layer, stack.name)
+            module = get_module(model, name)
+            assert tuple(weight_view(module).shape) == (D, d_ff), name
+            assert in_out_features(module) == (d_ff, D)
+            get_module(model, spec.layer_name(layer, stack.name))  # the block exists too
+            seen = []
+            handle = module.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape))
+            try:
+                _forward(model)
+            finally:
+                handle.remove()
+            assert seen and seen[0][-1] == d_ff, (name, seen)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", "t5", "marian"])
+def test_low_rank_delta_apply_remove_restores_weights(model_type):
+    model, d_ff = _build(model_type)
+    spec = spec_for(model)
+    name = spec.mlp_out_name(1) + ".weight"
+    module = get_module(model, spec.mlp_out_name(1))
+    before = module.weight.detach().clone()
+    delta = LowRankDelta({name: (torch.randn(D, 2), torch.randn(d_ff, 2))})
+    delta.apply(model)
+    changed = weight_view(module).detach() - (before.t() if spec.transposed else before)
+    torch.testing.assert_close(changed, delta.dense(name).float(), atol=1e-5, rtol=1e-5)
+    delta.remove(model)
+    torch.testing.assert_close(module.weight.detach(), before, atol=1e-6, rtol=0)
+
+
+def test_every_listed_adapter_is_tested_or_an_alias():
+    tested = set(CAUSAL) | set(SEQ2SEQ)
+    llama_like = {t for t, s in ADAPTERS.items() if s.stacks[0].mlp_out == "model.layers.{}.mlp.down_proj"}
+    untested = set(ADAPTERS) - tested - llama_like - {"mbart", "gemma3"}
+    assert not untested, f"adapters without a tiny-config test: {untested}"
+
+
+class _Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ff_out = torch.nn.Linear(F, D)
+
+
+class _Weird(torch.nn.Module):
+    """A model whose type no adapter knows."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = tf.PretrainedConfig(num_hidden_layers=2)
+        self.config.model_type = "weird"
+        self.blocks = torch.nn.ModuleList([_Block(), _Block()])
+
+
+def test_unknown_architecture_names_the_override():
+    with pytest.raises(UnsupportedArchitectureError, match="mlp-out-template|mlp_out_template") as info:
+        spec_for(_Weird())
+    assert "weird" in str(info.value)
+
+
+def test_override_template_works_and_bad_template_is_clear():
+    model = _Weird()
+    spec = spec_for(model, mlp_out_template="blocks.{}.ff_out")
+    assert spec.mlp_out_name(1) == "blocks.1.ff_out"
+    assert spec.layer_name(1) == "blocks.1"
+    assert spec.num_layers(model.config) == 2
+    assert tuple(weight_view(get_module(model, spec.mlp_out_name(0))).shape) == (D, F)
+    with pytest.raises(UnsupportedArchitectureError, match="not found"):
+        spec_for(model, mlp_out_template="blocks.{}.nope")
+    with pytest.raises(UnsupportedArchitectureError, match=r"\{\}"):
+        spec_for(model, mlp_out_template="blocks.0.ff_out")

@@ -1,0 +1,140 @@
+"""Editor contract on tiny GPT-2 / Llama models: bit-exact model, low-rank deltas with provenance,
+diagnostics, state save/load continuation, typed errors for bad input."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from editing.editors import get_editor
+from editing.editors.base import EditorState
+from editing.editors.memit import EditDidNotTakeWarning
+from editing.errors import EmptyTargetError, NoOpEditError, PromptTooLongError, SubjectNotInPromptError, \
+    UnsupportedArchitectureError
+from editing.models import fingerprint
+from editing.requests import FactRequest
+from tinyworld import facts, requests, tiny_gpt2, tiny_llama, top1  # noqa: F401  (fixtures)
+
+class applied:
+    """Apply a delta for the duration of a block and restore the weights exactly (shared fixtures)."""
+
+    def __init__(self, model, delta):
+        self.model, self.delta = model, delta
+
+    def __enter__(self):
+        self.saved = {k: v.clone() for k, v in self.model.state_dict().items()}
+        self.delta.apply(self.model)
+
+    def __exit__(self, *exc):
+        self.model.load_state_dict(self.saved)
+
+
+FAST = {"layers": [0], "lam": 30.0, "value": {"context_templates": ("{}",), "steps": 15}}
+
+
+def _hp(tmp_path, **kw):
+    return {**FAST, "stats_dir": str(tmp_path), "corpus": "samples:8", **kw}
+
+
+@pytest.mark.parametrize("which,editor,extra", [
+    ("tiny_llama", "memit", {}),
+    ("tiny_llama", "nse", {"nullspace": True, "neuron_share": 0.9, "rewind": True}),
+    ("tiny_gpt2", "nse", {}),
+    ("tiny_gpt2", "ft", {}),
+])
+def test_edit_contract(which, editor, extra, request, facts, tmp_path):
+    model, tok = request.getfixturevalue(which)
+    reqs = requests(facts, 3)
+    fp = fingerprint(model)
+    ed = get_editor(editor, **_hp(tmp_path, **extra))
+    res = ed.edit(model, tok, reqs, None)
+    assert fingerprint(model) == fp  # the model leaves bit-for-bit as it came
+    d = res.delta
+    assert d.base_fingerprint == fp and d.editor == editor
+    assert sorted(d.request_ids) == sorted(r.request_id for r in reqs)
+    assert d.hyperparameters and all(d.rank(n) <= len(reqs) for n in d.weight_names)
+    assert [x.request_id for x in res.diagnostics] == [r.request_id for r in reqs]
+    # 'succeeded' says what the model with the delta applied really does
+    with applied(model, d):
+        for r, diag in zip(reqs, res.diagnostics):
+            assert diag.succeeded == top1(model, tok, r.text, r.target_new)
+    assert fingerprint(model) == fp
+    if editor != "ft":
+        assert all(x.value_loss is not None and x.residual_norm is not None for x in res.diagnostics)
+        assert sum(x.succeeded for x in res.diagnostics) >= 1
+
+
+def test_state_save_load_continues_exactly(tiny_llama, facts, tmp_path):
+    model, tok = tiny_llama
+    reqs = requests(facts, 4)
+    b1, b2 = reqs[:2], reqs[2:]
+    kw = _hp(tmp_path, nullspace=True, rewind=True)
+    ed = get_editor("nse", **kw)
+
+    def run(state_roundtrip: bool):
+        r1 = ed.edit(model, tok, b1, None)
+        state = r1.state
+        if state_roundtrip:
+            state.save(tmp_path / "state.safetensors")
+            state = EditorState.load(tmp_path / "state.safetensors", editor="nse")
+        with applied(model, r1.delta):
+            r2 = get_editor("nse", **kw).edit(model, tok, b2, state)
+        return r1, r2
+
+    a1, a2 = run(False)
+    c1, c2 = run(True)
+    for n in a2.delta.weight_names:
+        assert torch.allclose(a2.delta.dense(n), c2.delta.dense(n), atol=1e-5)
+    # the state is fixed size per layer and accumulated the first batch's keys
+    s = a2.state
+    assert s.meta["n_edits"] == len(a1.delta.request_ids) + len(a2.delta.request_ids) and s.meta["layers"] == [0]
+    sizes = {k: tuple(v.shape) for k, v in s.tensors.items()}
+    assert sizes == {k: tuple(v.shape) for k, v in a1.state.tensors.items()}
+    c_key = next(k for k in s.tensors if k.endswith("::C_edits"))
+    assert float(s.tensors[c_key].trace()) > float(a1.state.tensors[c_key].trace())
+    assert fingerprint(model) == a2.delta.base_fingerprint
+
+
+def test_bad_input_is_typed(tiny_llama, facts, tmp_path):
+    model, tok = tiny_llama
+    with pytest.raises(SubjectNotInPromptError):
+        FactRequest("r1", "lives in the city of", "Abo Kel", "Paris")
+    with pytest.raises(EmptyTargetError):
+        FactRequest("r2", "{} lives in the city of", "Abo Kel", "   ")
+    ed = get_editor("nse", **_hp(tmp_path))
+    long = FactRequest("r3", "{} " + "lives " * 40 + "in the city of", "Abo Kel", "Paris")
+    with pytest.raises(PromptTooLongError):
+        ed.edit(model, tok, [long], None)
+    # a request whose target_new the model already says: reported as a no-op, not edited
+    (name, rel), known = next(iter(sorted(facts.items())))
+    from tinyworld import RELATIONS
+    noop = FactRequest("noop", RELATIONS[rel][0], name, known, target_true=known)
+    real = requests(facts, 1)[0]
+    res = ed.edit(model, tok, [noop, real], None)
+    nd = res.diagnostics[0]
+    assert nd.extra.get("no_op") and "no-op" in nd.message
+    assert res.delta.request_ids == [real.request_id]
+    with pytest.raises(NoOpEditError):
+        get_editor("nse", on_noop="raise", **_hp(tmp_path)).edit(model, tok, [noop], None)
+
+
+def test_unsupported_architecture_is_typed(tmp_path):
+    from transformers import BloomConfig, BloomForCausalLM
+
+    model = BloomForCausalLM(BloomConfig(vocab_size=16, hidden_size=16, n_layer=1, n_head=2))
+    req = FactRequest("r", "{} lives in", "Abo", "Paris")
+    with pytest.raises(UnsupportedArchitectureError, match="mlp-out-template"):
+        get_editor("memit", **_hp(tmp_path)).edit(model, None, [req], None)
+
+
+def test_edits_that_do_not_take_warn_loudly(tiny_gpt2, facts, tmp_path):
+    model, tok = tiny_gpt2
+    reqs = requests(facts, 2)
+    ed = get_editor("memit", **_hp(tmp_path, lam=1e9))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = ed.edit(model, tok, reqs, None)
+    assert not any(d.succeeded for d in res.diagnostics)
+    assert any(issubclass(w.category, EditDidNotTakeWarning) for w in caught)
+    assert "did not take" in res.delta.meta["warning"]

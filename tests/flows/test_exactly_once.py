@@ -1,0 +1,72 @@
+"""Exactly once: kill the process at each step, run again; two runs at once never fork a line."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import editops, fact_tickets
+from flows.ledger import Ledger
+from flows.pipeline import KILL_EXIT_CODE, open_registry
+
+
+def _check_exactly_once(cfg, ids: list[str]) -> None:
+    reg = open_registry(cfg)
+    led = Ledger(cfg.ledger_url)
+    versions = reg.versions("facts")
+    # a straight lineage: every version's parent is the one before it
+    assert [v.parent for v in versions[1:]] == [v.number for v in versions[:-1]]
+    applied = reg.applied_request_ids("facts")
+    assert sorted(applied) == sorted(ids) and len(applied) == len(set(applied))  # each ticket once
+    where = {rid: v.number for v in versions[1:] for rid in v.request_ids}
+    for rid in ids:  # the ledger agrees with the registry; no orphan version
+        row = led.get(rid)
+        assert row.state == "applied" and row.version == where[rid], (rid, row.state, row.version, where.get(rid))
+    assert {rid for v in versions[1:] for rid in v.request_ids} == set(ids)
+
+
+@pytest.mark.slow
+def test_kill_at_each_step_then_rerun(editable_project):
+    cfg, reqs = editable_project
+    ids = [r.request_id for r in reqs[:4]]
+    (cfg.inbox / "t.json").write_text(json.dumps(fact_tickets(reqs[:4])))
+    for step in ("after_edit", "after_register", "before_ledger"):
+        p = editops(cfg, "run", "--engine", "local", env={"EDITOPS_KILL_AT": step})
+        assert p.returncode == KILL_EXIT_CODE, (step, p.stdout[-2000:], p.stderr[-3000:])
+    led = Ledger(cfg.ledger_url)
+    # killed after registering twice: two versions exist, their tickets not yet applied in the ledger
+    assert sum(r.state == "applied" for r in led.rows(line="facts")) == 0
+    p = editops(cfg, "run", "--engine", "local")
+    assert p.returncode == 0, p.stderr[-3000:]
+    _check_exactly_once(cfg, ids)
+    reg = open_registry(cfg)
+    assert len(reg.versions("facts")) == 1 + 4
+    reconciled = [r for r in ids if any(s == "applied" and d is not None for s, _, d in led.history(r))]
+    assert len(reconciled) >= 2
+    # outbox says applied too
+    out = {json.loads(p.read_text())["id"]: json.loads(p.read_text()) for p in cfg.outbox.glob("*.json")}
+    assert all(out[i]["state"] == "applied" for i in ids)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lock", [True, False], ids=["line-lease", "registry-cas-only"])
+def test_two_runs_at_once_do_not_fork(editable_project, lock):
+    cfg, reqs = editable_project
+    ids = [r.request_id for r in reqs[4:8]]
+    from flows.intake import scan_inbox
+
+    (cfg.inbox / "t.json").write_text(json.dumps(fact_tickets(reqs[4:8])))
+    scan_inbox(cfg, Ledger(cfg.ledger_url))
+    open_registry(cfg).ensure_line("facts", cfg.lines["facts"].base_model)  # MLflow store created once
+    env = {} if lock else {"EDITOPS_NO_LINE_LOCK": "1"}
+    import os
+
+    procs = [subprocess.Popen([sys.executable, "-c", "from flows.cli import main; main()", "run", "--engine", "local",
+                               "--lock-wait", "120", "--config", str(cfg.root / "editops.yaml")],
+                              cwd=cfg.root, env={**os.environ, "OMP_NUM_THREADS": "1", **env},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=400) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-3000:] for o in outs]
+    _check_exactly_once(cfg, ids)
