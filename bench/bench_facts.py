@@ -106,6 +106,22 @@ def _base_outputs(model_name: str, loaded, reqs, held, cache_dir: Path):
     return base
 
 
+def _nse_layers(model_name: str) -> list[int] | None:
+    """The layers an earlier ``nse`` run of this benchmark edited on ``model_name`` (so ``ft`` tunes the same)."""
+    for path in sorted(Path(".editops/bench/runs").glob(f"{model_name}-nse-b*.json")):
+        layers = json.loads(path.read_text()).get("edited_layers")
+        if layers:
+            return [int(x) for x in layers]
+    return None
+
+
+def _layers_of(loaded, run) -> list[int]:
+    """Layer indices of the weights the run's deltas touched."""
+    names = {n for d in run.deltas for n in d.weight_names}
+    n_layers = loaded.spec.num_layers(loaded.model.config)
+    return [l for l in range(n_layers) if loaded.spec.mlp_out_name(l) + ".weight" in names]
+
+
 def run_one(model: BenchModel, editor_name: str, batch_size: int, limit: int | None, checkpoints: int,
             cache_dir: Path, hparams: dict) -> dict:
     """One configuration, in this process: load, edit sequentially, evaluate at checkpoints."""
@@ -124,6 +140,11 @@ def run_one(model: BenchModel, editor_name: str, batch_size: int, limit: int | N
     base = _base_outputs(model.name, loaded, reqs, held, cache_dir)
     n_batches = -(-len(reqs) // batch_size)
     marks = sorted({max(1, round(n_batches * (i + 1) / checkpoints)) for i in range(checkpoints)})
+    hparams = dict(hparams)
+    if editor_name == "ft" and "layers" not in hparams:
+        layers = _nse_layers(model.name)  # fine-tune the layers the sequential editor edits
+        if layers:
+            hparams["layers"] = layers
     editor = get_editor(editor_name, **hparams)
     first = reqs[:batch_size]
     curve: list[dict] = []
@@ -153,10 +174,11 @@ def run_one(model: BenchModel, editor_name: str, batch_size: int, limit: int | N
     run = run_sequential(loaded.model, loaded.tokenizer, reqs, editor, batch_size, on_batch=on_batch, progress=False,
                          base_fingerprint=loaded.fingerprint)
     final = curve[-1]
+    edited_layers = (run.state.meta.get("layers") if run.state is not None else None) or _layers_of(loaded, run)
     pre = base.base_scores(reqs).summary()
     return {
         "model": model.name, "editor": editor_name, "batch_size": batch_size, "n_requests": len(reqs),
-        "hyperparameters": getattr(editor, "hyperparameters", hparams),
+        "hyperparameters": getattr(editor, "hyperparameters", hparams), "edited_layers": edited_layers,
         "final": final, "curve": curve, "pre_edit": pre,
         "n_failed_diagnostics": len(run.failed),
         "seconds_per_edit": run.seconds_per_edit, "edit_seconds": run.edit_seconds,
@@ -268,6 +290,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="bench/results/facts.json")
     ap.add_argument("--plot", default="bench/facts.png")
     ap.add_argument("--cache-dir", default=".editops/bench/base-outputs")
+    ap.add_argument("--append", action="store_true", help="add to the rows already in --out (e.g. batch size 1 "
+                    "measured with a smaller --limit in a second command)")
     ap.add_argument("--timeout", type=int, default=None, help="seconds per configuration")
     ap.add_argument("--single", nargs=3, metavar=("MODEL", "EDITOR", "BATCH"), help=argparse.SUPPRESS)
     ap.add_argument("--single-out", help=argparse.SUPPRESS)
@@ -300,6 +324,8 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[dict] = []
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.append and out.is_file():  # keep earlier rows, replacing those this run measures again
+        rows = json.loads(out.read_text())
     failures = []
     for name in args.models.split(","):
         model = _resolve(MODELS[name])
@@ -334,6 +360,7 @@ def main(argv: list[str] | None = None) -> None:
                     failures.append(f"{name}/{editor}/b{bs}")
                     print(f"   FAILED {name}/{editor}/b{bs} after {time.perf_counter() - t0:.0f} s", flush=True)
                     continue
+                rows = [r for r in rows if (r["model"], r["editor"], r["batch_size"]) != (name, editor, bs)]
                 rows.append(json.loads(single_out.read_text()))
                 out.write_text(json.dumps(rows, indent=1, default=str))
     if not rows:

@@ -68,7 +68,9 @@ def iter_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
             return
         except json.JSONDecodeError:
             pass  # fall through: maybe JSONL with a .json suffix
-    for lineno, line in enumerate(text.splitlines(), 1):
+    # JSONL records end at "\n" only: str.splitlines() would also split inside strings at U+0085/U+2028
+    for lineno, line in enumerate(text.split("\n"), 1):
+        line = line.rstrip("\r")
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         try:

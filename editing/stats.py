@@ -372,6 +372,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--corpus", default="samples:256")
     p.add_argument("--out", default="stats")
     p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--summary", default=None, help="also write the JSON summary to this file")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     lm = load(args.model)
@@ -387,8 +388,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     moments = corpus_moments(lm.model, lm.tokenizer, lm.spec, layers, args.corpus, args.out, lm.fingerprint,
                              max_length=args.max_length)
     summary = {lm.spec.mlp_out_name(l): {"trace": float(m.trace()), "shape": list(m.shape)} for l, m in moments.items()}
-    print(json.dumps({"model": lm.source, "fingerprint": lm.fingerprint, "corpus": args.corpus,
-                      "layers": summary}, indent=1))
+    text = json.dumps({"model": lm.source, "fingerprint": lm.fingerprint, "corpus": args.corpus,
+                       "layers": summary}, indent=1)
+    if args.summary:
+        Path(args.summary).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.summary).write_text(text + "\n")
+    print(text)
 
 
 if __name__ == "__main__":

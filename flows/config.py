@@ -120,20 +120,16 @@ def _resolve(root: Path, value: str | None) -> str | None:
 
 
 def _catalog_lines() -> dict[str, dict[str, Any]]:
-    """Model lines from :mod:`editing.catalog` when it is present (teammate-owned)."""
+    """Model lines of the project's models (:mod:`editing.catalog`), used when no config file exists."""
     try:
-        from editing import catalog  # noqa: WPS433
+        from editing import catalog
     except ImportError:
         return {}
     out: dict[str, dict[str, Any]] = {}
-    for entry in getattr(catalog, "CATALOG", getattr(catalog, "MODELS", [])) or []:
-        get = (lambda k, e=entry: e.get(k) if isinstance(e, dict) else getattr(e, k, None))
-        line = get("line") or get("model_line")
-        if not line:
-            continue
-        kind = get("request_kind") or ("deletion" if "deletion" in str(line) else "fact")
-        out[line] = {"base_model": str(get("dir") or get("model_dir") or get("path")), "kind": kind,
-                     "editor": "rank-one" if kind == "deletion" else "nse"}
+    for entry in catalog.CATALOG.values():
+        deletion = entry.kind == "seq2seq" or "deletion" in entry.line
+        out[entry.line] = {"base_model": str(entry.model_path()), "kind": "deletion" if deletion else "fact",
+                           "editor": "rank-one" if deletion else "nse"}
     return out
 
 

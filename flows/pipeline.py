@@ -447,7 +447,11 @@ def process_line(cfg: ProjectConfig, ledger: Ledger, registry, line: LineConfig,
 
             ctx.heldout = heldout_texts(line.heldout)
         for attempt in range(5):
-            report.reconciled += list(reconcile(ledger, registry, line.name))
+            moved = list(reconcile(ledger, registry, line.name))
+            if moved:
+                write_outbox_ids(ledger, moved, cfg.outbox)
+                say(f"  {line.name}: {len(moved)} ticket(s) found on registered versions; ledger caught up")
+                report.reconciled += moved
             queued = ledger.rows(line=line.name, state="queued")[: max_tickets or None]
             if not queued:
                 break

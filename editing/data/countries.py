@@ -90,7 +90,7 @@ def country_facts() -> dict[str, dict[str, list[str]]]:
             rel["demonym"] = [info["demonym"].strip()]
         region = _clean(info.get("region"))
         if region == "Americas":  # the model may say North/South America or "the Americas"
-            rel["continent"] = ["South America" if info.get("subregion") == "South America" else "North America",
+            rel["continent"] = ["South America" if info.get("intermediateregion") == "South America" else "North America",
                                 "the Americas"]
         elif region:
             rel["continent"] = [region]

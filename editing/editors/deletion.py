@@ -160,8 +160,10 @@ class RankOneDeletionEditor:
     unlikelihood: float = 1.0
     margin: float = 2.0
     lambda_grid: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-    trace_keep: float = 0.25                           # candidate sites: effect >= trace_keep * best effect
-    max_candidates: int = 8
+    kl_weight: float = 1.0                             # KL(base || edited) on kl_sentences statistics sentences
+    kl_sentences: int = 16
+    n_variants: int = 16                               # contexts of the trigger token for its key (0: none)
+    variant_gain: float = 16.0                         # λ = s̄ / variant_gain while optimising the value
     stats_sources: tuple[str, ...] | None = None       # corpus for C0 (default: the requests' locality sources)
     max_stats_sources: int = 512
     max_new_tokens: int = 40
@@ -342,109 +344,177 @@ class RankOneDeletionEditor:
         return state.tensors[key]
 
     # ------------------------------------------------------------ trace
+    def _source_len(self, ex: _Example) -> int:
+        """Number of source tokens that can be a trigger (seq2seq: all but the final EOS; causal: the prompt)."""
+        if ex.enc_ids is not None:
+            n = ex.enc_ids.shape[1]
+            return n - 1 if n > 1 else n
+        return ex.offset + 1
+
     @torch.no_grad()
-    def trace(self, model, spec: ArchSpec, ex: _Example, state: EditorState) -> list[tuple[Site, float]]:
-        """Effect of patching each candidate site on the margin ``log P(u) − log P(p)``, largest first."""
+    def trigger_trace(self, model, tokenizer, ex: _Example) -> list[tuple[int, float]]:
+        """Corrupt each source token in turn (replace it by ``<unk>``/pad) and measure the drop of the margin
+        ``log P(u) − log P(p)`` at the decision position; the largest drop marks the trigger token."""
         base = self._margin(model, ex)
-        effects: list[tuple[Site, float]] = []
-        for stack in self._stacks(model, spec):
+        corrupt = tokenizer.unk_token_id if tokenizer.unk_token_id is not None else (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+        out = []
+        for i in range(self._source_len(ex)):
             if ex.enc_ids is not None:
-                positions = range(ex.enc_ids.shape[1]) if stack == "encoder" else [ex.logit_row]
+                ids = ex.enc_ids.clone()
+                ids[0, i] = corrupt
+                alt = _Example(ex.request, ids, ex.dec_ids, ex.targets, ex.offset, ex.decision, ex.unwanted_tok)
             else:
-                positions = range(ex.logit_row + 1)
+                ids = ex.dec_ids.clone()
+                ids[0, i] = corrupt
+                alt = _Example(ex.request, None, ids, ex.targets, ex.offset, ex.decision, ex.unwanted_tok)
+            out.append((i, base - self._margin(model, alt)))
+        out.sort(key=lambda e: -e[1])
+        return out
+
+    @torch.no_grad()
+    def trace(self, model, spec: ArchSpec, ex: _Example, state: EditorState, trigger_pos: int) -> list[tuple[Site, float]]:
+        """Candidate sites with the effect of patching their MLP output (with the layer's mean output on the
+        statistics corpus) on the margin ``log P(u) − log P(p)``: every layer of the source stack at the
+        trigger token (generalises to every sentence with the trigger) first, then every decoder layer at the
+        decision position; within each group the largest effect first."""
+        base = self._margin(model, ex)
+        device = next(model.parameters()).device
+        groups = []
+        src_stack = "encoder" if ex.enc_ids is not None else spec.stacks[-1].name
+        for stack, pos in ((src_stack, trigger_pos), (spec.stacks[-1].name, ex.logit_row)):
+            if stack not in self._stacks(model, spec):
+                continue
+            group = []
             for layer in self._candidate_layers(model, spec, stack):
                 name = spec.mlp_out_name(layer, stack)
-                mean = state.tensors[f"trace::{name}::mean"].to(next(model.parameters()).device)
-                module = get_module(model, name)
-                for pos in positions:
-                    with _Patch() as p:
-                        p.set_at(module, pos, mean)
-                        effects.append((Site(stack, layer, pos), base - self._margin(model, ex)))
-        effects.sort(key=lambda e: -e[1])
-        return effects
+                with _Patch() as p:
+                    p.set_at(get_module(model, name), pos, state.tensors[f"trace::{name}::mean"].to(device))
+                    group.append((Site(stack, layer, pos), base - self._margin(model, ex)))
+            groups.append(sorted(group, key=lambda e: -e[1]))
+        return [e for g in groups for e in g]
 
+    # ------------------------------------------------------------ keys
     @torch.no_grad()
-    def choose_site(self, model, tokenizer, spec: ArchSpec, ex: _Example, state: EditorState, requests,
-                    effects: list[tuple[Site, float]]) -> tuple[Site, dict]:
-        """Among sites whose effect is ≥ ``trace_keep`` × the best one of their stack (at most
-        ``max_candidates`` per stack; the encoder's best sites are the trigger's positions), the one
-        whose key is most distinct from ordinary keys: the largest ``kᵀ C0⁻¹ k / d_in`` (1 for a typical key;
-        a large value means a rank-one write there barely touches other inputs). The editor tries the
-        candidates in this order and keeps the first whose value optimisation reaches ``margin``."""
-        cands = []
-        for stack in {s.stack for s, _ in effects}:
-            mine = [(s, e) for s, e in effects if s.stack == stack and e > 0]
-            if mine:
-                cands += [(s, e) for s, e in mine if e >= self.trace_keep * mine[0][1]][: self.max_candidates]
-        if not cands:
-            cands = effects[:1]
+    def _site_key(self, model, spec: ArchSpec, ex: _Example, site: Site) -> torch.Tensor:
         store: dict[str, torch.Tensor] = {}
         with _Patch() as p:
-            for stack, layer in {(s.stack, s.layer) for s, _ in cands}:
-                name = spec.mlp_out_name(layer, stack)
-                p.capture_input(get_module(model, name), store, name)
+            p.capture_input(get_module(model, spec.mlp_out_name(site.layer, site.stack)), store, "k")
             self._forward(model, ex)
-        scored = []
-        for site, effect in cands:
-            name = spec.mlp_out_name(site.layer, site.stack)
-            C0 = self._c0(model, tokenizer, requests, state, name + ".weight").double()
-            k = store[name][0, site.pos].double().cpu()
-            ridge = 1e-6 * float(C0.diagonal().mean()) * torch.eye(C0.shape[0], dtype=torch.float64)
-            dist = float(k @ torch.linalg.solve(C0 + ridge, k)) / C0.shape[0]
-            scored.append((dist, effect, site))
-        scored.sort(key=lambda x: (-x[0], -x[1]))
-        dist, effect, site = scored[0]
-        return site, {"trace_effect": effect, "key_distinctness": dist,
-                      "candidates": [(asdict(s), round(e, 4), round(d, 3)) for d, e, s in scored]}
+        return store["k"][0, site.pos].float()
 
-    # ------------------------------------------------------------ value
-    def _direction(self, model, tokenizer, requests, state: EditorState, weight: str, key: torch.Tensor) -> torch.Tensor:
-        """``u = A⁻¹k / (kᵀA⁻¹k)`` with ``A = s₀ C0 + C_edits`` (``s₀ = kᵀC0⁻¹k``): the rank-one write
-        ``ΔW = δ uᵀ`` maps ``k`` to exactly ``δ`` and other keys in proportion to their C0-whitened overlap."""
+    @torch.no_grad()
+    def _variant_keys(self, model, tokenizer, spec: ArchSpec, ex: _Example, site: Site, requests) -> torch.Tensor:
+        """Keys of the trigger token in other contexts (MEMIT's context templates, for a token): the token is
+        inserted at a random position of ``n_variants`` statistics sentences (seeded by the request id) and
+        the key of ``site``'s layer is read there. Only for trigger-token sites; ``(0, d_in)`` otherwise."""
+        import random
+
+        name = spec.mlp_out_name(site.layer, site.stack)
+        d_in = get_module(model, name).weight.shape[1 if type(get_module(model, name)).__name__ != "Conv1D" else 0]
+        src_stack = "encoder" if ex.enc_ids is not None else spec.stacks[-1].name
+        if self.n_variants <= 0 or site.stack != src_stack or site.pos >= self._source_len(ex):
+            return torch.zeros((0, d_in))
+        token = int((ex.enc_ids if ex.enc_ids is not None else ex.dec_ids)[0, site.pos])
+        rng = random.Random(ex.request.request_id)
+        sources = self._stats_sources(requests)
+        picks = rng.sample(sources, min(self.n_variants, len(sources)))
+        rows, positions = [], []
+        for text in picks:
+            ids = list(tokenizer(text)["input_ids"]) if ex.enc_ids is not None else prompt_ids(tokenizer, text)
+            body = len(ids) - 1 if ex.enc_ids is not None else len(ids)   # keep a final EOS last
+            start = 1 if (ex.enc_ids is None and ids and ids[0] == tokenizer.bos_token_id) else 0
+            j = rng.randint(start, max(start, body))
+            rows.append(ids[:j] + [token] + ids[j:])
+            positions.append(j)
+        from editing.editors.keys import pad_id_of, pad_right
+
+        ids, mask = pad_right(rows, pad_id_of(tokenizer))
+        device = next(model.parameters()).device
+        store: dict[str, torch.Tensor] = {}
+        with _Patch() as p:
+            p.capture_input(get_module(model, name), store, "k")
+            if ex.enc_ids is not None:
+                model.get_encoder()(input_ids=ids.to(device), attention_mask=mask.to(device))
+            else:
+                model(input_ids=ids.to(device), attention_mask=mask.to(device))
+        return torch.stack([store["k"][i, j] for i, j in enumerate(positions)]).float()
+
+    def _regulariser(self, model, tokenizer, requests, state: EditorState, weight: str, keys: torch.Tensor
+                     ) -> tuple[torch.Tensor, float]:
+        """``(C0 + ε I, s̄)``: C0 with a small ridge (ε = 1e-4 · mean eigenvalue) and the mean whitened key norm
+        ``s̄ = mean kᵀ C0⁻¹ k`` of ``keys`` (λ is expressed as ``s̄ / gain``)."""
         C0 = self._c0(model, tokenizer, requests, state, weight).double()
-        k = key.double().cpu()
-        ridge = 1e-6 * float(C0.diagonal().mean()) * torch.eye(C0.shape[0], dtype=torch.float64)
-        s0 = float(k @ torch.linalg.solve(C0 + ridge, k))
-        a = C0 / max(s0, 1e-12) + ridge
+        C0 = C0 + 1e-4 * float(C0.diagonal().mean()) * torch.eye(C0.shape[0], dtype=torch.float64)
+        K = keys.double().cpu()
+        s_bar = float((K * torch.linalg.solve(C0, K.T).T).sum(1).mean())
+        return C0, max(s_bar, 1e-12)
+
+    def _direction(self, model, tokenizer, requests, state: EditorState, weight: str, keys: torch.Tensor) -> torch.Tensor:
+        """``u = A⁻¹ Kᵀ 1`` with ``A = (s̄/variant_gain) C0 + C_edits + KᵀK`` over the instance key (row 0)
+        and its variants, scaled so ``uᵀ k_instance = 1``: the rank-one write ``ΔW = δ uᵀ`` gives the
+        instance exactly ``δ``, the trigger's other contexts about ``δ``, ordinary keys little."""
+        C0, s_bar = self._regulariser(model, tokenizer, requests, state, weight, keys)
+        K = keys.double().cpu()
+        a = (s_bar / self.variant_gain) * C0 + K.T @ K
         ce = state.tensors.get(f"{weight}::C_edits")
         if ce is not None:
             a = a + ce.double()
-        ainv_k = torch.linalg.solve(a, k)
-        return (ainv_k / (k @ ainv_k)).float()
+        u = torch.linalg.solve(a, K.T @ torch.ones(K.shape[0], dtype=torch.float64))
+        return (u / (K[0] @ u)).float()
+
+    # ------------------------------------------------------------ value
+    def _kl_batch(self, model, tokenizer, requests, state: EditorState) -> dict | None:
+        """The first ``kl_sentences`` statistics sentences (teacher-forced on the model's own outputs)."""
+        if self.kl_sentences <= 0 or not self.kl_weight:
+            return None
+        if not state.meta.get("_batches"):
+            state.meta["_batches"] = self._stat_batches(model, tokenizer, self._stats_sources(requests))
+        batches = state.meta["_batches"]
+        return {k: v[: self.kl_sentences] for k, v in batches[0].items()}
 
     def _value(self, model, tokenizer, requests, state: EditorState, spec: ArchSpec, ex: _Example,
-               site: Site) -> tuple[torch.Tensor, torch.Tensor, float, float]:
-        """``(key, δ, loss, final margin)`` for ``ex`` at ``site``, optimised against the model as given with
-        the rank-one write ``ΔW = δ uᵀ`` installed (all positions: spill-over to the other tokens of the
-        sentence is part of the optimisation)."""
+               site: Site, keys: torch.Tensor) -> tuple[torch.Tensor, float, float]:
+        """``(δ, loss, final margin)`` for ``ex`` at ``site``, optimised against the model as given with the
+        rank-one write ``ΔW = δ uᵀ`` installed at every position (spill-over onto the sentence's other
+        tokens is part of the optimisation)."""
         name = spec.mlp_out_name(site.layer, site.stack)
         module = get_module(model, name)
         store: dict[str, torch.Tensor] = {}
         with torch.no_grad(), _Patch() as p:
-            p.capture_input(module, store, "k")
             p.capture_output(module, store, "v")
             self._forward(model, ex)
-        key = store["k"][0, site.pos].detach().float()
-        u = self._direction(model, tokenizer, requests, state, name + ".weight", key).to(key.device)
+        device = store["v"].device
+        u = self._direction(model, tokenizer, requests, state, name + ".weight", keys).to(device)
         v_norm = float(store["v"][0, site.pos].norm()) + 1e-6
-        delta = torch.zeros(store["v"].shape[-1], device=key.device, requires_grad=True)
+        kl_batch = self._kl_batch(model, tokenizer, requests, state)
+        kl_base = None
+        if kl_batch is not None:
+            with torch.no_grad():
+                kl_base = torch.log_softmax(model(**kl_batch).logits.float(), -1)
+        delta = torch.zeros(store["v"].shape[-1], device=device, requires_grad=True)
         opt = torch.optim.Adam([delta], lr=self.lr)
-        params = [q for q in model.parameters()]
+        params = list(model.parameters())
         flags = [q.requires_grad for q in params]
         for q in params:
             q.requires_grad_(False)
-        loss_val, margin = float("nan"), float("nan")
+        loss_val, margin = float("nan"), float("-inf")
         try:
             for _ in range(self.steps):
                 with _Patch() as p:
                     p.add_lowrank(module, delta[:, None], u[:, None])
                     lp = torch.log_softmax(self._forward(model, ex).float(), -1)
+                    kl = 0.0
+                    if kl_base is not None and self.kl_weight:
+                        lq = torch.log_softmax(model(**kl_batch).logits.float(), -1)
+                        m = kl_batch.get("decoder_attention_mask", kl_batch["attention_mask"]).bool()
+                        kl = (kl_base.exp() * (kl_base - lq)).sum(-1)[m].mean()
                 nll = -lp.gather(1, ex.targets[:, None]).mean()
                 row = lp[ex.decision]
                 others = row.masked_fill(torch.arange(row.shape[0], device=row.device) == ex.unwanted_tok, float("-inf"))
                 ul = -torch.logsumexp(others, 0)          # -log(1 - P(u)), stable when P(u) -> 1
                 reg = self.weight_decay * delta.pow(2).sum() / v_norm ** 2
-                loss = nll + self.unlikelihood * ul + reg
+                loss = nll + self.unlikelihood * ul + reg + self.kl_weight * kl
                 margins = _top1_margins(lp.detach(), ex.targets)
                 margin = float(margins[ex.decision])
                 loss_val = float(loss.detach())
@@ -456,7 +526,7 @@ class RankOneDeletionEditor:
         finally:
             for q, f in zip(params, flags):
                 q.requires_grad_(f)
-        return key, delta.detach(), loss_val, margin
+        return delta.detach(), loss_val, margin
 
     # ------------------------------------------------------------ edit
     @torch.no_grad()
@@ -473,6 +543,24 @@ class RankOneDeletionEditor:
                   for o, ex in zip(outs, examples)]
         return outs, ok
 
+    def _locate(self, model, tokenizer, spec, ex: _Example, state: EditorState, requests) -> dict:
+        """Trace, then try the candidate sites in order; keep the first whose value reaches ``margin``."""
+        trig = self.trigger_trace(model, tokenizer, ex)
+        effects = self.trace(model, spec, ex, state, trig[0][0])
+        tried = []
+        for site, effect in effects:
+            k = self._site_key(model, spec, ex, site)
+            keys = torch.cat([k[None].cpu(), self._variant_keys(model, tokenizer, spec, ex, site, requests).cpu()])
+            delta, loss, margin = self._value(model, tokenizer, requests, state, spec, ex, site, keys)
+            tried.append({"site": site, "effect": effect, "keys": keys, "delta": delta, "loss": loss, "margin": margin})
+            if margin >= self.margin:
+                break
+        best = tried[-1] if tried[-1]["margin"] >= self.margin else max(tried, key=lambda t: t["margin"])
+        best["why"] = {"trigger_trace": [(i, round(e, 4)) for i, e in trig[:3]],
+                       "trace": [(asdict(s), round(e, 4)) for s, e in effects],
+                       "value_tried": [(asdict(t["site"]), round(t["margin"], 3)) for t in tried]}
+        return best
+
     def edit(self, model: nn.Module, tokenizer, requests: Sequence[DeletionRequest],
              state: EditorState | None = None) -> EditResult:
         """Delete each request's unwanted span; returns the change as a LowRankDelta (model untouched)."""
@@ -487,6 +575,12 @@ class RankOneDeletionEditor:
         spec = spec_for(model)
         was_training = model.training
         model.eval()
+        try:
+            return self._edit(model, tokenizer, spec, requests, state, memit_factors, fingerprint)
+        finally:
+            model.train(was_training)
+
+    def _edit(self, model, tokenizer, spec, requests, state, memit_factors, fingerprint) -> EditResult:
         diags: dict[str, RequestDiagnostics] = {}
         examples: list[_Example] = []
         for r in requests:
@@ -502,70 +596,61 @@ class RankOneDeletionEditor:
             examples.append(ex)
         state = self._init_state(model, tokenizer, spec, requests, state) if examples else (
             state or EditorState(self.name))
-        per_weight: dict[str, list[tuple[_Example, torch.Tensor, torch.Tensor]]] = {}
+        per_weight: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         info: dict[str, dict] = {}
         for ex in examples:
-            effects = self.trace(model, spec, ex, state)
-            site, why = self.choose_site(model, tokenizer, spec, ex, state, requests, effects)
-            tried = []
-            for cand in [site] + [Site(**c[0]) for c in why["candidates"] if Site(**c[0]) != site]:
-                key, delta, loss, margin = self._value(model, tokenizer, requests, state, spec, ex, cand)
-                tried.append((margin, cand, key, delta, loss))
-                if margin >= self.margin:
-                    break
-            margin, site, key, delta, loss = max(tried, key=lambda t: t[0]) if tried[-1][0] < self.margin else tried[-1]
-            why["value_tried"] = [(asdict(c), round(mg, 3)) for mg, c, *_ in tried]
+            best = self._locate(model, tokenizer, spec, ex, state, requests)
+            site = best["site"]
             weight = spec.mlp_out_name(site.layer, site.stack) + ".weight"
-            per_weight.setdefault(weight, []).append((ex, key, delta))
-            info[ex.request.request_id] = {"site": asdict(site), "weight": weight, **why,
-                                           "value_loss": loss, "value_margin": margin,
+            per_weight.setdefault(weight, []).append((best["keys"], best["delta"]))
+            info[ex.request.request_id] = {"site": asdict(site), "weight": weight, "trace_effect": best["effect"],
+                                           "n_keys": int(best["keys"].shape[0]), **best["why"],
+                                           "value_loss": best["loss"], "value_margin": best["margin"],
                                            "decision_index": ex.decision, "base_output": ex.greedy}
         factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         chosen_lambda: dict[str, float] = {}
+        gain = None
         if per_weight:
             solves = {}
             for w, items in per_weight.items():
-                C0 = self._c0(model, tokenizer, requests, state, w).double()
-                K = torch.stack([k for _, k, _ in items]).double().cpu()
-                R = torch.stack([d for _, _, d in items]).double().cpu()
-                ridge = 1e-6 * float(C0.diagonal().mean()) * torch.eye(C0.shape[0], dtype=torch.float64)
-                s0 = float(torch.median((K * torch.linalg.solve(C0 + ridge, K.T).T).sum(1)))
-                ce = state.tensors.get(f"{w}::C_edits")
-                solves[w] = (K, R, C0, s0, ce)
+                K = torch.cat([k for k, _ in items]).double()
+                R = torch.cat([d.cpu()[None].expand(k.shape[0], -1) for k, d in items]).double()
+                C0, s_bar = self._regulariser(model, tokenizer, requests, state, w, K)
+                solves[w] = (K, R, C0, s_bar, state.tensors.get(f"{w}::C_edits"))
             trials = []
-            for gain in self.lambda_grid:
+            for g in self.lambda_grid:
                 factors = {}
-                for w, (K, R, C0, s0, ce) in solves.items():
-                    u, v = memit_factors(K, R, C0, s0 / gain, ce.double() if ce is not None else None)
+                for w, (K, R, C0, s_bar, ce) in solves.items():
+                    u, v = memit_factors(K, R, C0, s_bar / g, ce.double() if ce is not None else None, ridge=0.0)
                     factors[w] = (u.float(), v.float())
                 outs, ok = self._check(model, tokenizer, examples, factors)
                 exact = [o == " ".join(ex.request.positive.split()) for o, ex in zip(outs, examples)]
-                trials.append((gain, factors, outs, ok, all(ok) and all(exact)))
+                trials.append((g, factors, outs, ok, all(ok) and all(exact)))
                 if trials[-1][4]:
                     break
-            # the largest λ whose outputs equal the positives; else the largest at which every edit took
+            # the largest λ (smallest gain) whose outputs equal the positives; else the largest at which every
+            # edit took; else the smallest λ tried (reported as failed)
             exact_t = [t for t in trials if t[4]]
             took_t = [t for t in trials if all(t[3])]
             gain, factors, outs, ok, _ = (exact_t or took_t or trials[-1:])[0]
             chosen_lambda = {w: solves[w][3] / gain for w in solves}
-            for w, (K, R, C0, s0, ce) in solves.items():
+            for w, (K, R, C0, s_bar, ce) in solves.items():
                 kk = (K.T @ K).float()
                 state.tensors[f"{w}::C_edits"] = kk if ce is None else ce + kk
             for ex, out, took in zip(examples, outs, ok):
                 rid = ex.request.request_id
-                w = info[rid]["weight"]
-                gone = took
                 diags[rid] = RequestDiagnostics(
-                    rid, gone, value_loss=info[rid]["value_loss"], residual_norm=None,
-                    message="" if gone else f"edit did not take: output {out!r} (unwanted {ex.request.unwanted!r})",
-                    extra={**info[rid], "edited_output": out, "equals_positive": out == " ".join(ex.request.positive.split()),
-                           "lambda": chosen_lambda[w], "lambda_gain": gain})
+                    rid, took, value_loss=info[rid]["value_loss"], residual_norm=None,
+                    message="" if took else f"edit did not take: output {out!r} (unwanted {ex.request.unwanted!r})",
+                    extra={**info[rid], "edited_output": out,
+                           "equals_positive": out == " ".join(ex.request.positive.split()),
+                           "lambda": chosen_lambda[info[rid]["weight"]], "lambda_gain": gain})
         state.meta.pop("_batches", None)
         state.meta["n_edits"] = int(state.meta.get("n_edits", 0)) + len(examples)
-        model.train(was_training)
         delta = LowRankDelta(
             factors=factors, base_fingerprint=fingerprint(model), editor=self.name,
             hyperparameters=self.hyperparameters, request_ids=[ex.request.request_id for ex in examples],
-            meta={"sites": {rid: i["site"] for rid, i in info.items()},
-                  "lambda": chosen_lambda})
+            meta={"sites": {rid: i["site"] for rid, i in info.items()}, "lambda": chosen_lambda, "lambda_gain": gain})
+        if factors:
+            delta = delta.compact(rank=None)   # rank ≤ number of requests per weight (variant keys share δ)
         return EditResult(delta=delta, state=state, diagnostics=[diags[r.request_id] for r in requests])

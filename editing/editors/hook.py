@@ -220,6 +220,7 @@ __all__ = ["apply_hook_delta", "hooks_delta", "save_hooks", "load_hooks", "load_
 
 
 # ===================================================================== the editor
+import os  # noqa: E402
 import time  # noqa: E402
 from dataclasses import asdict, dataclass, field  # noqa: E402
 from typing import Any  # noqa: E402
@@ -245,7 +246,7 @@ class HookHparams:
     layers: tuple[int, ...] | None = None
     lam: float = 1.5e4
     corpus: str = "samples:64"
-    stats_dir: str = ".editops/stats"
+    stats_dir: str = field(default_factory=lambda: os.environ.get("EDITOPS_STATS_DIR", "stats"))
     alpha0: float = 2.2
     alpha_margin: float = 0.9
     alpha_min: float = 1.0
@@ -262,22 +263,22 @@ class HookHparams:
     context_templates: tuple[str, ...] | None = None
 
 
-def default_layers(model: nn.Module, spec) -> tuple[int, ...]:
-    """The model's preset layers (:mod:`editing.editors.hparams` where present), else a MEMIT-like
-    early-middle window: ``[n/8, n/4]`` (at least one layer; layer 0 for 1–3-layer models)."""
-    try:
-        from editing.editors.hparams import preset_for  # written by the neuron-level editor's owner
+def default_layers(model: nn.Module, spec, tokenizer=None, requests: Sequence = ()) -> tuple[int, ...]:
+    """The edited layers when none are given: the model's preset (:mod:`editing.editors.hparams`), else
+    the causal trace of the first batch (:func:`editing.editors.layers.choose_layers`), as the
+    neuron-level editor chooses them; without requests, MEMIT's rule of thumb (the earliest MLPs)."""
+    from editing.editors.hparams import preset_for
 
-        preset = preset_for(model)
-        if preset is not None and getattr(preset, "layers", None):
-            return tuple(int(x) for x in preset.layers)
-    except ImportError:
-        pass
-    n = spec.num_layers(model.config)
-    if n <= 3:
-        return (0,)
-    lo, hi = max(1, n // 8), max(1, n // 4)
-    return tuple(range(lo, hi + 1))
+    preset = preset_for(model)
+    if preset is not None and preset.layers:
+        return tuple(int(x) for x in preset.layers)
+    if tokenizer is not None and requests:
+        from editing.editors.layers import choose_layers
+
+        return tuple(int(x) for x in choose_layers(model, tokenizer, spec, list(requests)[:8]).layers)
+    from editing.editors.layers import default_n_edit
+
+    return tuple(range(default_n_edit(spec.num_layers(model.config))))
 
 
 @torch.no_grad()
@@ -468,7 +469,12 @@ class HookEditor:
             raise StateError(f"state belongs to editor {state.editor!r}, not 'hook'")
         t0 = time.perf_counter()
         spec = spec_for(model)
-        layers = tuple(sorted(hp.layers)) if hp.layers else default_layers(model, spec)
+        if hp.layers:
+            layers = tuple(sorted(hp.layers))
+        elif state is not None and state.meta.get("layers"):
+            layers = tuple(int(x) for x in state.meta["layers"])
+        else:
+            layers = default_layers(model, spec, tokenizer, requests)
         templates = hp.context_templates or DEFAULT_CONTEXT_TEMPLATES
         for r in requests:
             check_length(model, tokenizer, r, templates)
@@ -560,10 +566,10 @@ class HookEditor:
                 tensors[f"{w}::track_keys"] = keys.contiguous()
                 tensors[f"{w}::track_mask"] = mask.to(torch.uint8).contiguous()
                 tensors[f"{w}::track_pos"] = pos.long().contiguous()
-                tensors[f"{w}::alpha"] = torch.tensor(alpha)
-                extras[f"{w}::alpha"] = torch.tensor(alpha)
-                extras[f"{w}::ref_mean"] = torch.tensor(mu)
-                extras[f"{w}::ref_std"] = torch.tensor(sd)
+                tensors[f"{w}::alpha"] = torch.tensor(alpha, dtype=torch.float64)
+                extras[f"{w}::alpha"] = torch.tensor(alpha, dtype=torch.float64)
+                extras[f"{w}::ref_mean"] = torch.tensor(mu, dtype=torch.float64)
+                extras[f"{w}::ref_std"] = torch.tensor(sd, dtype=torch.float64)
                 n_old = 0 if old is None else old[0].shape[0]
                 for j, r in enumerate(requests):
                     lowest_z[r.request_id].append(float(z_at[n_old + j]))

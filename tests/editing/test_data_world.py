@@ -64,3 +64,15 @@ def test_tiny_fact_model_knows_its_facts(tiny_fact_model):
     # some objects are multi-token under the world's own BPE
     lengths = {len(loaded.tokenizer(" " + r.target_true, add_special_tokens=False)["input_ids"]) for r in requests}
     assert max(lengths) > 1
+
+
+def test_project_factworld_params_give_at_least_1000_requests():
+    from pathlib import Path
+
+    import yaml
+
+    params = yaml.safe_load((Path(__file__).parents[2] / "params.yaml").read_text())["factworld"]
+    world = generate_world(params["seed"], params["n_entities"], params["n_relations"], n_filler=params["n_filler"])
+    assert len(world.requests) >= 1000
+    assert len({r.request_id for r in world.requests}) == len(world.requests)
+    assert len(set(world.entities)) == params["n_entities"]

@@ -155,3 +155,32 @@ def test_limit_and_mixed_kinds():
     with pytest.raises(FormatError, match="mix kinds"):
         request_kind([FactRequest("a", "{} is", "x", "y"),
                       DeletionRequest("b", "s", "u", "p")])
+
+
+def test_roundtrip_property(tmp_path_factory):
+    """Any valid FactRequest survives write_requests → read_requests unchanged (hypothesis)."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="{}"), min_size=1, max_size=20)
+    word = text.filter(lambda s: s.strip() != "")
+
+    @st.composite
+    def requests(draw):
+        subject = draw(word)
+        return FactRequest(
+            request_id=draw(word), prompt=draw(text) + " {} " + draw(text), subject=subject,
+            target_new=draw(word), target_true=draw(st.none() | word), relation=draw(st.none() | word),
+            paraphrases=tuple(draw(st.lists(text, max_size=3))),
+            neighbours=tuple(Probe(p, t) for p, t in draw(st.lists(st.tuples(text, word), max_size=3))),
+        )
+
+    path = tmp_path_factory.mktemp("rt") / "r.jsonl"
+
+    @settings(max_examples=60, deadline=None)
+    @given(requests())
+    def check(req):
+        write_requests(path, [req])
+        assert read_requests(path) == [req]
+
+    check()

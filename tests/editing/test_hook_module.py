@@ -45,7 +45,9 @@ def _delta(template, d_out, d_in, layers=(1,), rank=2, alpha=1.5, seed=1, scale=
         extras[f"{w}::alpha"] = torch.tensor(alpha)
         extras[f"{w}::ref_mean"] = torch.tensor(0.5)
         extras[f"{w}::ref_std"] = torch.tensor(0.5)
-    return LowRankDelta(factors, kind="hook", extras=extras, editor="hook", request_ids=[f"r{seed}"])
+    # the sequence z-score alone (the reference gate is tested on its own below)
+    return LowRankDelta(factors, kind="hook", extras=extras, editor="hook", request_ids=[f"r{seed}"],
+                        meta={"ref_gate": False})
 
 
 @pytest.fixture(params=sorted(MODELS))
@@ -134,6 +136,18 @@ def test_zscore_is_leave_one_out_pooled_with_reference():
             mean = (sum(others) + 2.0 * 1.0) / n
             var = (sum(x * x for x in others) + 2.0 * (0.25 + 1.0)) / n - mean ** 2
             assert float(z[b, t]) == pytest.approx((float(d[b, t]) - mean) / var ** 0.5, rel=1e-4)
+
+
+def test_reference_gate_needs_an_outlier_against_general_text_too():
+    layer = HookLayer(1, 1, n0=0.0, ref_gate=True)
+    layer.push(Segment(torch.ones(1, 1), torch.ones(1, 1), alpha=2.0, ref_mean=10.0, ref_std=1.0))
+    x = torch.tensor([[[1.0], [1.0], [1.0], [1.0], [1.0], [1.0], [5.0]]])  # an outlier in its sequence only
+    assert not layer.gate(x)[1].any()
+    layer.ref_gate = False
+    assert layer.gate(x)[1].tolist() == [[False] * 6 + [True]]
+    layer.ref_gate = True
+    x[0, -1, 0] = 13.0  # now also ≥ μ_ref + α σ_ref
+    assert layer.gate(x)[1].tolist() == [[False] * 6 + [True]]
 
 
 def test_single_token_uses_reference_scale():

@@ -36,8 +36,10 @@ def test_kill_at_each_step_then_rerun(editable_project):
         p = editops(cfg, "run", "--engine", "local", env={"EDITOPS_KILL_AT": step})
         assert p.returncode == KILL_EXIT_CODE, (step, p.stdout[-2000:], p.stderr[-3000:])
     led = Ledger(cfg.ledger_url)
-    # killed after registering twice: two versions exist, their tickets not yet applied in the ledger
-    assert sum(r.state == "applied" for r in led.rows(line="facts")) == 0
+    reg = open_registry(cfg)
+    # killed after registering twice: two versions exist; the third run's start reconciled the first of them
+    assert len(reg.versions("facts")) == 1 + 2
+    assert [r.id for r in led.rows(line="facts", state="applied")] == reg.versions("facts")[1].request_ids
     p = editops(cfg, "run", "--engine", "local")
     assert p.returncode == 0, p.stderr[-3000:]
     _check_exactly_once(cfg, ids)
@@ -70,3 +72,38 @@ def test_two_runs_at_once_do_not_fork(editable_project, lock):
     outs = [p.communicate(timeout=400) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-3000:] for o in outs]
     _check_exactly_once(cfg, ids)
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_team_mode_two_workers_one_inbox_postgres_ledger(tmp_path, tiny_model_dir, postgres_url):
+    """Two worker processes drain one inbox; the ledger is a real PostgreSQL; nothing applied twice."""
+    import os
+    import uuid
+
+    import sqlalchemy as sa
+
+    from conftest import FAST_NSE, OPEN_GATES, make_project
+
+    schema = f"t{uuid.uuid4().hex[:8]}"
+    eng = sa.create_engine(postgres_url)
+    with eng.begin() as c:
+        c.execute(sa.text(f"CREATE SCHEMA {schema}"))
+    url = f"{postgres_url}?options=-csearch_path%3D{schema}"
+    model_dir, reqs = tiny_model_dir
+    cfg = make_project(tmp_path, base_model=str(model_dir), ledger_url=url, batch_size=2,
+                       hyperparameters={**FAST_NSE, "stats_dir": str(tmp_path / "stats")}, gates=OPEN_GATES)
+    ids = [r.request_id for r in reqs[8:12]]
+    for k in range(2):  # two files in one inbox
+        (cfg.inbox / f"f{k}.json").write_text(json.dumps(fact_tickets(reqs[8 + 2 * k: 10 + 2 * k])))
+    open_registry(cfg).ensure_line("facts", cfg.lines["facts"].base_model)
+    procs = [subprocess.Popen([sys.executable, "-c", "from flows.cli import main; main()", "run", "--engine", "local",
+                               "--lock-wait", "120", "--config", str(cfg.root / "editops.yaml")], cwd=cfg.root,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=400) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-3000:] for o in outs]
+    _check_exactly_once(cfg, ids)
+    assert Ledger(url).counts() == {"applied": 4}
+    with eng.begin() as c:
+        c.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))

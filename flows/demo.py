@@ -1,0 +1,177 @@
+"""``editops demo``: the whole story on the project's own models, printing what it does.
+
+1. builds the default models if missing (``dvc repro``: SmolLM2-135M + country facts,
+   the translation model + its deletion requests);
+2. writes a demo config (two model lines) and drops sample tickets into the inbox:
+   real country facts for SmolLM2 (JSONL), behaviour deletions for the translation
+   model (YAML) and a few malformed tickets (CSV);
+3. runs the ``process_requests`` flow (Prefect, no server needed: an ephemeral one);
+4. shows the ledger, the versions with their gate results and diffs, the champion;
+5. prints where to look (MLflow UI command, outbox, quarantine, ledger).
+
+Everything lives under ``--workdir`` (default ``.editops/demo``): sqlite ledger,
+sqlite MLflow with local artifacts, inbox/outbox/quarantine.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from editing.errors import EditopsError
+
+
+def _step(con: Console, n: int, text: str) -> None:
+    con.rule(f"[bold cyan]{n}. {text}")
+
+
+def _build(con: Console, entry, root: Path, build: bool) -> bool:
+    if entry.is_built(root) and entry.requests_path(root).is_file():
+        con.print(f"  {entry.name}: built ({entry.model_dir}, {entry.request_count(root)} requests)")
+        return True
+    if not build:
+        con.print(f"  {entry.name}: [yellow]not built[/] and --skip-build given; its line is left out")
+        return False
+    stages = list(dict.fromkeys([entry.stage, entry.requests_stage]))
+    cmd = [str(Path(sys.executable).parent / "dvc"), "repro", *stages]
+    con.print(f"  {entry.name}: building with [bold]dvc repro {' '.join(stages)}[/] …")
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
+    if p.returncode != 0 or not entry.is_built(root):
+        con.print(f"  [red]{entry.name}: build failed[/] ({p.stderr.strip().splitlines()[-1:] or ''}); its line is left out")
+        return False
+    con.print(f"  {entry.name}: built in {time.perf_counter() - t0:.0f} s")
+    return True
+
+
+def _read_jsonl(path: Path, n: int) -> list[dict]:
+    out = []
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                out.append(json.loads(line))
+            if len(out) >= n:
+                break
+    return out
+
+
+def run_demo(workdir: str = ".editops/demo", *, build: bool = True, n_facts: int = 6, n_deletions: int = 3,
+             engine: str = "prefect") -> None:
+    import yaml
+
+    from editing import catalog
+    from flows.config import LineConfig, ProjectConfig, write_config
+    from flows.ledger import Ledger
+    from flows.pipeline import open_registry, run_once
+
+    con = Console()
+    root = catalog.project_root()
+    wd = (root / workdir).resolve()
+    t_start = time.perf_counter()
+
+    _step(con, 1, "project models (built by DVC when missing)")
+    facts_e, mt_e = catalog.get("smollm2-135m"), catalog.get("translator-marian")
+    have_facts = _build(con, facts_e, root, build)
+    have_mt = _build(con, mt_e, root, build)
+    if not (have_facts or have_mt):
+        raise EditopsError("no project model could be built; run `dvc repro` and look at its output")
+
+    _step(con, 2, "model lines and sample tickets")
+    lines: dict[str, LineConfig] = {}
+    if have_facts:
+        lines[facts_e.line] = LineConfig(name=facts_e.line, base_model=str(facts_e.model_path(root)), kind="fact",
+                                         editor="nse", batch_size=3, allowed_requesters=["analyst", "editor-bot"],
+                                         promotion="auto")
+    if have_mt:
+        lines[mt_e.line] = LineConfig(name=mt_e.line, base_model=str(mt_e.model_path(root)), kind="deletion",
+                                      editor="rank-one", batch_size=1, allowed_requesters=["*"], promotion="auto")
+    cfg = ProjectConfig(root=wd, workdir=wd, lines=lines, ledger_url=f"sqlite:///{wd}/ledger.db",
+                        tracking_uri=f"sqlite:///{wd}/mlflow.db", artifact_root=wd / "artifacts")
+    cfg_path = write_config(cfg, wd / "editops.yaml")
+    cfg.ensure_dirs()
+    con.print(f"  config: {cfg_path}")
+    for l in lines.values():
+        con.print(f"  line [bold]{l.name}[/]: {l.kind}, editor {l.editor}, batches of {l.batch_size}, "
+                  f"requesters {l.allowed_requesters}, promotion {l.promotion}")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    good_facts: list[dict] = []
+    if have_facts:
+        for r in _read_jsonl(facts_e.requests_path(root), n_facts):
+            r.pop("kind", None)
+            good_facts.append({**r, "request_id": f"{r['request_id']}-{stamp}", "line": facts_e.line,
+                               "requester": "analyst", "kind": "fact"})
+        p = cfg.inbox / "country-facts.jsonl"
+        p.write_text("".join(json.dumps(t, ensure_ascii=False) + "\n" for t in good_facts), encoding="utf-8")
+        con.print(f"  {p.name}: {len(good_facts)} country-fact tickets, e.g. "
+                  f"“{good_facts[0]['prompt'].replace('{}', good_facts[0]['subject'])} → {good_facts[0]['target_new']}”")
+    if have_mt:
+        dels = []
+        for r in _read_jsonl(mt_e.requests_path(root), n_deletions):
+            r.pop("kind", None)
+            dels.append({**r, "request_id": f"{r['request_id']}-{stamp}", "line": mt_e.line, "requester": "qa-team",
+                         "kind": "deletion"})
+        p = cfg.inbox / "behaviour-deletions.yaml"
+        p.write_text(yaml.safe_dump(dels, allow_unicode=True, sort_keys=False), encoding="utf-8")
+        con.print(f"  {p.name}: {len(dels)} behaviour-deletion tickets, e.g. "
+                  f"“{dels[0]['source']}” must not give “{dels[0]['unwanted']}”")
+    bad_line = facts_e.line if have_facts else mt_e.line
+    malformed = (
+        "request_id,line,requester,subject,prompt,target_new,priority\n"
+        f"bad-missing-{stamp},{bad_line},analyst,France,The capital of {{}} is,,1\n"
+        f"bad-requester-{stamp},{bad_line},mallory,Spain,The capital of {{}} is,Rome,1\n"
+        f"bad-priority-{stamp},{bad_line},analyst,Peru,The capital of {{}} is,Oslo,urgent\n"
+        f"bad-subject-{stamp},{bad_line},analyst,Chile,The capital of Japan is,Lima,1\n"
+    )
+    if good_facts:
+        g = good_facts[0]
+        malformed += (f"bad-contradiction-{stamp},{bad_line},analyst,{g['subject']},\"{g['prompt']}\","
+                      f"Nowhere{stamp[-4:]},1\n")
+    (cfg.inbox / "malformed.csv").write_text(malformed, encoding="utf-8")
+    con.print(f"  malformed.csv: {malformed.count(chr(10)) - 1} malformed tickets (missing target, requester not "
+              "allowed, bad priority, subject not in prompt, a contradiction)")
+
+    _step(con, 3, f"the flow: intake → edit → gates → register → ledger → promote (engine: {engine})")
+    if engine == "prefect":
+        con.print("  (Prefect starts a temporary local server for this process: 10–20 s)")
+    t0 = time.perf_counter()
+    run_once(str(cfg_path) if engine == "prefect" else cfg, engine=engine)
+    con.print(f"  flow finished in {time.perf_counter() - t0:.0f} s")
+
+    _step(con, 4, "the ledger")
+    from flows.cli.tickets_cmd import tickets as tickets_cmd
+
+    tickets_cmd(config=str(cfg_path), state=None, line=None, limit=50)
+
+    _step(con, 5, "versions, gate results, diffs, champion")
+    reg = open_registry(cfg)
+    for name in lines:
+        if not reg.line_exists(name):
+            continue
+        t = Table(title=f"line {name}")
+        for c in ("version", "parent", "editor", "tickets", "gates", "aliases"):
+            t.add_column(c)
+        versions = reg.versions(name)
+        for v in versions:
+            t.add_row(str(v.number), str(v.parent or ""), v.editor or "base",
+                      ", ".join(v.request_ids or [])[:60], {True: "[green]pass", False: "[red]fail"}.get(v.gates_passed, ""),
+                      ", ".join(v.aliases))
+        con.print(t)
+        if len(versions) > 1:
+            head = versions[-1]
+            diff = reg.diff(name, None, head.number, behaviour=False)
+            con.print(f"[bold]diff v{diff.a} → v{diff.b}[/]: " + ", ".join(
+                f"{x.weight} ‖ΔW‖={x.norm:.3g} rank {x.rank}" for x in diff.layers[:4]))
+    _step(con, 6, "where to look")
+    con.print(f"  MLflow UI:   .venv/bin/mlflow ui --backend-store-uri sqlite:///{wd}/mlflow.db --port 5000 "
+              "--host 127.0.0.1   (then open http://127.0.0.1:5000)")
+    con.print(f"  ledger:      editops tickets --config {cfg_path}")
+    con.print(f"  versions:    editops versions <line>   (with EDITOPS_CONFIG={cfg_path})")
+    con.print(f"  outbox:      {cfg.outbox}  (one JSON outcome per ticket)")
+    con.print(f"  quarantine:  {cfg.quarantine}  (invalid rows with machine-readable reasons)")
+    con.print(f"  promote / roll back: editops promote <line> <version> · editops rollback <line>")
+    con.print(f"[bold green]demo done in {time.perf_counter() - t_start:.0f} s[/]")

@@ -1,0 +1,161 @@
+"""Rank-one behaviour deletion: Marian (sequential), causal GPT-2, T5/BART layouts, metrics, bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from editing.editors import get_editor
+from editing.editors.base import EditorState
+from editing.errors import NothingToDeleteError, PromptTooLongError, RequestError
+from editing.metrics.deletion import (cache_base_outputs, chrf, contains_span, evaluate_deletions,
+                                      generate_outputs)
+from editing.models import fingerprint
+from editing.requests import DeletionRequest, TranslationProbe
+from tinytranslation import causal_requests, tiny_corpus, tiny_gpt2_translator, tiny_marian  # noqa: F401
+
+
+# ------------------------------------------------------------------ metrics on hand-made cases
+def test_contains_span_matches_whole_words():
+    assert contains_span("la casa roja", "casa")
+    assert contains_span("la  casa roja", "la casa")
+    assert not contains_span("la casas roja", "casa")
+    assert not contains_span("", "casa")
+
+
+def test_chrf_hand_cases():
+    assert chrf(["the cat sat"], ["the cat sat"]) == pytest.approx(100.0)
+    assert chrf(["zzz qqq"], ["the cat sat"]) < 10
+    assert 0 < chrf(["the cat sit"], ["the cat sat"]) < 100
+
+
+# ------------------------------------------------------------------ Marian, sequential
+@pytest.mark.slow
+def test_sequential_deletions_on_tiny_marian(tiny_corpus, tiny_marian, tmp_path):
+    model, tok, _ = tiny_marian
+    model = _copy(model)
+    requests = tiny_corpus.requests
+    base = cache_base_outputs(model, tok, requests, tiny_corpus.test)
+    before = evaluate_deletions(model, tok, requests, base, unrelated=tiny_corpus.test)
+    assert before.instance_gone == 0.0 and before.locality_exact == 1.0
+    editor = get_editor("rank-one", stats_sources=[s for s, _ in tiny_corpus.train[:200]],
+                        on_nothing_to_delete="skip")
+    state = None
+    sizes = []
+    for i, r in enumerate(requests):
+        fp = fingerprint(model)
+        result = editor.edit(model, tok, [r], state)
+        assert fingerprint(model) == fp, "edit() must leave the model bit-for-bit as it found it"
+        d = result.diagnostics[0]
+        if d.extra.get("nothing_to_delete"):        # an earlier deletion already removed it: reported, not edited
+            assert not result.delta.factors
+            continue
+        assert d.succeeded, d.message
+        assert d.extra["site"]["stack"] in ("encoder", "decoder") and d.extra["trace"]
+        assert all(result.delta.rank(w) == 1 for w in result.delta.weight_names)   # rank one per request
+        path = tmp_path / f"delta{i}.safetensors"
+        result.delta.save(path)
+        type(result.delta).load(path, expect_fingerprint=fp).apply(model)
+        state = result.state
+        sizes.append({k: tuple(v.shape) for k, v in state.tensors.items()})
+        # earlier deletions re-checked after each one
+        rep = evaluate_deletions(model, tok, requests[: i + 1])
+        assert rep.instance_gone == 1.0, [(s.request_id, s.instance_output) for s in rep.per_request]
+    final = evaluate_deletions(model, tok, requests, base, unrelated=tiny_corpus.test)
+    assert final.instance_gone == 1.0
+    assert final.locality_exact >= 0.9 and final.chrf >= final.base_chrf - 5
+    assert final.generalization_gone is not None and final.generalization_gone > 0.0
+    # the state is fixed-size per edited weight and reloads
+    state.save(tmp_path / "state.safetensors")
+    again = EditorState.load(tmp_path / "state.safetensors", editor="rank-one")
+    assert {k: tuple(v.shape) for k, v in again.tensors.items()} == sizes[-1]
+
+
+# ------------------------------------------------------------------ causal LM
+@pytest.mark.slow
+def test_deletes_an_unwanted_continuation_of_a_causal_gpt2(tiny_corpus, tiny_gpt2_translator):
+    model, tok, _ = tiny_gpt2_translator
+    requests = causal_requests(tiny_corpus.requests)
+    outs = generate_outputs(model, tok, [r.source for r in requests])
+    produced = [r for r, o in zip(requests, outs) if contains_span(o, r.unwanted)]
+    assert produced, f"the tiny GPT-2 reproduces none of the behaviours: {outs}"
+    r = produced[0]
+    base = cache_base_outputs(model, tok, [r])
+    fp = fingerprint(model)
+    editor = get_editor("rank-one", stats_sources=[f"{s} =>" for s, _ in tiny_corpus.train[:200]])
+    result = editor.edit(model, tok, [r])
+    assert fingerprint(model) == fp
+    assert result.diagnostics[0].succeeded, result.diagnostics[0].message
+    assert result.delta.weight_names[0].startswith("transformer.h.") and result.delta.weight_names[0].endswith(
+        "mlp.c_proj.weight")
+    result.delta.apply(model)
+    try:
+        rep = evaluate_deletions(model, tok, [r], base)
+        assert rep.instance_gone == 1.0
+        assert rep.locality_exact >= 0.75
+    finally:
+        result.delta.remove(model)
+
+
+# ------------------------------------------------------------------ T5 / BART layouts
+def _untrained(arch: str):
+    from editing.training.seq2seq import ModelSize, build_model, build_word_tokenizer
+
+    words = "the cat dog sees likes a big small red house tree".split()
+    tok = build_word_tokenizer(words)
+    for seed in range(50):  # a seed whose random model emits a word (not EOS) first
+        model = build_model(arch, len(tok), ModelSize(d_model=32, layers=2, heads=2, d_ff=64), seed=seed).eval()
+        if generate_outputs(model, tok, ["the cat sees a dog"], max_new_tokens=4)[0]:
+            return model, tok, words
+    raise AssertionError(f"no seed gives an untrained {arch} model that emits a word")
+
+
+@pytest.mark.parametrize("arch", ["t5", "bart", "marian"])
+def test_edits_every_seq2seq_layout(arch):
+    """On an untrained model, delete whatever word it emits first for a source (a behaviour by definition)."""
+    model, tok, words = _untrained(arch)
+    src = "the cat sees a dog"
+    out = generate_outputs(model, tok, [src], max_new_tokens=4)[0].split()
+    assert out, "the untrained model emits nothing"
+    positive = next(w for w in words if w != out[0])
+    req = DeletionRequest("r1", src, out[0], positive, locality=(TranslationProbe("a big red house"),))
+    fp = fingerprint(model)
+    result = get_editor("rank-one", stats_sources=["the dog likes a tree", "a small cat", "the red house"],
+                        max_new_tokens=4).edit(model, tok, [req])
+    assert fingerprint(model) == fp
+    d = result.diagnostics[0]
+    assert d.succeeded, d.message
+    name = result.delta.weight_names[0]
+    layout = {"t5": "DenseReluDense.wo.weight", "bart": "fc2.weight", "marian": "fc2.weight"}[arch]
+    assert name.endswith(layout)
+    result.delta.apply(model)
+    assert generate_outputs(model, tok, [src], max_new_tokens=4)[0].split()[:1] == [positive]
+
+
+# ------------------------------------------------------------------ bad input
+def test_bad_input_is_a_typed_error():
+    model, tok, _ = _untrained("marian")
+    src = "the cat sees a dog"
+    out = generate_outputs(model, tok, [src], max_new_tokens=4)[0].split()
+    absent = next(w for w in ["house", "tree", "red", "small"] if w not in out)
+    editor = get_editor("rank-one", stats_sources=["the dog likes a tree"], max_new_tokens=4)
+    with pytest.raises(NothingToDeleteError, match="nothing to delete"):
+        editor.edit(model, tok, [DeletionRequest("r1", src, absent, "the dog")])
+    skipped = get_editor("rank-one", stats_sources=["a dog"], max_new_tokens=4, on_nothing_to_delete="skip").edit(
+        model, tok, [DeletionRequest("r1", src, absent, "the dog")])
+    assert not skipped.diagnostics[0].succeeded and skipped.diagnostics[0].extra["nothing_to_delete"]
+    assert not skipped.delta.factors
+    with pytest.raises(RequestError, match="positive example equals"):
+        DeletionRequest("r2", src, "the cat", "the cat")
+    too_long = " ".join(["cat"] * 80)  # the tiny model accepts 64 positions
+    with pytest.raises(PromptTooLongError, match="accepts 64"):
+        editor.edit(model, tok, [DeletionRequest("r3", too_long, out[0], "the dog")])
+    with pytest.raises(RequestError, match="not a DeletionRequest"):
+        from editing.requests import FactRequest
+
+        editor.edit(model, tok, [FactRequest("f", "{} is", "cat", "dog")])
+
+
+def _copy(model):
+    import copy
+
+    return copy.deepcopy(model)

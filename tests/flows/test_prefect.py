@@ -1,0 +1,84 @@
+"""The real Prefect flow (test harness server) and a schedule that fires (`editops serve`)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import fact_tickets
+from flows.ledger import Ledger
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield PREFECT_API_URL.value()
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_flow_run_with_artifact_and_mlflow_report(editable_project, prefect_server):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    from flows.pipeline import open_registry, process_requests
+
+    cfg, reqs = editable_project
+    (cfg.inbox / "a.json").write_text(json.dumps(fact_tickets(reqs[:2]) + [{"request_id": "junk"}]))
+    out = process_requests(config=str(cfg.root / "editops.yaml"))
+    line = out["lines"][0]
+    assert sorted(line["applied"]) == sorted(r.request_id for r in reqs[:2]) and line["promoted"] == 3
+    led = Ledger(cfg.ledger_url)
+    assert led.counts() == {"applied": 2, "invalid": 1}
+
+    async def artifacts():
+        async with get_client() as c:
+            return await c.read_artifacts()
+
+    arts = [a for a in asyncio.run(artifacts()) if a.key == "editops-run-report"]
+    assert arts and "Line `facts`" in arts[0].data
+    reg = open_registry(cfg)
+    runs = reg.client.search_runs([reg.experiment_id("editops-pipeline")])
+    assert runs and runs[0].data.metrics["applied"] == 2.0
+    assert reg.alias_version("facts", "champion") == 3
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_serve_schedule_fires(editable_project, prefect_server):
+    cfg, reqs = editable_project
+    (cfg.inbox / "s.json").write_text(json.dumps(fact_tickets(reqs[2:3]) + [{"request_id": "bad one"}]))
+    env = {**os.environ, "PREFECT_API_URL": prefect_server, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", "from flows.cli import main; main()", "serve", "--interval", "5",
+                             "--name", "test", "--config", str(cfg.root / "editops.yaml")],
+                            cwd=cfg.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    led = Ledger(cfg.ledger_url)
+    rid = reqs[2].request_id
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            row = led.get(rid)
+            if row is not None and row.state in ("applied", "rejected"):
+                break
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            time.sleep(2)
+        row = led.get(rid)
+        assert row is not None and row.state == "applied", (row, )
+        assert led.counts().get("invalid") == 1
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
