@@ -14,8 +14,9 @@
    fingerprint compared with the line's; the fingerprint of a local directory is
    memoised by (path, sizes, mtimes) in ``<cache>/fingerprints.json``;
 4. runs of consecutive weight deltas are composed (factors concatenated) and
-   added once per weight in float64 (``W ← W + Σᵢ Uᵢ Vᵢᵀ``); hook deltas are
-   installed in order in between;
+   added once per weight as one in-place GEMM in the weight's dtype
+   (``W ← W + [U₁…Uₙ][V₁…Vₙ]ᵀ``, ``addmm_``); hook deltas are installed in order in
+   between;
 5. for weight-only chains the edited tensors are cached on disk keyed by
    ``sha256(base fingerprint, ordered delta shas)``, so the next load of the same
    content reads them back (sha-checked) instead of composing again.
@@ -180,13 +181,30 @@ def verified_base(reg: "Registry", base: Version):
 
 
 # ------------------------------------------------------------------- applying
+@torch.no_grad()
+def add_low_rank(model, delta: LowRankDelta) -> None:
+    """``W += U Vᵀ`` per weight as one in-place GEMM (``addmm_``) in the weight's dtype: no dense ΔW."""
+    from editing.arch import is_transposed
+    from editing.errors import DeltaError
+
+    for name, (u, v) in delta.factors.items():
+        module = model.get_submodule(_module_name(name))
+        w = module.weight
+        u, v = u.to(device=w.device, dtype=w.dtype), v.to(device=w.device, dtype=w.dtype)
+        if is_transposed(module):  # GPT-2 Conv1D stores (d_in, d_out)
+            u, v = v, u
+        if tuple(w.shape) != (u.shape[0], v.shape[0]):
+            raise DeltaError(f"{name}: delta is {tuple(u.shape[:1] + v.shape[:1])} but the weight is {tuple(w.shape)}")
+        w.addmm_(u, v.T)
+
+
 def apply_chain(model, deltas: Iterable[LowRankDelta]) -> None:
-    """Apply deltas in order; consecutive weight deltas are composed and added once per weight."""
+    """Apply deltas in order; consecutive weight deltas are composed (factors stacked) and added once per weight."""
     run: list[LowRankDelta] = []
 
     def flush():
         if run:
-            LowRankDelta.sum(run).apply(model)
+            add_low_rank(model, LowRankDelta.sum(run))
             run.clear()
 
     for d in deltas:

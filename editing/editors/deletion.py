@@ -8,37 +8,44 @@ on causal LMs (the prompt is the "source", the continuation the output).
 Per request:
 
 1. **Decision point.** Greedy-decode the source. If the unwanted span is not in the
-   output: :class:`NothingToDeleteError`. Otherwise the decision position ``t`` is
-   the first output token where the greedy output leaves the positive example
-   (teacher-forced positive prefix); ``u`` is the token the model prefers there,
-   ``p`` the positive token. Margin ``m = log P(u) − log P(p)`` at ``t``.
-2. **Trace** (where is the behaviour decided?). For every candidate site — each
-   encoder MLP layer at each source position, each decoder MLP layer at the decision
-   position (causal LM: each layer at each prompt/prefix position) — the MLP
-   output at that site is *patched* with the layer's mean output on the statistics
-   corpus, and the drop of ``m`` is measured. The site with the largest drop is
-   edited (layer and token position are chosen by this measurement, never fixed).
-3. **Key and value.** ``k`` = input of ``W_out`` at the site; a vector ``δ`` is added
-   to the MLP output there and optimised with Adam against the model as given
-   (``steps`` ≤ 40, ``lr``) to minimise
-   ``NLL(positive) + unlikelihood(u at t) + wd · ‖δ‖² / ‖v‖²``, stopping early when
-   ``p`` beats every other token at ``t`` by ``margin`` (log-prob) and every positive
-   token is the greedy one. The update is installed during the optimisation as the
-   rank-one write ``ΔW = δ uᵀ`` (``u = A⁻¹k / kᵀA⁻¹k``, ``A = C0/s₀ + C_edits``) at
-   all positions, so spill-over onto the sentence's other tokens is optimised too.
-4. **Write** per edited weight, with keys ``K`` and residuals ``R = δ`` of all
-   requests on it, ``ΔW = R Kᵀ (λ C0 + C_edits + K Kᵀ)⁻¹`` (MEMIT's solve,
-   :func:`editing.editors.solve.memit_factors`), stored as factors in a
-   :class:`LowRankDelta`. ``C0 = E[k kᵀ]`` over the statistics corpus (the model's
-   own greedy translations of ``stats_sources``; default: the requests' locality
-   sources); ``C_edits = Σ K Kᵀ`` of earlier deletions (sequential state).
-5. **λ by measurement.** With ``s₀ = median kᵀ C0⁻¹ k`` the grid is
-   ``λ = s₀ / s`` for ``s`` in ``lambda_grid`` (1 … 256: the Mahalanobis gain of the
-   edit key over typical keys), scanned from the largest λ (smallest, most local
-   change) down; the first λ at which every request's unwanted span is gone from
-   its greedy output (checked with the update installed as a forward hook, the
-   weights untouched) is kept. If none works the smallest λ is used and the
-   request is reported as failed in the diagnostics.
+   output: :class:`NothingToDeleteError` (or, with ``on_nothing_to_delete="skip"``, a
+   failed diagnostic saying so). Otherwise the decision position ``t`` is the first
+   output token where the greedy output leaves the positive example (teacher-forced
+   positive prefix); ``u`` is the token the model prefers there, ``p`` the positive
+   token; margin ``m = log P(u) − log P(p)`` at ``t``.
+2. **Trace** (where is the behaviour decided? measured, never hard-coded).
+   a. *Trigger token*: each source token is replaced by ``<unk>`` in turn; the one whose
+      corruption lowers ``m`` most is the trigger position.
+   b. *Layer*: the MLP output of each encoder layer at the trigger token and of each
+      decoder layer at the decision position (a causal LM: each layer at the trigger
+      token and at the decision position) is patched with that layer's mean output on
+      the statistics corpus; the drop of ``m`` is that site's effect.
+   Candidates are tried in this order: trigger-token sites (an edit there follows the
+   trigger into every sentence), then decision-position sites, each group by effect;
+   the first site whose value optimisation reaches the margin is edited.
+3. **Key and value.** ``k`` = input of ``W_out`` at the site. ``δ`` is optimised with
+   Adam against the model as given (``steps`` ≤ 100, ``lr`` 0.5) with the rank-one write
+   ``ΔW = δ uᵀ`` installed at every position, ``u = A⁻¹k / kᵀA⁻¹k``, ``A = C0 + C_edits``
+   (scaled; so spill-over onto the sentence's other tokens is part of the objective), to
+   minimise ``NLL(positive) + unlikelihood(u at t) + kl_weight · KL(base ‖ edited) on
+   kl_sentences statistics sentences + weight_decay · ‖δ‖²/‖v‖²``, stopping when ``p``
+   beats every other token at ``t`` by ``margin`` and every positive token is greedy.
+   Optional (``n_variants`` > 0): the key is complemented by the trigger token's keys
+   in other contexts (the token inserted into statistics sentences, MEMIT's context
+   templates for a token), which generalises further but disturbs more (bench/RESULTS.md).
+4. **Write** per edited weight, with keys ``K`` and residuals ``R = δ`` of all requests
+   on it: ``ΔW = R Kᵀ (λ C0 + C_edits + K Kᵀ)⁻¹`` (MEMIT's solve,
+   :func:`editing.editors.solve.memit_factors`), stored as rank-≤-n factors in a
+   :class:`LowRankDelta`. ``C0 = E[k kᵀ]`` (:func:`editing.stats.accumulate_key_moments`)
+   over the statistics corpus: ``stats_sources`` with the model's own greedy outputs
+   (default: the requests' locality sources). ``C_edits = Σ K Kᵀ`` of earlier
+   deletions (sequential state): later deletions leave earlier keys' outputs in place.
+5. **λ by measurement.** With ``s̄ = mean kᵀ C0⁻¹ k`` over the keys, ``λ = s̄ / g`` for
+   ``g`` in ``lambda_grid`` (1 … 256; for one key the written value is ``g/(1+g)·δ``),
+   scanned from the largest λ (smallest change) down; kept: the first λ at which every
+   request's greedy output equals its positive, else the first at which the unwanted
+   span is gone and ``p`` wins at ``t`` (checked with the update installed as a forward
+   hook). If none, the smallest λ is returned and the request is reported as failed.
 
 The editor never changes the model's weights (all trials run through forward
 hooks): the model is returned bit-for-bit as it came; the caller applies
@@ -162,7 +169,7 @@ class RankOneDeletionEditor:
     lambda_grid: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
     kl_weight: float = 1.0                             # KL(base || edited) on kl_sentences statistics sentences
     kl_sentences: int = 16
-    n_variants: int = 16                               # contexts of the trigger token for its key (0: none)
+    n_variants: int = 0                                # contexts of the trigger token for its key (0: none)
     variant_gain: float = 16.0                         # λ = s̄ / variant_gain while optimising the value
     stats_sources: tuple[str, ...] | None = None       # corpus for C0 (default: the requests' locality sources)
     max_stats_sources: int = 512

@@ -245,3 +245,42 @@ def score_targets(model: nn.Module, tokenizer, prompts: Sequence[str], targets: 
             top.append(span.argmax(-1).tolist() == t)
             lp.append(float(span.gather(1, torch.tensor(t, device=device).unsqueeze(1)).sum()))
     return top, lp
+
+
+GENERATION_STARTS: tuple[str, ...] = ("The", "Therefore", "Because", "I", "You")
+
+
+@torch.no_grad()
+def generated_context_templates(model: nn.Module, tokenizer, starts: Sequence[str] = GENERATION_STARTS,
+                                length: int = 10, top_k: int = 5, seed: int = 0) -> tuple[str, ...]:
+    """MEMIT's context templates: the bare prompt ``"{}"`` plus one prefix per word of ``starts``,
+    continued by the model itself for ``length`` tokens (top-``k`` sampling, k=5, as MEMIT,
+    under a fixed seed) and ending in ``". {}"``.
+
+    Text the model generates is, by construction, text it finds ordinary, whatever
+    its vocabulary or training data (a fixed English prefix is out of distribution for
+    a model trained on a private world). The seeded sampling (global RNG state saved and
+    restored) makes the templates a function of the weights and ``seed``; greedy decoding
+    was tried and degenerates on small models ("The-the-world-is-a-world"). Braces and line breaks in the generations are replaced
+    by spaces.
+    """
+    device = next(model.parameters()).device
+    pad = pad_id_of(tokenizer)
+    was_training = model.training
+    model.eval()
+    out = ["{}"]
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            gens = [model.generate(input_ids=torch.tensor([prompt_ids(tokenizer, s)], device=device),
+                                   attention_mask=torch.ones((1, len(prompt_ids(tokenizer, s))), dtype=torch.long,
+                                                             device=device),
+                                   max_new_tokens=length, min_new_tokens=length, do_sample=True, top_k=top_k,
+                                   top_p=1.0, temperature=1.0, pad_token_id=pad) for s in starts]
+        for s, gen in zip(starts, gens):
+            text = tokenizer.decode(gen[0], skip_special_tokens=True)
+            text = " ".join(text.replace("{", " ").replace("}", " ").split())
+            out.append((text or s) + ". {}")
+    finally:
+        model.train(was_training)
+    return tuple(out)

@@ -35,8 +35,9 @@ from editing.delta import LowRankDelta
 from editing.editors.base import EditorState, EditResult, RequestDiagnostics
 from editing.editors.hparams import DEFAULT_LAMBDA_GRID, EditHparams, with_preset
 from editing.editors.keys import block_outputs_at, check_length, compute_keys, pad_id_of, prompt_ids, \
-    score_targets, subject_last_token
+    generated_context_templates, score_targets, subject_last_token
 from editing.editors.solve import alphaedit_factors, memit_factors, nullspace_projector, responsible_neurons
+from editing.editors.keys import DEFAULT_CONTEXT_TEMPLATES
 from editing.editors.values import ValueHparams, compute_values
 from editing.errors import NoOpEditError, StateError
 from editing.models import fingerprint
@@ -45,6 +46,17 @@ log = logging.getLogger(__name__)
 
 _FINGERPRINTS: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
 _C0: dict[tuple[str, str, str], torch.Tensor] = {}
+
+
+def _generated_templates(model: nn.Module, tokenizer) -> tuple[str, ...]:
+    """:func:`generated_context_templates`, cached per model object (weights unchanged: keyed by fingerprint)."""
+    fp = base_fingerprint(model)
+    if fp not in _TEMPLATES:
+        _TEMPLATES[fp] = generated_context_templates(model, tokenizer)
+    return _TEMPLATES[fp]
+
+
+_TEMPLATES: dict[str, tuple[str, ...]] = {}
 
 
 class EditDidNotTakeWarning(UserWarning):
@@ -111,7 +123,7 @@ class MemitEditor:
         return out
 
     def _resolve(self, model, tokenizer, spec, requests, state: EditorState | None, fp: str) -> EditHparams:
-        hp = self.hp
+        hp = self._with_context(model, tokenizer, self.hp, state)
         if state is not None and state.meta.get("layers"):
             return replace(hp, layers=tuple(state.meta["layers"]), lam=state.meta.get("lam", hp.lam),
                            source=state.meta.get("source", hp.source))
@@ -127,31 +139,55 @@ class MemitEditor:
         if hp.lam is None:
             lam, trials = self._calibrate(model, tokenizer, spec, (self.calibration_requests or list(requests))[:4],
                                           hp, fp)
-            hp = replace(hp, lam=lam, source="measured")
+            hp = replace(hp, lam=lam, source="measured" if hp.source in ("default", "measured")
+                         else f"{hp.source}; λ measured")
             notes["lambda_trials"] = trials
         self._notes = notes
         return hp
 
+    def _with_context(self, model, tokenizer, hp: EditHparams, state: EditorState | None) -> EditHparams:
+        """``hp`` with the context templates of this edit: explicit ones as given; with
+        ``context="generated"`` and the default templates, the model's own generated prefixes
+        (from the state when continuing, so every batch of a line uses the same ones)."""
+        if hp.context != "generated" or hp.value.context_templates != DEFAULT_CONTEXT_TEMPLATES:
+            return hp
+        templates = state.meta.get("context_templates") if state is not None else None
+        if not templates:
+            templates = _generated_templates(model, tokenizer)
+        return replace(hp, value=replace(hp.value, context_templates=tuple(templates)))
+
     def _calibrate(self, model, tokenizer, spec, reqs, hp: EditHparams, fp: str):
-        """Largest λ of the grid for which every calibration request's edit takes (values computed once)."""
+        """Largest λ of the grid (strongest protection of C0's keys) at which the calibration edits
+        take AND are written in full: every request's target is top-1 and the update leaves at most
+        ``residual_tol`` of its value residual, ``‖z − h_L‖ / ‖z − h_L⁰‖`` (values computed once).
+
+        Why the residual: the value ``z`` is optimised over several contexts, so writing it
+        (nearly) in full carries the edit to other wordings; the largest λ that merely flips the
+        top-1 on the edit prompt writes a sliver of it (measured on SmolLM2: edits that take on
+        the prompt and on none of its paraphrases, bench/RESULTS.md).
+        """
         layers = list(hp.layers)
         saved = self._save(model, spec, layers)
         trials = []
         try:
             C0 = self._c0(model, tokenizer, spec, layers, hp, fp)
-            z = compute_values(model, tokenizer, spec, reqs, layers[-1], hp.value).z
+            z = compute_values(model, tokenizer, spec, reqs, layers[-1], hp.value).z.double()
+            rows, pos = self._bare_rows(tokenizer, reqs)
+            h0 = block_outputs_at(model, spec, layers[-1], rows, pos, pad_id_of(tokenizer)).double()
             for lam in DEFAULT_LAMBDA_GRID:
                 trial = replace(hp, lam=lam, nullspace=False, neuron_share=None)
                 self._spread(model, tokenizer, spec, reqs, layers, z, C0, {}, {}, trial)
                 top, _ = score_targets(model, tokenizer, [r.text for r in reqs], [r.target_new for r in reqs])
+                h = block_outputs_at(model, spec, layers[-1], rows, pos, pad_id_of(tokenizer)).double()
                 self._restore(model, saved)
+                ratio = float(((z - h).norm(dim=1) / (z - h0).norm(dim=1).clamp(min=1e-12)).max())
                 rate = sum(top) / max(len(top), 1)
-                trials.append({"lam": lam, "success": rate})
-                if rate >= 1.0:
+                trials.append({"lam": lam, "success": rate, "max_relative_residual": round(ratio, 4)})
+                if rate >= 1.0 and ratio <= hp.residual_tol:
                     return lam, trials
         finally:
             self._restore(model, saved)
-        best = max(trials, key=lambda t: (t["success"], t["lam"]))
+        best = max(trials, key=lambda t: (t["success"], -t["max_relative_residual"], t["lam"]))
         return best["lam"], trials
 
     # -------------------------------------------------------------- helpers
@@ -300,7 +336,8 @@ class MemitEditor:
         n_prev = int(state.meta.get("n_edits", 0)) if state is not None else 0
         new_state = EditorState(editor=self.name, tensors=tensors if self._stateful() else {},
                                 meta={"base_fingerprint": fp, "layers": layers, "lam": hp.lam, "source": hp.source,
-                                      "n_edits": n_prev + len(active), "hyperparameters": hp.to_dict()})
+                                      "n_edits": n_prev + len(active), "hyperparameters": hp.to_dict(),
+                                      "context_templates": list(hp.value.context_templates)})
         return EditResult(delta=delta, state=new_state, diagnostics=diagnostics)
 
     def _stateful(self) -> bool:

@@ -133,6 +133,8 @@ def compute_values(model: nn.Module, tokenizer, spec: ArchSpec, requests: Sequen
     try:
         for p in params:
             p.requires_grad_(False)
+        live = torch.ones(n, dtype=torch.bool)   # requests still optimised (NLL ≥ loss_stop)
+        prev_kl = torch.zeros(n)
         for step in range(hp.steps + 1):
             record: dict = {}
             nll_sum = torch.zeros(n, device=device)
@@ -141,27 +143,28 @@ def compute_values(model: nn.Module, tokenizer, spec: ArchSpec, requests: Sequen
             h_rows = []
             if delta is not None and opt is not None:
                 opt.zero_grad()
-            for c in range(0, len(all_rows), hp.chunk):
-                sl = slice(c, c + hp.chunk)
-                width = int(mask_full[sl].sum(1).max())
+            order = [j for j in range(len(all_rows)) if delta is None or bool(live[int(all_req[j])])]
+            for c in range(0, len(order), hp.chunk):
+                ix = torch.tensor(order[c:c + hp.chunk])
+                width = int(mask_full[ix].sum(1).max())
                 d_arg = delta if delta is not None else torch.zeros((n, 1), device=device)
                 if delta is None:
                     # first pass: find d_model and h without any addition
                     def hook0(_m, _a, output):
                         hs = output[0] if isinstance(output, tuple) else output
                         ar = torch.arange(hs.shape[0])
-                        record["h"] = hs[ar, all_pos[sl].to(hs.device)].detach()
+                        record["h"] = hs[ar, all_pos[ix].to(hs.device)].detach()
                     handle = block.register_forward_hook(hook0)
                 else:
                     handle = block.register_forward_hook(
-                        _block_output_hook(d_arg, all_req[sl].to(device), all_pos[sl].to(device), record))
+                        _block_output_hook(d_arg, all_req[ix].to(device), all_pos[ix].to(device), record))
                 try:
                     with torch.set_grad_enabled(delta is not None):
-                        logits = model(input_ids=ids_full[sl, :width], attention_mask=mask_full[sl, :width]).logits
+                        logits = model(input_ids=ids_full[ix, :width], attention_mask=mask_full[ix, :width]).logits
                         logp = F.log_softmax(logits.float(), -1)
-                        lab = labels[sl, :width]
-                        rq = all_req[sl].to(device)
-                        main = torch.arange(c, min(c + hp.chunk, len(all_rows)), device=device) < n_main
+                        lab = labels[ix, :width]
+                        rq = all_req[ix].to(device)
+                        main = ix.to(device) < n_main
                         tok_lp = torch.gather(logp, 2, lab.clamp(min=0).unsqueeze(-1)).squeeze(-1)
                         valid = (lab >= 0) & main.unsqueeze(1)
                         row_nll = -(tok_lp * valid).sum(1) / valid.sum(1).clamp(min=1)
@@ -169,7 +172,7 @@ def compute_values(model: nn.Module, tokenizer, spec: ArchSpec, requests: Sequen
                         nll_cnt = nll_cnt.index_add(0, rq, main.float())
                         if hp.kl_weight > 0 and (~main).any():
                             kl_idx = torch.nonzero(~main).squeeze(1)
-                            last = torch.tensor([kl_last[c + int(j) - n_main] for j in kl_idx], device=device)
+                            last = torch.tensor([kl_last[int(ix[int(j)]) - n_main] for j in kl_idx], device=device)
                             cur = logp[kl_idx, last]
                             if kl_ref is None:
                                 record.setdefault("kl_ref", []).append(cur.detach())
@@ -189,6 +192,12 @@ def compute_values(model: nn.Module, tokenizer, spec: ArchSpec, requests: Sequen
                 finally:
                     handle.remove()
                 h_rows.append(record["h"])
+            if delta is not None:
+                # requests that converged earlier were not run: keep their last (exact) values
+                fresh = nll_cnt.cpu() > 0
+                nll_sum = torch.where(fresh.to(device), nll_sum, nll_req.to(device) * nll_cnt.clamp(min=1))
+                kl_per = torch.where(fresh.to(device), kl_per, prev_kl.to(device))
+                prev_kl = kl_per.detach().cpu()
             nll = (nll_sum / nll_cnt.clamp(min=1)).detach().cpu()
             if delta is None:
                 hr = torch.cat(h_rows).float()
@@ -215,7 +224,12 @@ def compute_values(model: nn.Module, tokenizer, spec: ArchSpec, requests: Sequen
             steps_done = step
             if bool((nll < hp.loss_stop).all()) or step == hp.steps:
                 break
+            live = nll >= hp.loss_stop
+            frozen = (~live).to(device)
+            keep = delta.detach().clone()
             opt.step()
+            with torch.no_grad():
+                delta[frozen] = keep[frozen]
             with torch.no_grad():
                 limit = hp.clamp_norm_factor * h.norm(dim=1, keepdim=True)
                 norm = delta.norm(dim=1, keepdim=True).clamp(min=1e-12)

@@ -97,50 +97,50 @@ def test_deletes_an_unwanted_continuation_of_a_causal_gpt2(tiny_corpus, tiny_gpt
 
 
 # ------------------------------------------------------------------ T5 / BART layouts
-def _untrained(arch: str):
-    from editing.training.seq2seq import ModelSize, build_model, build_word_tokenizer
-
-    words = "the cat dog sees likes a big small red house tree".split()
-    tok = build_word_tokenizer(words)
-    for seed in range(50):  # a seed whose random model emits a word (not EOS) first
-        model = build_model(arch, len(tok), ModelSize(d_model=32, layers=2, heads=2, d_ff=64), seed=seed).eval()
-        if generate_outputs(model, tok, ["the cat sees a dog"], max_new_tokens=4)[0]:
-            return model, tok, words
-    raise AssertionError(f"no seed gives an untrained {arch} model that emits a word")
+PAIRS = [("the cat sees a dog", "cat dog red see"), ("a big house", "house big"),
+         ("the small tree", "tree small"), ("the dog likes a cat", "dog cat like")]
 
 
-@pytest.mark.parametrize("arch", ["t5", "bart", "marian"])
+def _overfit(arch: str):
+    """A tiny model of ``arch`` overfit in seconds on four pairs; the first pair plants 'red' (unwanted)."""
+    from editing.training.seq2seq import ModelSize, train_translator
+
+    words = sorted({w for s, t in PAIRS for w in (s + " " + t).split()})
+    model, tok, _ = train_translator(PAIRS, words, arch=arch, size=ModelSize(d_model=32, layers=2, heads=2, d_ff=64),
+                                     epochs=200, batch_size=4, lr=5e-3, seed=0)
+    return model, tok
+
+
+@pytest.mark.parametrize("arch", ["t5", "bart"])   # Marian: test_sequential_deletions_on_tiny_marian
 def test_edits_every_seq2seq_layout(arch):
-    """On an untrained model, delete whatever word it emits first for a source (a behaviour by definition)."""
-    model, tok, words = _untrained(arch)
-    src = "the cat sees a dog"
-    out = generate_outputs(model, tok, [src], max_new_tokens=4)[0].split()
-    assert out, "the untrained model emits nothing"
-    positive = next(w for w in words if w != out[0])
-    req = DeletionRequest("r1", src, out[0], positive, locality=(TranslationProbe("a big red house"),))
+    model, tok = _overfit(arch)
+    src, tgt = PAIRS[0]
+    assert generate_outputs(model, tok, [src])[0] == tgt
+    req = DeletionRequest("r1", src, "red", "cat dog see", locality=tuple(TranslationProbe(s, t) for s, t in PAIRS[1:]))
+    base = cache_base_outputs(model, tok, [req])
     fp = fingerprint(model)
-    result = get_editor("rank-one", stats_sources=["the dog likes a tree", "a small cat", "the red house"],
-                        max_new_tokens=4).edit(model, tok, [req])
+    result = get_editor("rank-one").edit(model, tok, [req])
     assert fingerprint(model) == fp
     d = result.diagnostics[0]
     assert d.succeeded, d.message
-    name = result.delta.weight_names[0]
     layout = {"t5": "DenseReluDense.wo.weight", "bart": "fc2.weight", "marian": "fc2.weight"}[arch]
-    assert name.endswith(layout)
+    assert result.delta.weight_names[0].endswith(layout)
     result.delta.apply(model)
-    assert generate_outputs(model, tok, [src], max_new_tokens=4)[0].split()[:1] == [positive]
+    rep = evaluate_deletions(model, tok, [req], base)
+    assert rep.instance_gone == 1.0 and rep.locality_exact >= 2 / 3
 
 
 # ------------------------------------------------------------------ bad input
 def test_bad_input_is_a_typed_error():
-    model, tok, _ = _untrained("marian")
-    src = "the cat sees a dog"
-    out = generate_outputs(model, tok, [src], max_new_tokens=4)[0].split()
-    absent = next(w for w in ["house", "tree", "red", "small"] if w not in out)
-    editor = get_editor("rank-one", stats_sources=["the dog likes a tree"], max_new_tokens=4)
+    model, tok = _overfit("bart")
+    src = PAIRS[0][0]
+    out = generate_outputs(model, tok, [src])[0].split()
+    absent = "house"
+    assert absent not in out
+    editor = get_editor("rank-one", stats_sources=["the dog likes a tree"])
     with pytest.raises(NothingToDeleteError, match="nothing to delete"):
         editor.edit(model, tok, [DeletionRequest("r1", src, absent, "the dog")])
-    skipped = get_editor("rank-one", stats_sources=["a dog"], max_new_tokens=4, on_nothing_to_delete="skip").edit(
+    skipped = get_editor("rank-one", stats_sources=["a dog"], on_nothing_to_delete="skip").edit(
         model, tok, [DeletionRequest("r1", src, absent, "the dog")])
     assert not skipped.diagnostics[0].succeeded and skipped.diagnostics[0].extra["nothing_to_delete"]
     assert not skipped.delta.factors

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import warnings
 
+import torch
+
 from editing.arch import spec_for
 from editing.editors import get_editor
 from editing.editors.hparams import preset_for
@@ -31,3 +33,36 @@ def test_trace_and_calibration_on_a_model_without_preset(tiny_llama, facts, tmp_
     res2 = ed.edit(model, tok, reqs[2:3], res.state)
     assert res2.delta.meta["layers"] == res.delta.meta["layers"] and res2.delta.meta["lam"] == hp["lam"]
     assert "trace_effects" not in res2.delta.meta
+
+
+def test_generated_context_templates_are_the_models_own_and_carried_in_the_state(tiny_llama, facts, tmp_path):
+    from editing.editors.keys import generated_context_templates
+
+    model, tok = tiny_llama
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    t1 = generated_context_templates(model, tok)
+    t2 = generated_context_templates(model, tok)
+    assert t1 == t2                                   # seeded: a function of the weights
+    assert torch.equal(torch.get_rng_state(), rng)    # the caller's random state is untouched
+    assert t1[0] == "{}" and len(t1) == 6 and all(t.endswith(". {}") for t in t1[1:])
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    reqs = requests(facts, 3)
+    ed = get_editor("nse", layers=[0], lam=30.0, stats_dir=str(tmp_path), corpus="samples:8", value={"steps": 5})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = ed.edit(model, tok, reqs[:2], None)
+        assert tuple(res.delta.hyperparameters["value"]["context_templates"]) == t1
+        assert tuple(res.state.meta["context_templates"]) == t1
+        # a continuation uses the templates of the state, whatever the editor would generate now
+        res.state.meta["context_templates"] = ["{}", "x. {}"]
+        res2 = get_editor("nse", layers=[0], lam=30.0, stats_dir=str(tmp_path), corpus="samples:8",
+                          value={"steps": 5}).edit(model, tok, reqs[2:], res.state)
+    assert tuple(res2.delta.hyperparameters["value"]["context_templates"]) == ("{}", "x. {}")
+    # "fixed" keeps the hand-written defaults
+    from editing.editors.keys import DEFAULT_CONTEXT_TEMPLATES
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res3 = get_editor("nse", layers=[0], lam=30.0, stats_dir=str(tmp_path), corpus="samples:8", context="fixed",
+                          value={"steps": 5}).edit(model, tok, reqs[:1], None)
+    assert tuple(res3.delta.hyperparameters["value"]["context_templates"]) == DEFAULT_CONTEXT_TEMPLATES

@@ -2,6 +2,8 @@
 test_translation*.py and test_deletion*.py): a Marian model and a GPT-2 causal translator."""
 from __future__ import annotations
 
+from functools import lru_cache
+
 import pytest
 
 from editing.data.translation import generate_corpus, make_language, vocabulary
@@ -10,23 +12,33 @@ from editing.training.seq2seq import ModelSize, causal_prompt, train_translator
 TINY_SIZE = ModelSize(d_model=64, layers=2, heads=4, d_ff=128)
 
 
-@pytest.fixture(scope="session")
-def tiny_corpus():
+@lru_cache(maxsize=None)
+def _corpus():
     return generate_corpus(make_language(0, "tiny"))
 
 
-@pytest.fixture(scope="session")
-def tiny_marian(tiny_corpus):
-    """(model, tokenizer, log): Marian, 2+2 layers, d=64, trained ~12 epochs on 700 planted pairs."""
-    return train_translator(tiny_corpus.train, vocabulary(tiny_corpus), arch="marian", size=TINY_SIZE,
-                            epochs=12, batch_size=16, lr=2e-3)
+@lru_cache(maxsize=None)
+def _trained(arch: str):
+    """Trained once per test process, whichever test module asks first (fixtures below share it)."""
+    c = _corpus()
+    return train_translator(c.train, vocabulary(c), arch=arch, size=TINY_SIZE, epochs=12, batch_size=16, lr=2e-3)
 
 
 @pytest.fixture(scope="session")
-def tiny_gpt2_translator(tiny_corpus):
+def tiny_corpus():
+    return _corpus()
+
+
+@pytest.fixture(scope="session")
+def tiny_marian():
+    """(model, tokenizer, log): Marian, 2+2 layers, d=64, trained 12 epochs on 700 planted pairs (read-only)."""
+    return _trained("marian")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_translator():
     """(model, tokenizer, log): GPT-2 trained on ``"source => target</s>"`` (the causal-LM deletion path)."""
-    return train_translator(tiny_corpus.train, vocabulary(tiny_corpus), arch="gpt2", size=TINY_SIZE,
-                            epochs=12, batch_size=16, lr=2e-3)
+    return _trained("gpt2")
 
 
 def causal_requests(requests):

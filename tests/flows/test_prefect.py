@@ -52,28 +52,61 @@ def test_flow_run_with_artifact_and_mlflow_report(editable_project, prefect_serv
     assert reg.alias_version("facts", "champion") == 3
 
 
+@pytest.fixture
+def prefect_real_server(tmp_path):
+    """`prefect server start` on a free 127.0.0.1 port, with its scheduler (the harness server has no services)."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"),
+           "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "3", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_API_URL": ""}
+    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
+                             str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url + "/health", timeout=2)
+            break
+        except Exception:  # noqa: BLE001
+            assert proc.poll() is None, "prefect server exited"
+            time.sleep(1)
+    yield url
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
 @pytest.mark.server
 @pytest.mark.slow
-def test_serve_schedule_fires(editable_project, prefect_server):
+def test_serve_schedule_fires(editable_project, prefect_real_server):
     cfg, reqs = editable_project
     (cfg.inbox / "s.json").write_text(json.dumps(fact_tickets(reqs[2:3]) + [{"request_id": "bad one"}]))
-    env = {**os.environ, "PREFECT_API_URL": prefect_server, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", "from flows.cli import main; main()", "serve", "--interval", "5",
-                             "--name", "test", "--config", str(cfg.root / "editops.yaml")],
-                            cwd=cfg.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    env = {**os.environ, "PREFECT_API_URL": prefect_real_server, "OMP_NUM_THREADS": "1"}
+    log = cfg.root / "serve.log"
+    with log.open("w") as fh:
+        proc = subprocess.Popen([sys.executable, "-c", "from flows.cli import main; main()", "serve", "--interval", "5",
+                                 "--name", "test", "--config", str(cfg.root / "editops.yaml")],
+                                cwd=cfg.root, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
     led = Ledger(cfg.ledger_url)
     rid = reqs[2].request_id
     try:
-        deadline = time.time() + 240
+        deadline = time.time() + 300
         while time.time() < deadline:
             row = led.get(rid)
             if row is not None and row.state in ("applied", "rejected"):
                 break
-            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            assert proc.poll() is None, log.read_text()[-3000:]
             time.sleep(2)
         row = led.get(rid)
-        assert row is not None and row.state == "applied", (row, )
+        assert row is not None and row.state == "applied", log.read_text()[-3000:]
         assert led.counts().get("invalid") == 1
     finally:
         os.killpg(proc.pid, signal.SIGINT)
