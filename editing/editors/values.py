@@ -73,6 +73,26 @@ def _block_output_hook(delta: torch.Tensor, row_req: torch.Tensor, row_pos: torc
     return hook
 
 
+def _selected_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor,
+                     cols: torch.Tensor) -> torch.Tensor:
+    """Logits at positions ``(rows[i], cols[i])`` only: ``(len(rows), vocab)``.
+
+    The base model's last hidden state goes through the output embedding at the selected
+    positions; models whose logits are more than that (a ``logit_scale`` or soft-capping in
+    the config) or that expose no base model / output embedding take the full forward.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    base = getattr(model, "base_model", None)
+    cfg = getattr(model, "config", None)
+    special = any(getattr(cfg, a, None) not in (None, 1.0) for a in ("logit_scale", "final_logit_softcapping",
+                                                                         "logits_scaling", "output_multiplier"))
+    special = special or hasattr(model, "final_logits_bias")
+    if head is None or base is None or base is model or special or not isinstance(head, nn.Linear):
+        return model(input_ids=ids, attention_mask=mask).logits[rows, cols]
+    hs = base(input_ids=ids, attention_mask=mask).last_hidden_state
+    return head(hs[rows, cols])
+
+
 def compute_values(model: nn.Module, tokenizer, spec: ArchSpec, requests: Sequence, layer: int,
                    hp: ValueHparams | None = None, stack: str | None = None) -> ValueResult:
     """Optimise ``δ`` at block ``layer``'s output, subject's last token, for every request (see module doc)."""
@@ -160,20 +180,30 @@ def compute_values(model: nn.Module, tokenizer, spec: ArchSpec, requests: Sequen
                         _block_output_hook(d_arg, all_req[ix].to(device), all_pos[ix].to(device), record))
                 try:
                     with torch.set_grad_enabled(delta is not None):
-                        logits = model(input_ids=ids_full[ix, :width], attention_mask=mask_full[ix, :width]).logits
-                        logp = F.log_softmax(logits.float(), -1)
                         lab = labels[ix, :width]
                         rq = all_req[ix].to(device)
                         main = ix.to(device) < n_main
-                        tok_lp = torch.gather(logp, 2, lab.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-                        valid = (lab >= 0) & main.unsqueeze(1)
-                        row_nll = -(tok_lp * valid).sum(1) / valid.sum(1).clamp(min=1)
+                        # only the positions the loss reads go through the output head (target tokens
+                        # of the NLL rows, the last token of the KL rows): a vocabulary-sized
+                        # log-softmax at every position was most of the memory and a good share of the time
+                        sel_r, sel_c = torch.nonzero(lab >= 0, as_tuple=True)
+                        kl_idx = torch.nonzero(~main).squeeze(1)
+                        last = torch.tensor([kl_last[int(ix[int(j)]) - n_main] for j in kl_idx], device=device,
+                                            dtype=torch.long)
+                        logp_sel = F.log_softmax(_selected_logits(
+                            model, ids_full[ix, :width], mask_full[ix, :width], torch.cat([sel_r, kl_idx]),
+                            torch.cat([sel_c, last])).float(), -1)
+                        n_sel = len(sel_r)
+                        tok_lp = logp_sel[:n_sel].gather(1, lab[sel_r, sel_c].unsqueeze(1)).squeeze(1)
+                        rows_here = len(ix)
+                        lp_sum = torch.zeros(rows_here, device=device).index_add(0, sel_r, tok_lp)
+                        cnt = torch.zeros(rows_here, device=device).index_add(
+                            0, sel_r, torch.ones_like(tok_lp))
+                        row_nll = -lp_sum / cnt.clamp(min=1)
                         nll_sum = nll_sum.index_add(0, rq, (row_nll * main).detach())
                         nll_cnt = nll_cnt.index_add(0, rq, main.float())
                         if hp.kl_weight > 0 and (~main).any():
-                            kl_idx = torch.nonzero(~main).squeeze(1)
-                            last = torch.tensor([kl_last[int(ix[int(j)]) - n_main] for j in kl_idx], device=device)
-                            cur = logp[kl_idx, last]
+                            cur = logp_sel[n_sel:]
                             if kl_ref is None:
                                 record.setdefault("kl_ref", []).append(cur.detach())
                             else:
