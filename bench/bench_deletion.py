@@ -64,7 +64,8 @@ def main() -> None:
     print(f"model {a.model}: {len(requests)} behaviours, {len(test)} unrelated test sentences; "
           f"base: instance gone {base_rep.instance_gone:.0%}, chrF {base_rep.chrf:.2f}")
     state = None
-    print(f"{'#':>2} {'ticket':34} {'took':>4} {'site':>14} {'gain':>5} {'sec':>5} {'earlier+this gone':>17} {'unrelated=base':>14}")
+    print(f"{'#':>2} {'ticket':34} {'took':>4} {'site':>14} {'gain':>5} {'var':>3} {'neg':>3} {'var gone':>8} "
+          f"{'heldout':>7} {'sec':>5} {'earlier+this gone':>17} {'unrelated=base':>14}")
     edit_seconds = []
     for i, r in enumerate(requests):
         t = time.time()
@@ -77,7 +78,10 @@ def main() -> None:
         rep = evaluate_deletions(model, tok, requests[: i + 1], base, unrelated=test)
         print(f"{i + 1:>2} {r.request_id:34} {'yes' if d.succeeded else 'NO':>4} "
               f"{site.get('stack', '?')[:3]}{site.get('layer', '')}@{site.get('pos', '')!s:>3}"
-              f"{'':>5} {d.extra.get('lambda_gain', 0):>5.0f} {edit_seconds[-1]:>5.1f} {rep.instance_gone:>16.0%} {rep.locality_exact:>14.1%}")
+              f"{'':>5} {d.extra.get('lambda_gain') or 0:>5.2g} {d.extra.get('n_variants', 0):>3} "
+              f"{d.extra.get('n_negatives', 0):>3} {d.extra.get('variants_gone', 0):>8.0%} "
+              f"{d.extra.get('heldout_unchanged', 0):>7.1%} {edit_seconds[-1]:>5.1f} {rep.instance_gone:>16.0%} "
+              f"{rep.locality_exact:>14.1%}")
     final = evaluate_deletions(model, tok, requests, base, unrelated=test)
     total = time.time() - t0
     rows = [

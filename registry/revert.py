@@ -114,7 +114,8 @@ def revert(reg: "Registry", line: str, request_id: str, *, mode: str = "replay",
             state = result.state
             replayed.append(v.number)
 
-    parts = [*new, *[d.negate() for d in old]]
+    # replay: R = Σ new − Σ_{j≥k} old;  subtract: later deltas stay, R = −Δ_k
+    parts = [*new, *[d.negate() for d in old]] if mode == "replay" else [old[0].negate()]
     delta = LowRankDelta.sum(parts)
     if compact:
         delta = delta.compact(rtol=1e-9)  # float64 SVD of the stacked factors: exact to rounding

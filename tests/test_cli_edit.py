@@ -180,3 +180,17 @@ def test_edit_deletion_kind_end_to_end(cli, tiny_fact_model, tmp_path):
     res = runner.invoke(app, ["eval", "--model", str(out), "--requests", str(path)])
     assert res.exit_code == 0, res.output
     assert "written by editops edit" in res.output.replace("\n", " ")
+
+
+def test_option_parsing_errors():
+    from editing.errors import EditopsError
+    from flows.cli.edit_cmd import check_kind, parse_layers, parse_settings
+
+    assert parse_layers("1,3-5") == [1, 3, 4, 5] and parse_layers(None) is None
+    assert parse_settings(["lam=2e4", "corpus=stdlib", "layers=[1,2]"]) == {"lam": 2e4, "corpus": "stdlib", "layers": [1, 2]}
+    with pytest.raises(EditopsError, match="--layers"):
+        parse_layers("a-b")
+    with pytest.raises(EditopsError, match="key=value"):
+        parse_settings(["lam"])
+    with pytest.raises(EditopsError, match="'fact' or 'deletion'"):
+        check_kind("facts")

@@ -13,39 +13,58 @@ Per request:
    output token where the greedy output leaves the positive example (teacher-forced
    positive prefix); ``u`` is the token the model prefers there, ``p`` the positive
    token; margin ``m = log P(u) − log P(p)`` at ``t``.
-2. **Trace** (where is the behaviour decided? measured, never hard-coded).
-   a. *Trigger token*: each source token is replaced by ``<unk>`` in turn; the one whose
-      corruption lowers ``m`` most is the trigger position.
-   b. *Layer*: the MLP output of each encoder layer at the trigger token and of each
-      decoder layer at the decision position (a causal LM: each layer at the trigger
-      token and at the decision position) is patched with that layer's mean output on
-      the statistics corpus; the drop of ``m`` is that site's effect.
-   Candidates are tried in this order: trigger-token sites (an edit there follows the
-   trigger into every sentence), then decision-position sites, each group by effect;
-   the first site whose value optimisation reaches the margin is edited.
-3. **Key and value.** ``k`` = input of ``W_out`` at the site. ``δ`` is optimised with
-   Adam against the model as given (``steps`` ≤ 100, ``lr`` 0.5) with the rank-one write
-   ``ΔW = δ uᵀ`` installed at every position, ``u = A⁻¹k / kᵀA⁻¹k``, ``A = C0 + C_edits``
-   (scaled; so spill-over onto the sentence's other tokens is part of the objective), to
-   minimise ``NLL(positive) + unlikelihood(u at t) + kl_weight · KL(base ‖ edited) on
-   kl_sentences statistics sentences + weight_decay · ‖δ‖²/‖v‖²``, stopping when ``p``
-   beats every other token at ``t`` by ``margin`` and every positive token is greedy.
-   Optional (``n_variants`` > 0): the key is complemented by the trigger token's keys
-   in other contexts (the token inserted into statistics sentences, MEMIT's context
-   templates for a token), which generalises further but disturbs more (bench/RESULTS.md).
-4. **Write** per edited weight, with keys ``K`` and residuals ``R = δ`` of all requests
+2. **Trigger.** Each source token is replaced by ``<unk>`` in turn; the one whose
+   corruption lowers ``m`` most is the trigger token.
+3. **Self-generated variants** (``n_variants``; the single positive plus automatic
+   variation). The *rewrite* is read off the one positive: the word-level diff of the
+   greedy output and the positive around the unwanted span (``rizor → kabu``,
+   ``zise → ∅``). The trigger token is substituted, in unrelated statistics sentences
+   (none containing it), for the token most similar to it (cosine of input
+   embeddings); the model translates each variant itself, and a variant is kept when
+   its output shows the unwanted span once; its positive is its own output with the
+   rewrite applied. No user data beyond the one example is needed.
+4. **Trace** (where is the behaviour decided? measured, never hard-coded). The MLP
+   output of each layer at the trigger token (source stack) and of each decoder layer
+   at the decision position is patched with that layer's mean output on the
+   statistics corpus; the drop of ``m`` averaged over the instance and its variants is
+   that site's effect. Candidates: trigger-token sites first (an edit there follows
+   the trigger into every sentence), then decision-position sites, each by effect.
+5. **Key and value, jointly over the variants.** Keys ``K`` = input of ``W_out`` at
+   the site in the instance and every variant. One ``δ`` is optimised with Adam
+   (``steps`` ≤ 100, ``lr`` 0.5) against the model as given, with the rank-one write
+   ``ΔW = δ uᵀ`` installed at every position, ``u = A⁻¹Kᵀ1`` (``A = (s̄/variant_gain) C0
+   + C_edits + KᵀK``, scaled so ``mean(K u) = 1``), minimising
+   ``NLL(positive) + unlikelihood(u at t)`` on the instance plus the same averaged over
+   the variants, ``+ kl_weight · KL(base ‖ edited)`` on ``kl_sentences`` statistics
+   sentences ``+ weight_decay · ‖δ‖²/‖v‖²``. The first site where the instance reaches
+   ``margin`` and at least ``variant_accept`` of the variants flip is edited.
+6. **Write** per edited weight, with keys ``K`` and residuals ``R = δ`` of all requests
    on it: ``ΔW = R Kᵀ (λ C0 + C_edits + K Kᵀ)⁻¹`` (MEMIT's solve,
    :func:`editing.editors.solve.memit_factors`), stored as rank-≤-n factors in a
-   :class:`LowRankDelta`. ``C0 = E[k kᵀ]`` (:func:`editing.stats.accumulate_key_moments`)
-   over the statistics corpus: ``stats_sources`` with the model's own greedy outputs
-   (default: the requests' locality sources). ``C_edits = Σ K Kᵀ`` of earlier
-   deletions (sequential state): later deletions leave earlier keys' outputs in place.
-5. **λ by measurement.** With ``s̄ = mean kᵀ C0⁻¹ k`` over the keys, ``λ = s̄ / g`` for
-   ``g`` in ``lambda_grid`` (1 … 256; for one key the written value is ``g/(1+g)·δ``),
-   scanned from the largest λ (smallest change) down; kept: the first λ at which every
-   request's greedy output equals its positive, else the first at which the unwanted
-   span is gone and ``p`` wins at ``t`` (checked with the update installed as a forward
-   hook). If none, the smallest λ is returned and the request is reported as failed.
+   :class:`LowRankDelta`. ``C0 = E[k kᵀ]`` over the statistics corpus (sources with
+   the model's own greedy outputs), cached on disk under ``stats_dir`` by model
+   fingerprint + module + corpus hash (:mod:`editing.stats`). ``C_edits = Σ K Kᵀ`` of
+   earlier deletions (sequential state).
+7. **λ by a locality rule.** With ``s̄ = mean kᵀ C0⁻¹ k``, ``λ = s̄ / g`` for ``g`` in
+   ``lambda_grid`` scanned from the largest λ (smallest change) down. Each trial is
+   checked (update installed as forward hooks) on the instance, the variants and
+   ``heldout`` held-out statistics sentences without the trigger (never the requests'
+   own locality/generalisation probes, which are for evaluation). The scan stops at the
+   first λ that removes the span from the instance and every variant with the instance
+   output equal to the positive, or when held-out locality (share of outputs
+   unchanged; for held-out sentences whose output legitimately shows the span, all of
+   them) falls below ``locality_floor`` after some λ already fixed the instance; kept:
+   among trials with the instance fixed and locality ≥ floor, the one removing the span
+   from most variants (smallest change on ties); else the smallest change that fixes
+   the instance.
+
+**Statistics corpus** (rule, :meth:`RankOneDeletionEditor.corpus_sources`): explicit
+``stats_sources``; else the ``stats_corpus`` file (one text per line, or JSONL with a
+``source``/``text`` field) plus the requests' locality sources; else, for a project
+model whose training data is known offline (``models/translator-marian`` →
+``data/translation/train.jsonl``), its training sources; else the requests' locality
+sources. At most ``max_stats_sources``; the last ``heldout`` of them that are not request
+probes are held out for the λ rule.
 
 The editor never changes the model's weights (all trials run through forward
 hooks): the model is returned bit-for-bit as it came; the caller applies
@@ -55,30 +74,39 @@ tracing (``trace::<module>::mean``).
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field, asdict
+import difflib
+import json
+import os
+import random
+from dataclasses import dataclass, field, asdict, replace
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-from editing.arch import ArchSpec, get_module, spec_for, weight_view
+from editing.arch import ArchSpec, get_module, spec_for
 from editing.delta import LowRankDelta
 from editing.editors.base import EditorState, EditResult, RequestDiagnostics
-from editing.errors import NothingToDeleteError, PromptTooLongError, RequestError, StateError
+from editing.errors import EditopsError, NothingToDeleteError, PromptTooLongError, RequestError, StateError
 from editing.metrics.deletion import contains_span, generate_outputs, is_seq2seq, prompt_ids
 from editing.requests import DeletionRequest
 
 NAME = "rank-one"
 
+# Project models whose training sources are the default statistics corpus (catalog name -> file).
+TRAINING_SOURCES = {"translator-marian": "data/translation/train.jsonl"}
+
 
 @dataclass(frozen=True)
 class Site:
-    """Where an edit is written: MLP output projection of ``layer`` in ``stack`` at token ``pos``."""
+    """Where an edit is written: MLP output projection of ``layer`` in ``stack`` at token ``pos``
+    (of the instance; ``where`` says whether that is the trigger token or the decision position)."""
 
     stack: str          # "encoder" | "decoder"
     layer: int
-    pos: int            # position in that stack's input sequence
+    pos: int            # position in that stack's input sequence (the instance's)
+    where: str = "trigger"   # "trigger" | "decision"
 
 
 @dataclass
@@ -91,10 +119,14 @@ class _Example:
     decision: int = 0                # index into targets
     unwanted_tok: int = 0
     greedy: str = ""
+    trigger: int = 0                 # trigger token position in the source stack's input
 
     @property
     def logit_row(self) -> int:
         return self.offset + self.decision
+
+    def pos(self, where: str) -> int:
+        return self.trigger if where == "trigger" else self.logit_row
 
 
 # ----------------------------------------------------------------- hooks
@@ -109,15 +141,6 @@ class _Patch:
             out = out.clone()
             out[:, pos] = value.to(out.dtype)
             return out
-        self.handles.append(module.register_forward_hook(hook))
-
-    def add_at(self, module: nn.Module, pos: int, delta: torch.Tensor) -> None:
-        def hook(_m, _a, out):
-            if out.shape[1] <= pos:
-                return out
-            add = torch.zeros_like(out)
-            add[:, pos] = delta.to(out.dtype)
-            return out + add
         self.handles.append(module.register_forward_hook(hook))
 
     def add_lowrank(self, module: nn.Module, u: torch.Tensor, v: torch.Tensor) -> None:
@@ -154,6 +177,83 @@ def _top1_margins(lp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return tgt - others.max(1).values
 
 
+def rewrite_of(greedy: str, positive: str, unwanted: str) -> tuple[list[str], list[str]] | None:
+    """The word-level edit the positive example makes to the greedy output around the unwanted span:
+    ``(old words, new words)`` from :mod:`difflib` opcodes touching the span (``(["zise"], [])`` for a
+    deleted hallucination, ``(["rizor"], ["kabu"])`` for a mistranslation); None if the span is absent."""
+    g, p, u = greedy.split(), positive.split(), unwanted.split()
+    at = next((i for i in range(len(g) - len(u) + 1) if g[i:i + len(u)] == u), None)
+    if at is None or not u:
+        return None
+    lo, hi = at, at + len(u)
+    # replaced/deleted words that overlap the span, and insertions strictly inside it
+    ops = [op for op in difflib.SequenceMatcher(None, g, p, autojunk=False).get_opcodes()
+           if op[0] != "equal" and ((op[1] < hi and op[2] > lo) or (op[1] == op[2] and lo < op[1] < hi))]
+    if not ops:
+        return u, []
+    i1, i2 = min(op[1] for op in ops), max(op[2] for op in ops)
+    j1, j2 = min(op[3] for op in ops), max(op[4] for op in ops)
+    return g[i1:i2], p[j1:j2]
+
+
+def apply_rewrite(output: str, rewrite: tuple[list[str], list[str]], unwanted: str) -> str | None:
+    """``output`` with the rewrite applied at the one occurrence of the unwanted span; None if the span
+    does not occur exactly once or the rewrite's old words do not cover it there."""
+    words, u = output.split(), unwanted.split()
+    hits = [i for i in range(len(words) - len(u) + 1) if words[i:i + len(u)] == u]
+    old, new = rewrite
+    if len(hits) != 1 or not old:
+        return None
+    # align the old words so that they cover the unwanted span at hits[0]
+    k = next((j for j in range(len(old) - len(u) + 1) if old[j:j + len(u)] == u), None)
+    if k is None:
+        return None
+    start = hits[0] - k
+    if start < 0 or words[start:start + len(old)] != old:
+        return None
+    out = words[:start] + new + words[start + len(old):]
+    return " ".join(out) if out else None
+
+
+def read_corpus_file(path: str | Path) -> list[str]:
+    """Texts of a statistics corpus file: one per line, or JSONL with a ``source``/``text``/``sentence``/
+    ``prompt`` field."""
+    p = Path(path)
+    if not p.is_file():
+        raise EditopsError(f"statistics corpus file {p} does not exist; give a text file (one sentence per line) "
+                           "or a JSONL file with a 'source' or 'text' field")
+    out = []
+    for line in p.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                rec = json.loads(line)
+                line = next((str(rec[k]) for k in ("source", "text", "sentence", "prompt") if rec.get(k)), "")
+            except json.JSONDecodeError:
+                pass
+        if line:
+            out.append(line)
+    return out
+
+
+def training_corpus_for(model) -> Path | None:
+    """The training-sources file of a project model (:data:`TRAINING_SOURCES`), if the model was loaded
+    from that model's directory and the file exists; else None."""
+    from editing import catalog
+
+    src = getattr(model.config, "_name_or_path", None) or getattr(model, "name_or_path", None)
+    if not src or not Path(src).is_dir():
+        return None
+    here = Path(src).resolve()
+    root = catalog.project_root(here)
+    for name, rel in TRAINING_SOURCES.items():
+        entry = catalog.CATALOG.get(name)
+        if entry is not None and entry.model_path(root).resolve() == here:
+            path = catalog.resolve(rel, root)
+            return path if path.is_file() else None
+    return None
+
+
 # ------------------------------------------------------------ the editor
 @dataclass
 class RankOneDeletionEditor:
@@ -166,12 +266,22 @@ class RankOneDeletionEditor:
     weight_decay: float = 0.005
     unlikelihood: float = 1.0
     margin: float = 2.0
-    lambda_grid: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+    lambda_grid: tuple[float, ...] = (0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256)
     kl_weight: float = 1.0                             # KL(base || edited) on kl_sentences statistics sentences
     kl_sentences: int = 16
-    n_variants: int = 0                                # contexts of the trigger token for its key (0: none)
+    n_variants: int = 8                                # self-generated variants of each request (0: instance only)
+    variant_pool: int = 4                              # candidate sentences tried per wanted variant
+    variant_weight: float = 1.0                        # weight of the variants' mean loss beside the instance's
+    variant_accept: float = 0.75                       # share of variants a site's value must flip
     variant_gain: float = 16.0                         # λ = s̄ / variant_gain while optimising the value
-    stats_sources: tuple[str, ...] | None = None       # corpus for C0 (default: the requests' locality sources)
+    n_negatives: int = 32                              # statistics sentences whose output shows the span legitimately
+    negative_weight: float = 1.0                       # weight of their preservation loss
+    negative_strength: float = 10.0                    # weight of their keys (ΔW k ≈ 0) in the solve
+    heldout: int = 128                                 # held-out statistics sentences for the λ rule
+    locality_floor: float = 0.99                       # share of them that must keep their output
+    stats_sources: tuple[str, ...] | None = None       # explicit statistics corpus (see the module docstring)
+    stats_corpus: str | None = None                    # statistics corpus file (CLI: --set stats_corpus=PATH)
+    stats_dir: str | None = field(default_factory=lambda: os.environ.get("EDITOPS_STATS_DIR", "stats"))
     max_stats_sources: int = 512
     max_new_tokens: int = 40
     on_nothing_to_delete: str = "raise"                # "raise" | "skip" (report in diagnostics)
@@ -187,7 +297,7 @@ class RankOneDeletionEditor:
 
     @property
     def hyperparameters(self) -> dict[str, Any]:
-        hp = {k: v for k, v in asdict(self).items() if k not in ("name", "stats_sources")}
+        hp = {k: v for k, v in asdict(self).items() if k not in ("name", "stats_sources", "stats_dir")}
         hp["stats_sources"] = None if self.stats_sources is None else len(self.stats_sources)
         return hp
 
@@ -200,14 +310,37 @@ class RankOneDeletionEditor:
         n = spec.num_layers(model.config, stack)
         return [l for l in range(n) if self.layers is None or l in self.layers]
 
+    def _src_stack(self, spec: ArchSpec, ex: _Example) -> str:
+        return "encoder" if ex.enc_ids is not None else spec.stacks[-1].name
+
     def _forward(self, model, ex: _Example) -> torch.Tensor:
         """Logits rows predicting ``ex.targets`` (shape ``(T, V)``)."""
-        if ex.enc_ids is not None:
-            out = model(input_ids=ex.enc_ids, attention_mask=torch.ones_like(ex.enc_ids), decoder_input_ids=ex.dec_ids)
-        else:
-            out = model(input_ids=ex.dec_ids, attention_mask=torch.ones_like(ex.dec_ids))
-        logits = out.logits[0]
-        return logits[ex.offset: ex.offset + len(ex.targets)]
+        return self._forward_many(model, [ex])[0]
+
+    def _inputs(self, model, tokenizer_pad: int, exs: Sequence[_Example]) -> dict[str, torch.Tensor]:
+        from editing.editors.keys import pad_right
+
+        device = next(model.parameters()).device
+        if exs[0].enc_ids is not None:
+            enc, emask = pad_right([e.enc_ids[0].tolist() for e in exs], tokenizer_pad)
+            dec, dmask = pad_right([e.dec_ids[0].tolist() for e in exs], tokenizer_pad)
+            return {"input_ids": enc.to(device), "attention_mask": emask.to(device),
+                    "decoder_input_ids": dec.to(device), "decoder_attention_mask": dmask.to(device)}
+        ids, mask = pad_right([e.dec_ids[0].tolist() for e in exs], tokenizer_pad)
+        return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+
+    def _forward_many(self, model, exs: Sequence[_Example]) -> list[torch.Tensor]:
+        """Logits rows predicting each example's targets, one right-padded batch."""
+        if len(exs) == 1:
+            ex = exs[0]
+            if ex.enc_ids is not None:
+                out = model(input_ids=ex.enc_ids, attention_mask=torch.ones_like(ex.enc_ids),
+                            decoder_input_ids=ex.dec_ids)
+            else:
+                out = model(input_ids=ex.dec_ids, attention_mask=torch.ones_like(ex.dec_ids))
+            return [out.logits[0, ex.offset: ex.offset + len(ex.targets)]]
+        logits = model(**self._inputs(model, 0, exs)).logits
+        return [logits[i, e.offset: e.offset + len(e.targets)] for i, e in enumerate(exs)]
 
     def _margin(self, model, ex: _Example) -> float:
         lp = torch.log_softmax(self._forward(model, ex)[ex.decision].float(), -1)
@@ -248,15 +381,13 @@ class RankOneDeletionEditor:
         return ex
 
     @torch.no_grad()
-    def _decision(self, model, tokenizer, ex: _Example) -> bool:
-        """Fill ``ex.decision``/``ex.unwanted_tok``; False when the unwanted span is not produced."""
-        req = ex.request
-        out = generate_outputs(model, tokenizer, [req.source], self.max_new_tokens)[0]
-        ex.greedy = out
-        if not contains_span(out, req.unwanted):
+    def _decide(self, model, ex: _Example, greedy: str) -> bool:
+        """Fill ``ex.decision``/``ex.unwanted_tok`` from the greedy output; False when the unwanted span is
+        not produced (or the positive never diverges from the greedy path)."""
+        ex.greedy = greedy
+        if not contains_span(greedy, ex.request.unwanted):
             return False
-        logits = self._forward(model, ex)
-        pred = logits.argmax(-1)
+        pred = self._forward(model, ex).argmax(-1)
         diverge = (pred != ex.targets).nonzero()
         if len(diverge) == 0:
             return False
@@ -264,25 +395,44 @@ class RankOneDeletionEditor:
         ex.unwanted_tok = int(pred[ex.decision])
         return True
 
-    # ------------------------------------------------------------ statistics
-    def _stats_sources(self, requests: Sequence[DeletionRequest]) -> list[str]:
+    def _decision(self, model, tokenizer, ex: _Example) -> bool:
+        out = generate_outputs(model, tokenizer, [ex.request.source], self.max_new_tokens)[0]
+        return self._decide(model, ex, out)
+
+    # ------------------------------------------------------------ statistics corpus
+    def corpus_sources(self, model, requests: Sequence[DeletionRequest]) -> tuple[list[str], str]:
+        """``(texts, origin)`` of the statistics corpus by the rule in the module docstring."""
+        locality = list(dict.fromkeys(p.source for r in requests for p in r.locality))
         if self.stats_sources:
-            return list(self.stats_sources)[: self.max_stats_sources]
-        seen, out = set(), []
-        for r in requests:
-            for p in r.locality:
-                if p.source not in seen:
-                    seen.add(p.source)
-                    out.append(p.source)
-        if not out:
+            texts, origin = list(self.stats_sources), "stats_sources"
+        elif self.stats_corpus:
+            texts, origin = read_corpus_file(self.stats_corpus) + locality, f"file:{self.stats_corpus}+locality"
+        elif (path := training_corpus_for(model)) is not None:
+            texts, origin = read_corpus_file(path), f"training:{path.name}"
+        else:
+            texts, origin = locality, "locality"
+        texts = list(dict.fromkeys(texts))[: self.max_stats_sources]
+        if not texts:
             raise RequestError("the rank-one editor needs text for its key statistics C0: give the requests locality "
-                               "sentences or the editor stats_sources=[...]")
-        return out[: self.max_stats_sources]
+                               "sentences, a stats_corpus file (--set stats_corpus=PATH) or stats_sources=[...]")
+        return texts, origin
+
+    def _split(self, model, requests: Sequence[DeletionRequest]) -> dict[str, list[str]]:
+        """The corpus split: ``stats`` (C0, trace means, KL, variant pool) and ``heldout`` (the λ rule: the
+        last ``heldout`` sources that are no request probe; none when fewer than 8 are available)."""
+        texts, origin = self.corpus_sources(model, requests)
+        probes = {p.source for r in requests for p in (*r.locality, *r.generalization)} | {r.source for r in requests}
+        free = [t for t in texts if t not in probes]
+        n_h = min(self.heldout, len(free) // 4) if len(free) >= 32 else 0
+        held = free[len(free) - n_h:] if n_h else []
+        held_set = set(held)
+        return {"stats": [t for t in texts if t not in held_set], "heldout": held, "origin": [origin]}
 
     @torch.no_grad()
-    def _stat_batches(self, model, tokenizer, sources: list[str]) -> list[dict]:
+    def _stat_batches(self, model, tokenizer, sources: list[str], outs: list[str] | None = None) -> list[dict]:
         """Model inputs for the statistics corpus: the sources with the model's own greedy outputs."""
-        outs = generate_outputs(model, tokenizer, sources, self.max_new_tokens)
+        if outs is None:
+            outs = generate_outputs(model, tokenizer, sources, self.max_new_tokens)
         device = next(model.parameters()).device
         batches = []
         for i in range(0, len(sources), 32):
@@ -303,6 +453,19 @@ class RankOneDeletionEditor:
                 ids, mask = pad_right(rows, pad_id_of(tokenizer))
                 batches.append({"input_ids": ids.to(device), "attention_mask": mask.to(device)})
         return batches
+
+    def _batches(self, model, tokenizer, requests, state: EditorState) -> list[dict]:
+        if not state.meta.get("_batches"):
+            state.meta["_batches"] = self._stat_batches(model, tokenizer, state.meta["_split"]["stats"],
+                                                        self._stat_outputs(model, tokenizer, state))
+        return state.meta["_batches"]
+
+    def _stat_outputs(self, model, tokenizer, state: EditorState) -> list[str]:
+        """The model's (as given) greedy outputs on the statistics sources (transient, per edit call)."""
+        if state.meta.get("_outputs") is None:
+            state.meta["_outputs"] = generate_outputs(model, tokenizer, state.meta["_split"]["stats"],
+                                                      self.max_new_tokens)
+        return state.meta["_outputs"]
 
     @torch.no_grad()
     def _mean_outputs(self, model, spec, batches, names: list[str]) -> dict[str, torch.Tensor]:
@@ -326,28 +489,54 @@ class RankOneDeletionEditor:
         if state is not None and state.editor not in ("", self.name):
             raise StateError(f"state belongs to editor {state.editor!r}, not {self.name!r}")
         state = EditorState(self.name, dict(state.tensors), dict(state.meta)) if state else EditorState(self.name)
+        split = self._split(model, requests)
+        state.meta["_split"] = split    # transient; removed before returning
         names = [spec.mlp_out_name(l, s) for s in self._stacks(model, spec) for l in self._candidate_layers(model, spec, s)]
         missing = [n for n in names if f"trace::{n}::mean" not in state.tensors]
         if missing:
-            sources = self._stats_sources(requests)
-            batches = self._stat_batches(model, tokenizer, sources)
+            batches = self._batches(model, tokenizer, requests, state)
             for n, mean in self._mean_outputs(model, spec, batches, missing).items():
                 state.tensors[f"trace::{n}::mean"] = mean
-            state.meta.setdefault("n_stats_sources", len(sources))
-            state.meta["_batches"] = batches  # transient; removed before returning
+            state.meta.setdefault("n_stats_sources", len(split["stats"]))
+            state.meta.setdefault("stats_corpus", split["origin"][0])
         return state
 
     def _c0(self, model, tokenizer, requests, state: EditorState, weight: str) -> torch.Tensor:
+        """``C0`` of ``weight``'s input: from the state, else from the disk cache (``stats_dir``, keyed by
+        the model's fingerprint, the module and the corpus hash, :mod:`editing.stats`), else computed over
+        the statistics batches and cached."""
         key = f"{weight}::C0"
-        if key not in state.tensors:
-            from editing.stats import accumulate_key_moments
+        if key in state.tensors:
+            return state.tensors[key]
+        from editing.stats import _cache_path, accumulate_key_moments, corpus_hash, load_cached
 
-            batches = state.meta.get("_batches") or self._stat_batches(model, tokenizer, self._stats_sources(requests))
-            state.meta["_batches"] = batches
-            module = weight[: -len(".weight")]
+        module = weight[: -len(".weight")]
+        sources = state.meta["_split"]["stats"]
+        chash = corpus_hash([*sources, f"greedy-outputs:max_new_tokens={self.max_new_tokens}"])
+        path = fp = None
+        km_moment, count = None, None
+        if self.stats_dir:
+            from editing.models import fingerprint
+
+            fp = state.meta.get("_fingerprint") or fingerprint(model)
+            state.meta["_fingerprint"] = fp
+            path = _cache_path(Path(self.stats_dir), fp, module, "deletion", chash)
+            cached = load_cached(path, fp, module)
+            if cached is not None:
+                km_moment, count = cached.moment, cached.count
+        if km_moment is None:
+            batches = self._batches(model, tokenizer, requests, state)
             km = accumulate_key_moments(model, [module], batches, progress=False)[module]
-            state.tensors[key] = km.moment.float()
-            state.meta.setdefault("stats_counts", {})[weight] = km.count
+            km_moment, count = km.moment, km.count
+            if path is not None:
+                from safetensors.torch import save_file
+
+                path.parent.mkdir(parents=True, exist_ok=True)
+                save_file({"moment": km_moment.contiguous()}, str(path), metadata={
+                    "fingerprint": fp, "module": module, "corpus": "deletion:" + state.meta["_split"]["origin"][0],
+                    "corpus_sha256": chash, "count": str(count), "n_texts": str(len(sources))})
+        state.tensors[key] = km_moment.float()
+        state.meta.setdefault("stats_counts", {})[weight] = count
         return state.tensors[key]
 
     # ------------------------------------------------------------ trace
@@ -370,82 +559,144 @@ class RankOneDeletionEditor:
             if ex.enc_ids is not None:
                 ids = ex.enc_ids.clone()
                 ids[0, i] = corrupt
-                alt = _Example(ex.request, ids, ex.dec_ids, ex.targets, ex.offset, ex.decision, ex.unwanted_tok)
+                alt = replace(ex, enc_ids=ids)
             else:
                 ids = ex.dec_ids.clone()
                 ids[0, i] = corrupt
-                alt = _Example(ex.request, None, ids, ex.targets, ex.offset, ex.decision, ex.unwanted_tok)
+                alt = replace(ex, dec_ids=ids)
             out.append((i, base - self._margin(model, alt)))
         out.sort(key=lambda e: -e[1])
         return out
 
     @torch.no_grad()
-    def trace(self, model, spec: ArchSpec, ex: _Example, state: EditorState, trigger_pos: int) -> list[tuple[Site, float]]:
+    def trace(self, model, spec: ArchSpec, ex: _Example, state: EditorState, trigger_pos: int | None = None,
+              variants: Sequence[_Example] = ()) -> list[tuple[Site, float]]:
         """Candidate sites with the effect of patching their MLP output (with the layer's mean output on the
-        statistics corpus) on the margin ``log P(u) − log P(p)``: every layer of the source stack at the
-        trigger token (generalises to every sentence with the trigger) first, then every decoder layer at the
-        decision position; within each group the largest effect first."""
-        base = self._margin(model, ex)
+        statistics corpus) on the margin ``log P(u) − log P(p)``, averaged over ``ex`` and ``variants``:
+        every layer of the source stack at the trigger token (generalises to every sentence with the
+        trigger) first, then every decoder layer at the decision position; in each group largest first."""
+        if trigger_pos is not None:
+            ex.trigger = trigger_pos
+        exs = [ex, *variants]
+        bases = [self._margin(model, e) for e in exs]
         device = next(model.parameters()).device
         groups = []
-        src_stack = "encoder" if ex.enc_ids is not None else spec.stacks[-1].name
-        for stack, pos in ((src_stack, trigger_pos), (spec.stacks[-1].name, ex.logit_row)):
+        for stack, where in ((self._src_stack(spec, ex), "trigger"), (spec.stacks[-1].name, "decision")):
             if stack not in self._stacks(model, spec):
                 continue
             group = []
             for layer in self._candidate_layers(model, spec, stack):
                 name = spec.mlp_out_name(layer, stack)
-                with _Patch() as p:
-                    p.set_at(get_module(model, name), pos, state.tensors[f"trace::{name}::mean"].to(device))
-                    group.append((Site(stack, layer, pos), base - self._margin(model, ex)))
+                mean = state.tensors[f"trace::{name}::mean"].to(device)
+                drops = []
+                for e, b in zip(exs, bases):
+                    with _Patch() as p:
+                        p.set_at(get_module(model, name), e.pos(where), mean)
+                        drops.append(b - self._margin(model, e))
+                group.append((Site(stack, layer, ex.pos(where), where), sum(drops) / len(drops)))
             groups.append(sorted(group, key=lambda e: -e[1]))
         return [e for g in groups for e in g]
 
+    # ------------------------------------------------------------ variants
+    @torch.no_grad()
+    def _variants(self, model, tokenizer, ex: _Example, state: EditorState) -> list[_Example]:
+        """Self-generated variants of ``ex`` (module docstring, step 3), at most ``n_variants``."""
+        if self.n_variants <= 0:
+            return []
+        req = ex.request
+        rw = rewrite_of(ex.greedy, req.positive, req.unwanted)
+        if rw is None:
+            return []
+        seq2seq = ex.enc_ids is not None
+        src_ids = (ex.enc_ids if seq2seq else ex.dec_ids)[0]
+        token = int(src_ids[ex.trigger])
+        emb = model.get_input_embeddings().weight.detach().float()
+        sim = torch.nn.functional.cosine_similarity(emb, emb[token][None], dim=-1)
+        special = set(getattr(tokenizer, "all_special_ids", []) or [])
+        pool = list(state.meta["_split"]["stats"])
+        random.Random(req.request_id).shuffle(pool)
+        texts = []
+        for text in pool:
+            ids = list(tokenizer(text)["input_ids"]) if seq2seq else prompt_ids(tokenizer, text)
+            if token in ids:
+                continue
+            cand = [j for j, t in enumerate(ids) if t not in special]
+            if not cand:
+                continue
+            j = max(cand, key=lambda j: float(sim[ids[j]]))
+            ids[j] = token
+            texts.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
+            if len(texts) >= self.n_variants * self.variant_pool:
+                break
+        outs = generate_outputs(model, tokenizer, texts, self.max_new_tokens)
+        variants = []
+        for i, (text, out) in enumerate(zip(texts, outs)):
+            positive = apply_rewrite(out, rw, req.unwanted)
+            if not positive or positive.strip() == req.unwanted.strip():
+                continue
+            try:
+                v = self._prepare(model, tokenizer, DeletionRequest(f"{req.request_id}~v{i}", text, req.unwanted,
+                                                                    positive))
+            except EditopsError:
+                continue
+            ids = (v.enc_ids if seq2seq else v.dec_ids)[0, : self._source_len(v)].tolist()
+            if ids.count(token) != 1 or not self._decide(model, v, out):
+                continue
+            v.trigger = ids.index(token)
+            variants.append(v)
+            if len(variants) >= self.n_variants:
+                break
+        return variants
+
+    @torch.no_grad()
+    def _negatives(self, model, tokenizer, ex: _Example, state: EditorState) -> list[_Example]:
+        """Statistics sentences without the trigger whose own output contains the unwanted span (where the
+        span is legitimate: ``rizor`` is the right word for ``nurse``): their outputs must stay. Each is an
+        example whose targets are its own output and whose decision row predicts the unwanted token."""
+        if self.n_negatives <= 0:
+            return []
+        req = ex.request
+        seq2seq = ex.enc_ids is not None
+        token = int((ex.enc_ids if seq2seq else ex.dec_ids)[0, ex.trigger])
+        pairs = list(zip(state.meta["_split"]["stats"], self._stat_outputs(model, tokenizer, state)))
+        random.Random(req.request_id + "~neg").shuffle(pairs)
+        out = []
+        for i, (src, o) in enumerate(pairs):
+            if not contains_span(o, req.unwanted) or o.strip() == req.unwanted.strip():
+                continue
+            ids = list(tokenizer(src)["input_ids"]) if seq2seq else prompt_ids(tokenizer, src)
+            if token in ids:
+                continue
+            try:
+                n = self._prepare(model, tokenizer, DeletionRequest(f"{req.request_id}~n{i}", src, req.unwanted, o))
+            except EditopsError:
+                continue
+            hit = (n.targets == ex.unwanted_tok).nonzero()
+            if len(hit) == 0:
+                continue
+            n.decision, n.unwanted_tok, n.greedy = int(hit[0]), ex.unwanted_tok, o
+            out.append(n)
+            if len(out) >= self.n_negatives:
+                break
+        return out
+
     # ------------------------------------------------------------ keys
     @torch.no_grad()
-    def _site_key(self, model, spec: ArchSpec, ex: _Example, site: Site) -> torch.Tensor:
+    def _keys(self, model, spec: ArchSpec, exs: Sequence[_Example], site: Site, every: bool = False) -> torch.Tensor:
+        """Input of ``site``'s ``W_out`` at each example's trigger token / decision position: ``(n, d_in)``.
+        With ``every``: at every position of the site's stack (source tokens / output rows) instead."""
         store: dict[str, torch.Tensor] = {}
-        with _Patch() as p:
-            p.capture_input(get_module(model, spec.mlp_out_name(site.layer, site.stack)), store, "k")
-            self._forward(model, ex)
-        return store["k"][0, site.pos].float()
-
-    @torch.no_grad()
-    def _variant_keys(self, model, tokenizer, spec: ArchSpec, ex: _Example, site: Site, requests) -> torch.Tensor:
-        """Keys of the trigger token in other contexts (MEMIT's context templates, for a token): the token is
-        inserted at a random position of ``n_variants`` statistics sentences (seeded by the request id) and
-        the key of ``site``'s layer is read there. Only for trigger-token sites; ``(0, d_in)`` otherwise."""
-        import random
-
-        name = spec.mlp_out_name(site.layer, site.stack)
-        d_in = get_module(model, name).weight.shape[1 if type(get_module(model, name)).__name__ != "Conv1D" else 0]
-        src_stack = "encoder" if ex.enc_ids is not None else spec.stacks[-1].name
-        if self.n_variants <= 0 or site.stack != src_stack or site.pos >= self._source_len(ex):
-            return torch.zeros((0, d_in))
-        token = int((ex.enc_ids if ex.enc_ids is not None else ex.dec_ids)[0, site.pos])
-        rng = random.Random(ex.request.request_id)
-        sources = self._stats_sources(requests)
-        picks = rng.sample(sources, min(self.n_variants, len(sources)))
-        rows, positions = [], []
-        for text in picks:
-            ids = list(tokenizer(text)["input_ids"]) if ex.enc_ids is not None else prompt_ids(tokenizer, text)
-            body = len(ids) - 1 if ex.enc_ids is not None else len(ids)   # keep a final EOS last
-            start = 1 if (ex.enc_ids is None and ids and ids[0] == tokenizer.bos_token_id) else 0
-            j = rng.randint(start, max(start, body))
-            rows.append(ids[:j] + [token] + ids[j:])
-            positions.append(j)
-        from editing.editors.keys import pad_id_of, pad_right
-
-        ids, mask = pad_right(rows, pad_id_of(tokenizer))
-        device = next(model.parameters()).device
-        store: dict[str, torch.Tensor] = {}
-        with _Patch() as p:
-            p.capture_input(get_module(model, name), store, "k")
-            if ex.enc_ids is not None:
-                model.get_encoder()(input_ids=ids.to(device), attention_mask=mask.to(device))
+        rows = []
+        for e in exs:
+            with _Patch() as p:
+                p.capture_input(get_module(model, spec.mlp_out_name(site.layer, site.stack)), store, "k")
+                self._forward(model, e)
+            k = store["k"][0].float().cpu()
+            if every:
+                rows.append(k[: self._source_len(e)] if site.where == "trigger" else k[e.offset:])
             else:
-                model(input_ids=ids.to(device), attention_mask=mask.to(device))
-        return torch.stack([store["k"][i, j] for i, j in enumerate(positions)]).float()
+                rows.append(k[e.pos(site.where)][None])
+        return torch.cat(rows)
 
     def _regulariser(self, model, tokenizer, requests, state: EditorState, weight: str, keys: torch.Tensor
                      ) -> tuple[torch.Tensor, float]:
@@ -457,34 +708,43 @@ class RankOneDeletionEditor:
         s_bar = float((K * torch.linalg.solve(C0, K.T).T).sum(1).mean())
         return C0, max(s_bar, 1e-12)
 
-    def _direction(self, model, tokenizer, requests, state: EditorState, weight: str, keys: torch.Tensor) -> torch.Tensor:
-        """``u = A⁻¹ Kᵀ 1`` with ``A = (s̄/variant_gain) C0 + C_edits + KᵀK`` over the instance key (row 0)
-        and its variants, scaled so ``uᵀ k_instance = 1``: the rank-one write ``ΔW = δ uᵀ`` gives the
-        instance exactly ``δ``, the trigger's other contexts about ``δ``, ordinary keys little."""
+    def _direction(self, model, tokenizer, requests, state: EditorState, weight: str, keys: torch.Tensor,
+                   neg_keys: torch.Tensor | None = None) -> torch.Tensor:
+        """``u = A⁻¹ Kᵀ 1`` with ``A = (s̄/variant_gain) C0 + C_edits + KᵀK`` over the instance key and its
+        variants' keys, scaled so ``mean(K u) = 1``: the rank-one write ``ΔW = δ uᵀ`` gives the trigger's
+        contexts about ``δ``, ordinary keys little."""
         C0, s_bar = self._regulariser(model, tokenizer, requests, state, weight, keys)
         K = keys.double().cpu()
         a = (s_bar / self.variant_gain) * C0 + K.T @ K
+        if neg_keys is not None and len(neg_keys):
+            a = a + self.negative_strength * neg_keys.double().T @ neg_keys.double()
         ce = state.tensors.get(f"{weight}::C_edits")
         if ce is not None:
             a = a + ce.double()
         u = torch.linalg.solve(a, K.T @ torch.ones(K.shape[0], dtype=torch.float64))
-        return (u / (K[0] @ u)).float()
+        return (u / (K @ u).mean()).float()
 
     # ------------------------------------------------------------ value
     def _kl_batch(self, model, tokenizer, requests, state: EditorState) -> dict | None:
         """The first ``kl_sentences`` statistics sentences (teacher-forced on the model's own outputs)."""
         if self.kl_sentences <= 0 or not self.kl_weight:
             return None
-        if not state.meta.get("_batches"):
-            state.meta["_batches"] = self._stat_batches(model, tokenizer, self._stats_sources(requests))
-        batches = state.meta["_batches"]
+        batches = self._batches(model, tokenizer, requests, state)
         return {k: v[: self.kl_sentences] for k, v in batches[0].items()}
 
+    @staticmethod
+    def _example_loss(lp: torch.Tensor, ex: _Example) -> torch.Tensor:
+        nll = -lp.gather(1, ex.targets[:, None]).mean()
+        row = lp[ex.decision]
+        others = row.masked_fill(torch.arange(row.shape[0], device=row.device) == ex.unwanted_tok, float("-inf"))
+        return nll - torch.logsumexp(others, 0)     # + -log(1 - P(u)), stable when P(u) -> 1
+
     def _value(self, model, tokenizer, requests, state: EditorState, spec: ArchSpec, ex: _Example,
-               site: Site, keys: torch.Tensor) -> tuple[torch.Tensor, float, float]:
-        """``(δ, loss, final margin)`` for ``ex`` at ``site``, optimised against the model as given with the
-        rank-one write ``ΔW = δ uᵀ`` installed at every position (spill-over onto the sentence's other
-        tokens is part of the optimisation)."""
+               variants: Sequence[_Example], site: Site, keys: torch.Tensor, negatives: Sequence[_Example] = (),
+               neg_keys: torch.Tensor | None = None) -> tuple[torch.Tensor, float, float, float]:
+        """``(δ, loss, instance margin, share of variants flipped)`` at ``site``, optimised against the model
+        as given with the rank-one write ``ΔW = δ uᵀ`` installed at every position, jointly over the
+        instance and its variants (spill-over onto other tokens is part of the objective)."""
         name = spec.mlp_out_name(site.layer, site.stack)
         module = get_module(model, name)
         store: dict[str, torch.Tensor] = {}
@@ -492,40 +752,46 @@ class RankOneDeletionEditor:
             p.capture_output(module, store, "v")
             self._forward(model, ex)
         device = store["v"].device
-        u = self._direction(model, tokenizer, requests, state, name + ".weight", keys).to(device)
+        u = self._direction(model, tokenizer, requests, state, name + ".weight", keys, neg_keys).to(device)
         v_norm = float(store["v"][0, site.pos].norm()) + 1e-6
         kl_batch = self._kl_batch(model, tokenizer, requests, state)
         kl_base = None
         if kl_batch is not None:
             with torch.no_grad():
                 kl_base = torch.log_softmax(model(**kl_batch).logits.float(), -1)
+        exs = [ex, *variants, *negatives]
+        nv = len(variants)
         delta = torch.zeros(store["v"].shape[-1], device=device, requires_grad=True)
         opt = torch.optim.Adam([delta], lr=self.lr)
         params = list(model.parameters())
         flags = [q.requires_grad for q in params]
         for q in params:
             q.requires_grad_(False)
-        loss_val, margin = float("nan"), float("-inf")
+        loss_val, margin, share = float("nan"), float("-inf"), 0.0
         try:
             for _ in range(self.steps):
                 with _Patch() as p:
                     p.add_lowrank(module, delta[:, None], u[:, None])
-                    lp = torch.log_softmax(self._forward(model, ex).float(), -1)
+                    lps = [torch.log_softmax(l.float(), -1) for l in self._forward_many(model, exs)]
                     kl = 0.0
                     if kl_base is not None and self.kl_weight:
                         lq = torch.log_softmax(model(**kl_batch).logits.float(), -1)
                         m = kl_batch.get("decoder_attention_mask", kl_batch["attention_mask"]).bool()
                         kl = (kl_base.exp() * (kl_base - lq)).sum(-1)[m].mean()
-                nll = -lp.gather(1, ex.targets[:, None]).mean()
-                row = lp[ex.decision]
-                others = row.masked_fill(torch.arange(row.shape[0], device=row.device) == ex.unwanted_tok, float("-inf"))
-                ul = -torch.logsumexp(others, 0)          # -log(1 - P(u)), stable when P(u) -> 1
-                reg = self.weight_decay * delta.pow(2).sum() / v_norm ** 2
-                loss = nll + self.unlikelihood * ul + reg + self.kl_weight * kl
-                margins = _top1_margins(lp.detach(), ex.targets)
+                loss = self._example_loss(lps[0], ex)
+                if variants:
+                    loss = loss + self.variant_weight * torch.stack(
+                        [self._example_loss(lp, v) for lp, v in zip(lps[1:1 + nv], variants)]).mean()
+                if negatives:
+                    loss = loss + self.negative_weight * torch.stack(
+                        [-lp.gather(1, n.targets[:, None]).mean() for lp, n in zip(lps[1 + nv:], negatives)]).mean()
+                loss = loss + self.weight_decay * delta.pow(2).sum() / v_norm ** 2 + self.kl_weight * kl
+                margins = _top1_margins(lps[0].detach(), ex.targets)
                 margin = float(margins[ex.decision])
+                vm = [float(_top1_margins(lp.detach(), v.targets)[v.decision]) for lp, v in zip(lps[1:1 + nv], variants)]
+                share = sum(x > 0 for x in vm) / len(vm) if vm else 1.0
                 loss_val = float(loss.detach())
-                if margin >= self.margin and float(margins.min()) > 0.5:
+                if margin >= self.margin and float(margins.min()) > 0.5 and all(x > 0.5 for x in vm):
                     break
                 opt.zero_grad()
                 loss.backward()
@@ -533,39 +799,61 @@ class RankOneDeletionEditor:
         finally:
             for q, f in zip(params, flags):
                 q.requires_grad_(f)
-        return delta.detach(), loss_val, margin
+        return delta.detach(), loss_val, margin, share
 
     # ------------------------------------------------------------ edit
     @torch.no_grad()
-    def _check(self, model, tokenizer, examples: list[_Example],
-               factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> tuple[list[str], list[bool]]:
-        """Greedy outputs with the update installed as hooks, and whether each edit took: the unwanted
-        span is gone AND the positive token now wins at the decision position."""
+    def _check(self, model, tokenizer, examples: list[_Example], variants: list[_Example], heldout: list[str],
+               heldout_base: list[str], factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+               ) -> tuple[list[str], list[bool], float, float]:
+        """With the update installed as hooks: the instances' greedy outputs, whether each edit took (span
+        gone AND the positive token wins at the decision position), the share of variants without the span,
+        and the share of held-out sentences whose output is unchanged."""
         with _Patch() as p:
             for w, (u, v) in factors.items():
                 p.add_lowrank(get_module(model, w[: -len(".weight")]), u, v)
-            outs = generate_outputs(model, tokenizer, [ex.request.source for ex in examples], self.max_new_tokens)
+            srcs = [ex.request.source for ex in examples] + [v.request.source for v in variants] + heldout
+            outs = generate_outputs(model, tokenizer, srcs, self.max_new_tokens)
+            inst, var, held = outs[:len(examples)], outs[len(examples):len(examples) + len(variants)], \
+                outs[len(examples) + len(variants):]
             ok = [not contains_span(o, ex.request.unwanted) and
                   int(self._forward(model, ex)[ex.decision].argmax()) == int(ex.targets[ex.decision])
-                  for o, ex in zip(outs, examples)]
-        return outs, ok
+                  for o, ex in zip(inst, examples)]
+        share = sum(not contains_span(o, v.request.unwanted) for o, v in zip(var, variants)) / len(variants) \
+            if variants else 1.0
+        loc = sum(a == b for a, b in zip(held, heldout_base)) / len(heldout) if heldout else 1.0
+        # held-out sentences whose output legitimately shows an unwanted span must all keep it
+        neg = [(a, b) for a, b in zip(held, heldout_base) if any(contains_span(b, ex.request.unwanted) for ex in examples)]
+        if neg:
+            loc = min(loc, sum(a == b for a, b in neg) / len(neg))
+        return inst, ok, share, loc
 
     def _locate(self, model, tokenizer, spec, ex: _Example, state: EditorState, requests) -> dict:
-        """Trace, then try the candidate sites in order; keep the first whose value reaches ``margin``."""
+        """Trigger, variants, trace; then try the candidate sites in order and keep the first whose joint value
+        reaches ``margin`` on the instance and flips ``variant_accept`` of the variants."""
         trig = self.trigger_trace(model, tokenizer, ex)
-        effects = self.trace(model, spec, ex, state, trig[0][0])
+        ex.trigger = trig[0][0]
+        variants = self._variants(model, tokenizer, ex, state)
+        negatives = self._negatives(model, tokenizer, ex, state)
+        effects = self.trace(model, spec, ex, state, None, variants)
         tried = []
         for site, effect in effects:
-            k = self._site_key(model, spec, ex, site)
-            keys = torch.cat([k[None].cpu(), self._variant_keys(model, tokenizer, spec, ex, site, requests).cpu()])
-            delta, loss, margin = self._value(model, tokenizer, requests, state, spec, ex, site, keys)
-            tried.append({"site": site, "effect": effect, "keys": keys, "delta": delta, "loss": loss, "margin": margin})
-            if margin >= self.margin:
+            keys = self._keys(model, spec, [ex, *variants], site)
+            neg_keys = self._keys(model, spec, negatives, site, every=True) if negatives else None
+            delta, loss, margin, share = self._value(model, tokenizer, requests, state, spec, ex, variants, site, keys,
+                                                     negatives, neg_keys)
+            tried.append({"site": site, "effect": effect, "keys": keys, "delta": delta, "loss": loss,
+                          "margin": margin, "share": share, "neg_keys": neg_keys})
+            if margin >= self.margin and share >= self.variant_accept:
                 break
-        best = tried[-1] if tried[-1]["margin"] >= self.margin else max(tried, key=lambda t: t["margin"])
+        last = tried[-1]
+        best = last if last["margin"] >= self.margin and last["share"] >= self.variant_accept else max(
+            tried, key=lambda t: (t["margin"] >= self.margin, t["share"], t["margin"]))
+        best["variants"] = variants
         best["why"] = {"trigger_trace": [(i, round(e, 4)) for i, e in trig[:3]],
                        "trace": [(asdict(s), round(e, 4)) for s, e in effects],
-                       "value_tried": [(asdict(t["site"]), round(t["margin"], 3)) for t in tried]}
+                       "n_variants": len(variants), "n_negatives": len(negatives),
+                       "value_tried": [(asdict(t["site"]), round(t["margin"], 3), round(t["share"], 3)) for t in tried]}
         return best
 
     def edit(self, model: nn.Module, tokenizer, requests: Sequence[DeletionRequest],
@@ -605,19 +893,27 @@ class RankOneDeletionEditor:
             state or EditorState(self.name))
         per_weight: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         info: dict[str, dict] = {}
+        all_variants: list[_Example] = []
         for ex in examples:
             best = self._locate(model, tokenizer, spec, ex, state, requests)
             site = best["site"]
+            all_variants += best["variants"]
             weight = spec.mlp_out_name(site.layer, site.stack) + ".weight"
             per_weight.setdefault(weight, []).append((best["keys"], best["delta"]))
+            if best["neg_keys"] is not None and len(best["neg_keys"]):     # preserved: residual 0
+                per_weight[weight].append((best["neg_keys"] * self.negative_strength ** 0.5,
+                                           torch.zeros_like(best["delta"])))
             info[ex.request.request_id] = {"site": asdict(site), "weight": weight, "trace_effect": best["effect"],
                                            "n_keys": int(best["keys"].shape[0]), **best["why"],
                                            "value_loss": best["loss"], "value_margin": best["margin"],
+                                           "value_variant_share": best["share"],
                                            "decision_index": ex.decision, "base_output": ex.greedy}
         factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         chosen_lambda: dict[str, float] = {}
         gain = None
         if per_weight:
+            heldout = self._heldout(tokenizer, state, examples)
+            heldout_base = generate_outputs(model, tokenizer, heldout, self.max_new_tokens) if heldout else []
             solves = {}
             for w, items in per_weight.items():
                 K = torch.cat([k for k, _ in items]).double()
@@ -630,29 +926,38 @@ class RankOneDeletionEditor:
                 for w, (K, R, C0, s_bar, ce) in solves.items():
                     u, v = memit_factors(K, R, C0, s_bar / g, ce.double() if ce is not None else None, ridge=0.0)
                     factors[w] = (u.float(), v.float())
-                outs, ok = self._check(model, tokenizer, examples, factors)
-                exact = [o == " ".join(ex.request.positive.split()) for o, ex in zip(outs, examples)]
-                trials.append((g, factors, outs, ok, all(ok) and all(exact)))
-                if trials[-1][4]:
+                outs, ok, share, loc = self._check(model, tokenizer, examples, all_variants, heldout, heldout_base,
+                                                   factors)
+                exact = all(o == " ".join(ex.request.positive.split()) for o, ex in zip(outs, examples))
+                trials.append({"gain": g, "factors": factors, "outs": outs, "ok": ok, "share": share, "loc": loc,
+                               "full": all(ok) and exact and share == 1.0})
+                # stop at the first complete deletion, or once locality breaks after the instance was fixed
+                if trials[-1]["full"] or (loc < self.locality_floor and any(all(t["ok"]) for t in trials)):
                     break
-            # the largest λ (smallest gain) whose outputs equal the positives; else the largest at which every
-            # edit took; else the smallest λ tried (reported as failed)
-            exact_t = [t for t in trials if t[4]]
-            took_t = [t for t in trials if all(t[3])]
-            gain, factors, outs, ok, _ = (exact_t or took_t or trials[-1:])[0]
+            good = [t for t in trials if all(t["ok"]) and t["loc"] >= self.locality_floor]
+            took = [t for t in trials if all(t["ok"])]
+            if good:
+                chosen = max(good, key=lambda t: (t["share"], t["full"], -t["gain"]))
+            else:      # the instance is the hard bar: the smallest change that fixes it, else the largest tried
+                chosen = (took or trials[-1:])[0]
+            gain, factors, outs, ok = chosen["gain"], chosen["factors"], chosen["outs"], chosen["ok"]
             chosen_lambda = {w: solves[w][3] / gain for w in solves}
             for w, (K, R, C0, s_bar, ce) in solves.items():
                 kk = (K.T @ K).float()
                 state.tensors[f"{w}::C_edits"] = kk if ce is None else ce + kk
-            for ex, out, took in zip(examples, outs, ok):
+            for ex, out, took_ in zip(examples, outs, ok):
                 rid = ex.request.request_id
                 diags[rid] = RequestDiagnostics(
-                    rid, took, value_loss=info[rid]["value_loss"], residual_norm=None,
-                    message="" if took else f"edit did not take: output {out!r} (unwanted {ex.request.unwanted!r})",
+                    rid, took_, value_loss=info[rid]["value_loss"], residual_norm=None,
+                    message="" if took_ else f"edit did not take: output {out!r} (unwanted {ex.request.unwanted!r})",
                     extra={**info[rid], "edited_output": out,
                            "equals_positive": out == " ".join(ex.request.positive.split()),
-                           "lambda": chosen_lambda[info[rid]["weight"]], "lambda_gain": gain})
-        state.meta.pop("_batches", None)
+                           "lambda": chosen_lambda[info[rid]["weight"]], "lambda_gain": gain,
+                           "variants_gone": chosen["share"], "heldout_unchanged": chosen["loc"],
+                           "n_heldout": len(heldout),
+                           "lambda_trials": [(t["gain"], round(t["share"], 3), round(t["loc"], 4)) for t in trials]})
+        for k in ("_batches", "_split", "_fingerprint", "_outputs"):
+            state.meta.pop(k, None)
         state.meta["n_edits"] = int(state.meta.get("n_edits", 0)) + len(examples)
         delta = LowRankDelta(
             factors=factors, base_fingerprint=fingerprint(model), editor=self.name,
@@ -661,3 +966,13 @@ class RankOneDeletionEditor:
         if factors:
             delta = delta.compact(rank=None)   # rank ≤ number of requests per weight (variant keys share δ)
         return EditResult(delta=delta, state=state, diagnostics=[diags[r.request_id] for r in requests])
+
+    def _heldout(self, tokenizer, state: EditorState, examples: list[_Example]) -> list[str]:
+        """Held-out statistics sentences containing none of the examples' trigger tokens."""
+        triggers = {int((ex.enc_ids if ex.enc_ids is not None else ex.dec_ids)[0, ex.trigger]) for ex in examples}
+        out = []
+        for text in state.meta["_split"]["heldout"]:
+            ids = set(tokenizer(text)["input_ids"])
+            if not ids & triggers:
+                out.append(text)
+        return out

@@ -244,6 +244,8 @@ class MemitEditor:
                                 "nothing to edit (drop them, or use on_noop='report')")
         active = [r for r, t in zip(requests, top0) if not t]
         hp = self._resolve(model, tokenizer, spec, active or requests, state, fp)
+        for r in active:  # again with the templates actually used (generated prefixes are longer)
+            check_length(model, tokenizer, r, hp.value.context_templates)
         layers = list(hp.layers)
         names = [spec.mlp_out_name(l) for l in layers]
         saved = self._save(model, spec, layers)

@@ -31,6 +31,13 @@ KIND_HELP = "fact or deletion (default: from the request records)"
 DELETION_BASE_FILE = "base_deletion_outputs.json"  # the base model's outputs on unrelated sources
 
 
+def check_kind(kind: str | None) -> None:
+    from editing.errors import EditopsError
+
+    if kind not in (None, "fact", "deletion"):
+        raise EditopsError(f"--kind {kind!r}: use 'fact' or 'deletion' (or leave it out to read it from the records)")
+
+
 def parse_layers(text: str | None) -> list[int] | None:
     """``"3,4,5"`` or ``"3-5"`` (or a mix, ``"1,3-5"``) → ``[3, 4, 5]``."""
     from editing.errors import EditopsError
@@ -145,6 +152,7 @@ def edit(
     from editing.runner import run_sequential
 
     console = _console()
+    check_kind(kind)
     reqs = read_requests(requests, kind=kind, limit=limit)  # type: ignore[arg-type]
     req_kind = request_kind(reqs)
     editor_name = editor or (DEFAULT_FACT_EDITOR if req_kind == "fact" else DEFAULT_DELETION_EDITOR)
@@ -263,6 +271,7 @@ def eval_(
     from editing.models import load
 
     console = _console()
+    check_kind(kind)
     reqs = read_requests(requests, kind=kind, limit=limit)  # type: ignore[arg-type]
     req_kind = request_kind(reqs)
     loaded = load(model, mlp_out_template=mlp_out_template)

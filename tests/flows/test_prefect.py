@@ -88,11 +88,14 @@ def prefect_real_server(tmp_path):
 @pytest.mark.slow
 def test_serve_schedule_fires(editable_project, prefect_real_server):
     cfg, reqs = editable_project
+    from flows.pipeline import open_registry
+
+    open_registry(cfg).ensure_line("facts", cfg.lines["facts"].base_model)  # the MLflow store exists before runs
     (cfg.inbox / "s.json").write_text(json.dumps(fact_tickets(reqs[2:3]) + [{"request_id": "bad one"}]))
     env = {**os.environ, "PREFECT_API_URL": prefect_real_server, "OMP_NUM_THREADS": "1"}
     log = cfg.root / "serve.log"
     with log.open("w") as fh:
-        proc = subprocess.Popen([sys.executable, "-c", "from flows.cli import main; main()", "serve", "--interval", "5",
+        proc = subprocess.Popen([sys.executable, "-c", "from flows.cli import main; main()", "serve", "--interval", "10",
                                  "--name", "test", "--config", str(cfg.root / "editops.yaml")],
                                 cwd=cfg.root, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
     led = Ledger(cfg.ledger_url)
