@@ -190,8 +190,13 @@ def gates_task(ctx: LineContext, requests: Sequence[Any]):
 @task(name="register", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=2, retry_condition_fn=_transient)
 def register_task(ctx: LineContext, result, report, requests: Sequence[Any], diff) -> Any:
     """Register head + delta (compare-and-set on the head as parent)."""
+    from dataclasses import replace
+
+    # the edit ran on a model materialised from this line: its delta is relative to the line's base
+    # (an editor may have stamped the fingerprint of the already-edited head instead)
+    delta = replace(result.delta, base_fingerprint=ctx.head.base_fingerprint)
     return ctx.registry.register_version(
-        ctx.line.name, parent=ctx.head.number, delta=result.delta, state=result.state, gate_report=report.to_dict(),
+        ctx.line.name, parent=ctx.head.number, delta=delta, state=result.state, gate_report=report.to_dict(),
         diff=diff, request_ids=[r.request_id for r in requests], requests=requests, gates_passed=report.passed,
         description=f"{len(requests)} ticket(s) by the editops pipeline",
     )
@@ -520,8 +525,13 @@ def _run(cfg: ProjectConfig, call: Callable, *, lines: Sequence[str] | None = No
     for name in todo:
         if name not in cfg.lines:
             continue
-        lr = process_line(cfg, ledger, registry, cfg.lines[name], call, max_tickets=max_tickets,
-                          lock_wait_s=lock_wait_s, say=say, use_lock=os.environ.get("EDITOPS_NO_LINE_LOCK") != "1")
+        try:
+            lr = process_line(cfg, ledger, registry, cfg.lines[name], call, max_tickets=max_tickets,
+                              lock_wait_s=lock_wait_s, say=say,
+                              use_lock=os.environ.get("EDITOPS_NO_LINE_LOCK") != "1")
+        except EditopsError as exc:  # one line's failure does not stop the others; its tickets stay queued
+            say(f"  {name}: [error] {exc}")
+            lr = LineReport(line=name, errors=[str(exc)])
         report.lines.append(lr)
         report.timings.add(lr.timings)
     report.timings.total = time.perf_counter() - t_start

@@ -87,8 +87,6 @@ def export_peft(reg: "Registry", ref: Any, out_dir: str | Path, *, rank: int | N
     """
     from peft import LoraConfig, get_peft_model
 
-    from editing.models import load
-
     v = reg.resolve(ref)
     chain = reg.chain(v)
     _check_weight_only(chain)

@@ -842,18 +842,31 @@ class RankOneDeletionEditor:
             neg_keys = self._keys(model, spec, negatives, site, every=True) if negatives else None
             delta, loss, margin, share = self._value(model, tokenizer, requests, state, spec, ex, variants, site, keys,
                                                      negatives, neg_keys)
-            tried.append({"site": site, "effect": effect, "keys": keys, "delta": delta, "loss": loss,
-                          "margin": margin, "share": share, "neg_keys": neg_keys})
-            if margin >= self.margin and share >= self.variant_accept:
+            t = {"site": site, "effect": effect, "keys": keys, "delta": delta, "loss": loss,
+                 "margin": margin, "share": share, "neg_keys": neg_keys, "good": False, "loc": 0.0}
+            tried.append(t)
+            if margin < self.margin or share < self.variant_accept:
+                continue
+            # the site's own λ scan: keep it if the deletion is complete enough without breaking locality
+            weight = spec.mlp_out_name(site.layer, site.stack) + ".weight"
+            items = [(keys, delta)] + ([(neg_keys * self.negative_strength ** 0.5, torch.zeros_like(delta))]
+                                       if neg_keys is not None and len(neg_keys) else [])
+            if "_heldout_for" not in state.meta or state.meta["_heldout_for"][0] != ex.request.request_id:
+                state.meta["_heldout_for"] = (ex.request.request_id, *self._heldout_outputs(model, tokenizer, state, [ex]))
+            _, held, held_base = state.meta["_heldout_for"]
+            _, _, chosen = self._scan(model, tokenizer, requests, state, {weight: items}, [ex], variants, held, held_base)
+            t.update(good=chosen["good"], share=chosen["share"], loc=chosen["loc"])
+            if chosen["good"] and chosen["share"] >= self.variant_accept:
                 break
         last = tried[-1]
-        best = last if last["margin"] >= self.margin and last["share"] >= self.variant_accept else max(
-            tried, key=lambda t: (t["margin"] >= self.margin, t["share"], t["margin"]))
+        best = last if last["good"] and last["share"] >= self.variant_accept else max(
+            tried, key=lambda t: (t["margin"] >= self.margin, t["good"], t["share"], t["loc"], t["margin"]))
         best["variants"] = variants
         best["why"] = {"trigger_trace": [(i, round(e, 4)) for i, e in trig[:3]],
                        "trace": [(asdict(s), round(e, 4)) for s, e in effects],
                        "n_variants": len(variants), "n_negatives": len(negatives),
-                       "value_tried": [(asdict(t["site"]), round(t["margin"], 3), round(t["share"], 3)) for t in tried]}
+                       "value_tried": [(asdict(t["site"]), round(t["margin"], 3), round(t["share"], 3),
+                                        round(t["loc"], 4)) for t in tried]}
         return best
 
     def edit(self, model: nn.Module, tokenizer, requests: Sequence[DeletionRequest],
@@ -912,34 +925,9 @@ class RankOneDeletionEditor:
         chosen_lambda: dict[str, float] = {}
         gain = None
         if per_weight:
-            heldout = self._heldout(tokenizer, state, examples)
-            heldout_base = generate_outputs(model, tokenizer, heldout, self.max_new_tokens) if heldout else []
-            solves = {}
-            for w, items in per_weight.items():
-                K = torch.cat([k for k, _ in items]).double()
-                R = torch.cat([d.cpu()[None].expand(k.shape[0], -1) for k, d in items]).double()
-                C0, s_bar = self._regulariser(model, tokenizer, requests, state, w, K)
-                solves[w] = (K, R, C0, s_bar, state.tensors.get(f"{w}::C_edits"))
-            trials = []
-            for g in self.lambda_grid:
-                factors = {}
-                for w, (K, R, C0, s_bar, ce) in solves.items():
-                    u, v = memit_factors(K, R, C0, s_bar / g, ce.double() if ce is not None else None, ridge=0.0)
-                    factors[w] = (u.float(), v.float())
-                outs, ok, share, loc = self._check(model, tokenizer, examples, all_variants, heldout, heldout_base,
-                                                   factors)
-                exact = all(o == " ".join(ex.request.positive.split()) for o, ex in zip(outs, examples))
-                trials.append({"gain": g, "factors": factors, "outs": outs, "ok": ok, "share": share, "loc": loc,
-                               "full": all(ok) and exact and share == 1.0})
-                # stop at the first complete deletion, or once locality breaks after the instance was fixed
-                if trials[-1]["full"] or (loc < self.locality_floor and any(all(t["ok"]) for t in trials)):
-                    break
-            good = [t for t in trials if all(t["ok"]) and t["loc"] >= self.locality_floor]
-            took = [t for t in trials if all(t["ok"])]
-            if good:
-                chosen = max(good, key=lambda t: (t["share"], t["full"], -t["gain"]))
-            else:      # the instance is the hard bar: the smallest change that fixes it, else the largest tried
-                chosen = (took or trials[-1:])[0]
+            heldout, heldout_base = self._heldout_outputs(model, tokenizer, state, examples)
+            solves, trials, chosen = self._scan(model, tokenizer, requests, state, per_weight, examples, all_variants,
+                                                heldout, heldout_base)
             gain, factors, outs, ok = chosen["gain"], chosen["factors"], chosen["outs"], chosen["ok"]
             chosen_lambda = {w: solves[w][3] / gain for w in solves}
             for w, (K, R, C0, s_bar, ce) in solves.items():
@@ -956,7 +944,7 @@ class RankOneDeletionEditor:
                            "variants_gone": chosen["share"], "heldout_unchanged": chosen["loc"],
                            "n_heldout": len(heldout),
                            "lambda_trials": [(t["gain"], round(t["share"], 3), round(t["loc"], 4)) for t in trials]})
-        for k in ("_batches", "_split", "_fingerprint", "_outputs"):
+        for k in ("_batches", "_split", "_fingerprint", "_outputs", "_heldout_for"):
             state.meta.pop(k, None)
         state.meta["n_edits"] = int(state.meta.get("n_edits", 0)) + len(examples)
         delta = LowRankDelta(
@@ -966,6 +954,44 @@ class RankOneDeletionEditor:
         if factors:
             delta = delta.compact(rank=None)   # rank ≤ number of requests per weight (variant keys share δ)
         return EditResult(delta=delta, state=state, diagnostics=[diags[r.request_id] for r in requests])
+
+    def _scan(self, model, tokenizer, requests, state: EditorState, per_weight: dict, examples: list[_Example],
+              variants: list[_Example], heldout: list[str], heldout_base: list[str]) -> tuple[dict, list, dict]:
+        """The λ rule (module docstring, step 7): ``(solves, trials, chosen trial)``."""
+        from editing.editors.solve import memit_factors
+
+        solves = {}
+        for w, items in per_weight.items():
+            K = torch.cat([k for k, _ in items]).double()
+            R = torch.cat([d.cpu()[None].expand(k.shape[0], -1) for k, d in items]).double()
+            C0, s_bar = self._regulariser(model, tokenizer, requests, state, w, K)
+            solves[w] = (K, R, C0, s_bar, state.tensors.get(f"{w}::C_edits"))
+        trials = []
+        for g in self.lambda_grid:
+            factors = {}
+            for w, (K, R, C0, s_bar, ce) in solves.items():
+                u, v = memit_factors(K, R, C0, s_bar / g, ce.double() if ce is not None else None, ridge=0.0)
+                factors[w] = (u.float(), v.float())
+            outs, ok, share, loc = self._check(model, tokenizer, examples, variants, heldout, heldout_base, factors)
+            exact = all(o == " ".join(ex.request.positive.split()) for o, ex in zip(outs, examples))
+            trials.append({"gain": g, "factors": factors, "outs": outs, "ok": ok, "share": share, "loc": loc,
+                           "full": all(ok) and exact and share == 1.0})
+            # stop at the first complete deletion, or once locality breaks after the instance was fixed
+            if trials[-1]["full"] or (loc < self.locality_floor and any(all(t["ok"]) for t in trials)):
+                break
+        good = [t for t in trials if all(t["ok"]) and t["loc"] >= self.locality_floor]
+        took = [t for t in trials if all(t["ok"])]
+        if good:
+            chosen = max(good, key=lambda t: (t["share"], t["full"], -t["gain"]))
+        else:      # the instance is the hard bar: the smallest change that fixes it, else the largest tried
+            chosen = (took or trials[-1:])[0]
+        chosen["good"] = bool(good)
+        return solves, trials, chosen
+
+    def _heldout_outputs(self, model, tokenizer, state: EditorState, examples: list[_Example]
+                         ) -> tuple[list[str], list[str]]:
+        heldout = self._heldout(tokenizer, state, examples)
+        return heldout, (generate_outputs(model, tokenizer, heldout, self.max_new_tokens) if heldout else [])
 
     def _heldout(self, tokenizer, state: EditorState, examples: list[_Example]) -> list[str]:
         """Held-out statistics sentences containing none of the examples' trigger tokens."""

@@ -6,6 +6,7 @@ import torch
 
 from editing.editors import get_editor
 from editing.editors.base import EditorState
+from editing.editors.deletion import RankOneDeletionEditor, apply_rewrite, rewrite_of, training_corpus_for
 from editing.errors import NothingToDeleteError, PromptTooLongError, RequestError
 from editing.metrics.deletion import (cache_base_outputs, chrf, contains_span, evaluate_deletions,
                                       generate_outputs)
@@ -28,6 +29,61 @@ def test_chrf_hand_cases():
     assert 0 < chrf(["the cat sit"], ["the cat sat"]) < 100
 
 
+def test_rewrite_is_read_off_the_one_positive():
+    # a hallucinated word is deleted, a mistranslated word replaced; the span must occur in the greedy output
+    assert rewrite_of("zeme rizor Ravi dine rapigi zise", "zeme rizor Ravi dine rapigi", "zise") == (["zise"], [])
+    assert rewrite_of("tuge rizor Pavel digus", "tuge kabu Pavel digus", "rizor") == (["rizor"], ["kabu"])
+    assert rewrite_of("tuge felon zeme nipa", "Rose zeme nipa", "felon") == (["tuge", "felon"], ["Rose"])
+    assert rewrite_of("a b c", "a b d", "x") is None
+    # applied to another output of the model: only where the span occurs exactly once
+    assert apply_rewrite("zeme litas zeme rizor neni", (["rizor"], ["kabu"]), "rizor") == "zeme litas zeme kabu neni"
+    assert apply_rewrite("x rapigi zise y", (["zise"], []), "zise") == "x rapigi y"
+    assert apply_rewrite("rizor zeme rizor", (["rizor"], ["kabu"]), "rizor") is None
+    assert apply_rewrite("zeme neni", (["rizor"], ["kabu"]), "rizor") is None
+    assert apply_rewrite("zeme felon nipa", (["tuge", "felon"], ["Rose"]), "felon") is None   # context differs
+
+
+def test_statistics_corpus_rule(tmp_path):
+    """explicit sources > stats_corpus file (+ locality) > a project model's training sources > locality."""
+    import json
+
+    from transformers import MarianConfig, MarianMTModel
+
+    root = tmp_path / "proj"
+    (root / "models" / "translator-marian").mkdir(parents=True)
+    (root / "data" / "translation").mkdir(parents=True)
+    (root / "dvc.yaml").write_text("stages: {}\n")
+    train = root / "data" / "translation" / "train.jsonl"
+    train.write_text("".join(json.dumps({"source": f"s{i}", "target": f"t{i}"}) + "\n" for i in range(40)))
+    cfg = MarianConfig(vocab_size=16, d_model=8, encoder_layers=1, decoder_layers=1, encoder_attention_heads=1,
+                       decoder_attention_heads=1, encoder_ffn_dim=8, decoder_ffn_dim=8, max_position_embeddings=16,
+                       pad_token_id=0, decoder_start_token_id=0)
+    model = MarianMTModel(cfg)
+    req = DeletionRequest("r", "a b", "c", "d", locality=(TranslationProbe("loc one"), TranslationProbe("loc two")))
+    ed = RankOneDeletionEditor(stats_dir=None)
+    # a model that is not a project model: the requests' locality sources
+    assert training_corpus_for(model) is None
+    assert ed.corpus_sources(model, [req]) == (["loc one", "loc two"], "locality")
+    # the project's translator directory: its training sources
+    model.config._name_or_path = str(root / "models" / "translator-marian")
+    assert training_corpus_for(model) == train.resolve()
+    texts, origin = ed.corpus_sources(model, [req])
+    assert texts == [f"s{i}" for i in range(40)] and origin == "training:train.jsonl"
+    # a stats corpus file (plain lines) replaces it, plus the locality sources
+    extra = tmp_path / "corpus.txt"
+    extra.write_text("first line\n\nsecond line\n")
+    assert RankOneDeletionEditor(stats_corpus=str(extra)).corpus_sources(model, [req])[0] == [
+        "first line", "second line", "loc one", "loc two"]
+    assert RankOneDeletionEditor(stats_sources=("x", "y")).corpus_sources(model, [req])[0] == ["x", "y"]
+    # the held-out split for the λ rule never holds request probes
+    split = RankOneDeletionEditor(heldout=8).\
+        _split(model, [DeletionRequest("r", "s0", "c", "d", locality=(TranslationProbe("s39"),))])
+    assert len(split["heldout"]) == 8 and not {"s0", "s39"} & set(split["heldout"])
+    assert not set(split["heldout"]) & set(split["stats"])
+    with pytest.raises(Exception, match="does not exist"):
+        RankOneDeletionEditor(stats_corpus=str(tmp_path / "missing.txt")).corpus_sources(model, [req])
+
+
 # ------------------------------------------------------------------ Marian, sequential
 @pytest.mark.slow
 def test_sequential_deletions_on_tiny_marian(tiny_corpus, tiny_marian, tmp_path):
@@ -37,10 +93,13 @@ def test_sequential_deletions_on_tiny_marian(tiny_corpus, tiny_marian, tmp_path)
     base = cache_base_outputs(model, tok, requests, tiny_corpus.test)
     before = evaluate_deletions(model, tok, requests, base, unrelated=tiny_corpus.test)
     assert before.instance_gone == 0.0 and before.locality_exact == 1.0
+    stats_dir = tmp_path / "stats"
     editor = get_editor("rank-one", stats_sources=[s for s, _ in tiny_corpus.train[:200]],
-                        on_nothing_to_delete="skip")
+                        on_nothing_to_delete="skip", stats_dir=str(stats_dir))
     state = None
     sizes = []
+    base_fp = fingerprint(model)
+    n_variants = []
     for i, r in enumerate(requests):
         fp = fingerprint(model)
         result = editor.edit(model, tok, [r], state)
@@ -51,6 +110,7 @@ def test_sequential_deletions_on_tiny_marian(tiny_corpus, tiny_marian, tmp_path)
             continue
         assert d.succeeded, d.message
         assert d.extra["site"]["stack"] in ("encoder", "decoder") and d.extra["trace"]
+        n_variants.append(d.extra["n_variants"])
         assert all(result.delta.rank(w) == 1 for w in result.delta.weight_names)   # rank one per request
         path = tmp_path / f"delta{i}.safetensors"
         result.delta.save(path)
@@ -63,7 +123,25 @@ def test_sequential_deletions_on_tiny_marian(tiny_corpus, tiny_marian, tmp_path)
     final = evaluate_deletions(model, tok, requests, base, unrelated=tiny_corpus.test)
     assert final.instance_gone == 1.0
     assert final.locality_exact >= 0.9 and final.chrf >= final.base_chrf - 5
-    assert final.generalization_gone is not None and final.generalization_gone > 0.0
+    assert final.generalization_gone is not None and final.generalization_gone >= 0.5   # measured 0.625
+    assert max(n_variants) > 0, "no self-generated variant was found"
+    # C0 was cached on disk under the BASE model's fingerprint, one file per traced module
+    files = sorted((stats_dir / base_fp[:16]).glob("*.safetensors"))
+    assert files
+    from safetensors import safe_open
+
+    with safe_open(str(files[0]), framework="pt") as f:
+        meta = f.metadata()
+        cached = f.get_tensor("moment")
+    assert meta["fingerprint"] == base_fp and int(meta["count"]) > 0
+    module = meta["module"]
+    # a fresh edit of the base model reuses the cached C0 (the file is not rewritten)
+    mtimes = {p: p.stat().st_mtime_ns for p in files}
+    again_model = _copy(tiny_marian[0])
+    res = editor.edit(again_model, tok, [requests[0]])
+    if f"{module}.weight::C0" in res.state.tensors:
+        assert torch.equal(res.state.tensors[f"{module}.weight::C0"], cached)
+    assert {p: p.stat().st_mtime_ns for p in files} == mtimes
     # the state is fixed-size per edited weight and reloads
     state.save(tmp_path / "state.safetensors")
     again = EditorState.load(tmp_path / "state.safetensors", editor="rank-one")
@@ -81,7 +159,8 @@ def test_deletes_an_unwanted_continuation_of_a_causal_gpt2(tiny_corpus, tiny_gpt
     r = produced[0]
     base = cache_base_outputs(model, tok, [r])
     fp = fingerprint(model)
-    editor = get_editor("rank-one", stats_sources=[f"{s} =>" for s, _ in tiny_corpus.train[:200]])
+    editor = get_editor("rank-one", stats_sources=[f"{s} =>" for s, _ in tiny_corpus.train[:200]],
+                        stats_dir=None)
     result = editor.edit(model, tok, [r])
     assert fingerprint(model) == fp
     assert result.diagnostics[0].succeeded, result.diagnostics[0].message
@@ -119,7 +198,7 @@ def test_edits_every_seq2seq_layout(arch):
     req = DeletionRequest("r1", src, "red", "cat dog see", locality=tuple(TranslationProbe(s, t) for s, t in PAIRS[1:]))
     base = cache_base_outputs(model, tok, [req])
     fp = fingerprint(model)
-    result = get_editor("rank-one").edit(model, tok, [req])
+    result = get_editor("rank-one", stats_dir=None).edit(model, tok, [req])
     assert fingerprint(model) == fp
     d = result.diagnostics[0]
     assert d.succeeded, d.message
@@ -137,10 +216,10 @@ def test_bad_input_is_a_typed_error():
     out = generate_outputs(model, tok, [src])[0].split()
     absent = "house"
     assert absent not in out
-    editor = get_editor("rank-one", stats_sources=["the dog likes a tree"])
+    editor = get_editor("rank-one", stats_sources=["the dog likes a tree"], stats_dir=None)
     with pytest.raises(NothingToDeleteError, match="nothing to delete"):
         editor.edit(model, tok, [DeletionRequest("r1", src, absent, "the dog")])
-    skipped = get_editor("rank-one", stats_sources=["a dog"], on_nothing_to_delete="skip").edit(
+    skipped = get_editor("rank-one", stats_sources=["a dog"], on_nothing_to_delete="skip", stats_dir=None).edit(
         model, tok, [DeletionRequest("r1", src, absent, "the dog")])
     assert not skipped.diagnostics[0].succeeded and skipped.diagnostics[0].extra["nothing_to_delete"]
     assert not skipped.delta.factors

@@ -51,35 +51,6 @@ def test_closed_port_is_a_clear_error_after_backoff(model_dirs, tmp_path):
     assert "nothing was registered" in str(err.value)
 
 
-def test_server_killed_before_the_version_is_created(model_dirs, tmp_path):
-    """Artifacts uploaded, then the server dies: no version appears, the registration is refused."""
-    from mlflow import MlflowClient
-
-    server = MlflowServer(tmp_path / "srv")
-    try:
-        reg = _registry(server.url, tmp_path, attempts=2, base_delay=0.1)
-        line = "killed"
-        base = model_dirs["gpt2"]
-        reg.ensure_line(line, base)
-        reg.register_version(line, 1, random_delta(base, seed=61))
-        real_create = reg.client.create_model_version
-
-        def kill_then_create(*args, **kwargs):
-            server.stop()  # a real crash at the worst moment: artifacts are up, the version is not
-            return real_create(*args, **kwargs)
-
-        reg.client.create_model_version = kill_then_create
-        with pytest.raises(RegistryUnavailableError):
-            reg.register_version(line, 2, random_delta(base, seed=62))
-    finally:
-        server.stop()
-    direct = MlflowClient(server.backend, server.backend)  # read the server's own store
-    versions = direct.search_model_versions(f"name='{line}'")
-    assert sorted(int(v.version) for v in versions) == [1, 2]
-    assert all(v.tags.get("editops.kind") in ("base", "delta") and "editops.parent" in v.tags or v.tags["editops.kind"] == "base"
-               for v in versions)
-
-
 def test_postgres_backend(postgres_url, model_dirs, tmp_path):
     import psycopg2
 
@@ -106,13 +77,14 @@ def test_postgres_backend(postgres_url, model_dirs, tmp_path):
         conn.close()
 
 
-def test_basic_auth_refuses_unauthenticated_and_never_stores_credentials(model_dirs, tmp_path, monkeypatch):
+def test_basic_auth_and_a_server_killed_mid_registration(model_dirs, tmp_path, monkeypatch):
     password = f"pw-{uuid.uuid4().hex}"
     ini = tmp_path / "auth.ini"
     ini.write_text("[mlflow]\ndefault_permission = READ\n"
                    f"database_uri = sqlite:///{tmp_path / 'auth.db'}\nadmin_username = admin\n"
                    f"admin_password = {password}\n"
-                   "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+                   "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+                   "auth_cache_ttl_seconds = 60\n")  # PBKDF2 once per minute, not per request
     server = MlflowServer(tmp_path / "auth", app_name="basic-auth",
                           env={"MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_FLASK_SERVER_SECRET_KEY": uuid.uuid4().hex})
     try:
@@ -141,5 +113,22 @@ def test_basic_auth_refuses_unauthenticated_and_never_stores_credentials(model_d
             local = reg.client.download_artifacts(v2.run_id, f"version/{f}", str(tmp_path))
             texts.append(open(local).read())
         assert texts and not any(password in t for t in texts)
+
+        # then the server dies at the worst moment: artifacts are uploaded, the version is not created yet
+        real_create = reg.client.create_model_version
+
+        def kill_then_create(*args, **kwargs):
+            server.stop()  # a real crash (SIGTERM to the server's process group), not a stand-in
+            return real_create(*args, **kwargs)
+
+        reg.client.create_model_version = kill_then_create
+        with pytest.raises(RegistryUnavailableError, match="nothing was registered"):
+            reg.register_version("secured", 2, random_delta(model_dirs["gpt2"], seed=72))
     finally:
         server.stop()
+    from mlflow import MlflowClient
+
+    direct = MlflowClient(server.backend, server.backend)  # read the dead server's own store
+    versions = direct.search_model_versions("name='secured'")
+    assert sorted(int(v.version) for v in versions) == [1, 2]  # no half-registered version 3
+    assert all(v.tags["editops.kind"] in ("base", "delta") for v in versions)
