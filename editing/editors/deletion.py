@@ -836,6 +836,20 @@ class RankOneDeletionEditor:
         variants = self._variants(model, tokenizer, ex, state)
         negatives = self._negatives(model, tokenizer, ex, state)
         effects = self.trace(model, spec, ex, state, None, variants)
+        tried = self._try_sites(model, tokenizer, spec, ex, state, requests, effects, variants, negatives)
+        return self._pick(tried, ex, trig, effects, variants, negatives, model, tokenizer, spec, state, requests)
+
+    def _locate_sites(self, model, tokenizer, spec, ex, state, requests, effects, variants, negatives) -> dict:
+        tried = self._try_sites(model, tokenizer, spec, ex, state, requests, effects, variants, negatives)
+        last = tried[-1]
+        best = last if last["good"] else max(
+            tried, key=lambda t: (t["margin"] >= self.margin, t["good"], t["share"], t["loc"], t["margin"]))
+        best["variants"] = variants
+        return best
+
+    def _try_sites(self, model, tokenizer, spec, ex, state, requests, effects, variants, negatives) -> list[dict]:
+        """Value (and, when it reaches the margin, the site's own λ scan) at each candidate site in order,
+        until one deletes the instance and ``variant_accept`` of the variants within the locality floor."""
         tried = []
         for site, effect in effects:
             keys = self._keys(model, spec, [ex, *variants], site)
@@ -858,10 +872,21 @@ class RankOneDeletionEditor:
             t.update(good=chosen["good"], share=chosen["share"], loc=chosen["loc"])
             if chosen["good"] and chosen["share"] >= self.variant_accept:
                 break
-        last = tried[-1]
-        best = last if last["good"] and last["share"] >= self.variant_accept else max(
-            tried, key=lambda t: (t["margin"] >= self.margin, t["good"], t["share"], t["loc"], t["margin"]))
-        best["variants"] = variants
+        return tried
+
+    def _pick(self, tried, ex, trig, effects, variants, negatives, model, tokenizer, spec, state, requests) -> dict:
+        if variants and not any(t["margin"] >= self.margin for t in tried):
+            # no site can serve the instance and its variants at once: the instance is the hard bar, so fall
+            # back to the instance alone (the original single-example edit) at the best-traced site order
+            best = self._locate_sites(model, tokenizer, spec, ex, state, requests, effects, [], negatives)
+            best["why_fallback"] = [(asdict(t["site"]), round(t["margin"], 3), round(t["share"], 3)) for t in tried]
+            tried = tried + [best]
+        else:
+            last = tried[-1]
+            best = last if last["good"] and last["share"] >= self.variant_accept else max(
+                tried, key=lambda t: (t["margin"] >= self.margin, t["good"], t["share"], t["loc"], t["margin"]))
+            best["variants"] = variants
+        variants = best["variants"]
         best["why"] = {"trigger_trace": [(i, round(e, 4)) for i, e in trig[:3]],
                        "trace": [(asdict(s), round(e, 4)) for s, e in effects],
                        "n_variants": len(variants), "n_negatives": len(negatives),
