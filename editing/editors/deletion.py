@@ -875,10 +875,11 @@ class RankOneDeletionEditor:
         return tried
 
     def _pick(self, tried, ex, trig, effects, variants, negatives, model, tokenizer, spec, state, requests) -> dict:
-        if variants and not any(t["margin"] >= self.margin for t in tried):
+        if (variants or negatives) and not any(t["margin"] >= self.margin for t in tried):
             # no site can serve the instance and its variants at once: the instance is the hard bar, so fall
-            # back to the instance alone (the original single-example edit) at the best-traced site order
-            best = self._locate_sites(model, tokenizer, spec, ex, state, requests, effects, [], negatives)
+            # back to the instance alone (the original single-example edit, no variants or negatives)
+            best = self._locate_sites(model, tokenizer, spec, ex, state, requests, effects, [], [])
+            negatives = []
             best["why_fallback"] = [(asdict(t["site"]), round(t["margin"], 3), round(t["share"], 3)) for t in tried]
             tried = tried + [best]
         else:

@@ -158,13 +158,16 @@ class MemitEditor:
 
     def _calibrate(self, model, tokenizer, spec, reqs, hp: EditHparams, fp: str):
         """Largest λ of the grid (strongest protection of C0's keys) at which the calibration edits
-        take AND are written in full: every request's target is top-1 and the update leaves at most
-        ``residual_tol`` of its value residual, ``‖z − h_L‖ / ‖z − h_L⁰‖`` (values computed once).
+        take AND are written (nearly) as fully as any λ writes them: every request's target is top-1
+        and the worst relative value residual ``max_i ‖z_i − h_L‖ / ‖z_i − h_L⁰‖`` is at most
+        ``max(residual_tol, 1.1 × the smallest residual over the grid)`` (values computed once).
 
         Why the residual: the value ``z`` is optimised over several contexts, so writing it
         (nearly) in full carries the edit to other wordings; the largest λ that merely flips the
-        top-1 on the edit prompt writes a sliver of it (measured on SmolLM2: edits that take on
-        the prompt and on none of its paraphrases, bench/RESULTS.md).
+        top-1 on the edit prompt writes a sliver of it. Why relative to the grid's best: the
+        residual plateaus once λ C0 no longer dominates (on SmolLM2 at ≈ 0.44 for λ ≤ 300: what
+        the spread over layers cannot write); smaller λ then only costs locality (λ = 3 kept 0.47
+        of the neighbours' top-1 answers), so the knee is taken (bench/RESULTS.md).
         """
         layers = list(hp.layers)
         saved = self._save(model, spec, layers)
@@ -187,6 +190,11 @@ class MemitEditor:
                     return lam, trials
         finally:
             self._restore(model, saved)
+        floor = min(t["max_relative_residual"] for t in trials)
+        good = [t for t in trials if t["success"] >= 1.0 and t["max_relative_residual"] <= max(hp.residual_tol,
+                                                                                             1.1 * floor)]
+        if good:
+            return max(good, key=lambda t: t["lam"])["lam"], trials
         best = max(trials, key=lambda t: (t["success"], -t["max_relative_residual"], t["lam"]))
         return best["lam"], trials
 
