@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import editops, fact_tickets
+from flowkit import editops, fact_tickets
 from flows.ledger import Ledger
 from flows.pipeline import KILL_EXIT_CODE, open_registry
 
@@ -83,7 +83,7 @@ def test_team_mode_two_workers_one_inbox_postgres_ledger(tmp_path, tiny_model_di
 
     import sqlalchemy as sa
 
-    from conftest import FAST_NSE, OPEN_GATES, make_project
+    from flowkit import FAST_NSE, OPEN_GATES, make_project
 
     schema = f"t{uuid.uuid4().hex[:8]}"
     eng = sa.create_engine(postgres_url)

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import fact_tickets
+from flowkit import fact_tickets
 from flows.ledger import Ledger
 
 

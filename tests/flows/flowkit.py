@@ -1,0 +1,97 @@
+"""Helpers and fixtures for the flows tests: a project config with two lines in a temp dir, a tiny model.
+
+Imported by this folder's conftest (fixtures) and by tests as ``flowkit`` (a unique name: two
+folders' ``conftest`` modules would collide on ``from conftest import``)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# tests/ is on sys.path (rootdir conftest, no __init__.py), so tests/flows and tests/registry would
+# shadow the real packages as namespace packages: put the project root first (as tests/registry does).
+_ROOT = str(Path(__file__).resolve().parents[2])
+if sys.path[:1] != [_ROOT]:
+    sys.path.insert(0, _ROOT)
+for _name in ("registry", "editing", "flows"):
+    if _name in sys.modules and getattr(sys.modules[_name], "__file__", None) is None:
+        del sys.modules[_name]
+
+import pytest
+
+from flows.config import GateThresholds, LineConfig, ProjectConfig, load_config, write_config
+
+
+def make_project(root: Path, base_model: str = "models/none", deletion_base: str = "models/none-mt",
+                 ledger_url: str | None = None, tracking_uri: str | None = None, gates: dict | None = None,
+                 **line_kw) -> ProjectConfig:
+    wd = root / ".editops"
+    cfg = ProjectConfig(
+        root=root, workdir=wd,
+        lines={
+            "facts": LineConfig(name="facts", base_model=base_model, kind="fact", editor="nse",
+                                allowed_requesters=["alice", "bob"], gates=GateThresholds.from_dict(gates),
+                                **line_kw),
+            "mt": LineConfig(name="mt", base_model=deletion_base, kind="deletion", editor="rank-one",
+                             allowed_requesters=["*"]),
+        },
+        ledger_url=ledger_url or f"sqlite:///{wd}/ledger.db",
+        tracking_uri=tracking_uri or f"sqlite:///{wd}/mlflow.db",
+        artifact_root=wd / "artifacts",
+    )
+    path = write_config(cfg, root / "editops.yaml")
+    loaded = load_config(path)
+    loaded.ensure_dirs()
+    return loaded
+
+
+@pytest.fixture
+def project(tmp_path) -> ProjectConfig:
+    return make_project(tmp_path)
+
+
+# ------------------------------------------------------------ a tiny editable model
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "editing"))
+
+OPEN_GATES = {"efficacy": 0.0, "paraphrase": 0.0, "neighbourhood": 0.0, "perplexity_drift": 1e9, "retention": 0.0}
+FAST_NSE = {"layers": [0], "lam": 30.0, "corpus": "samples:8", "value": {"context_templates": ["{}"], "steps": 8}}
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> tuple[Path, list]:
+    """A 3-layer GPT-2 overfit on tinyworld's facts (seconds), saved as an HF dir, with 12 fact requests."""
+    from tinyworld import build, requests, world
+
+    facts = world(0)
+    model, tok = build("gpt2", 2, facts, lr=3e-3, steps=100)
+    d = tmp_path_factory.mktemp("tiny") / "model"
+    model.save_pretrained(d, safe_serialization=True)
+    tok.save_pretrained(d)
+    return d, requests(facts, 12)
+
+
+def fact_tickets(reqs, line: str = "facts", requester: str = "alice") -> list[dict]:
+    from flows.tickets import ticket_from_request
+
+    return [ticket_from_request(r, line, requester).payload for r in reqs]
+
+
+@pytest.fixture
+def editable_project(tmp_path, tiny_model_dir):
+    """A project whose ``facts`` line edits the tiny model with fast nse settings, gates wide open."""
+    model_dir, reqs = tiny_model_dir
+    cfg = make_project(tmp_path, base_model=str(model_dir), batch_size=1, promotion="auto",
+                       hyperparameters={**FAST_NSE, "stats_dir": str(tmp_path / "stats")}, gates=OPEN_GATES)
+    return cfg, reqs
+
+
+def editops(cfg, *args, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the real ``editops`` CLI in a subprocess on ``cfg``'s project."""
+    e = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-c", "from flows.cli import main; main()", *args,
+                           "--config", str(cfg.root / "editops.yaml")],
+                          cwd=cfg.root, env=e, capture_output=True, text=True, timeout=timeout)
