@@ -25,6 +25,7 @@ class CatalogEntry:
     stage: str  # the DVC stage that builds model_dir (and usually requests)
     requests_stage: str  # the DVC stage that writes the requests file
     description: str = ""
+    stats_corpus: str | None = None  # general text of the model's domain for key statistics (deletion lines)
 
     def model_path(self, root: str | Path | None = None) -> Path:
         return resolve(self.model_dir, root)
@@ -55,7 +56,8 @@ CATALOG: dict[str, CatalogEntry] = {
                      "small GPT-2 trained on the seeded synthetic fact world"),
         CatalogEntry("translator-marian", "models/translator-marian", "seq2seq", "data/requests/deletions.jsonl",
                      "translator-marian-deletions", "translator", "translator",
-                     "small Marian trained on a generated language pair with planted faulty behaviours"),
+                     "small Marian trained on a generated language pair with planted faulty behaviours",
+                     stats_corpus="data/translation/train.jsonl"),
     )
 }
 DEFAULT_MODEL = "smollm2-135m"

@@ -130,6 +130,8 @@ def _catalog_lines() -> dict[str, dict[str, Any]]:
         deletion = entry.kind == "seq2seq" or "deletion" in entry.line
         out[entry.line] = {"base_model": str(entry.model_path()), "kind": "deletion" if deletion else "fact",
                            "editor": "rank-one" if deletion else "nse"}
+        if entry.stats_corpus:  # the registry materialises models elsewhere: name the domain text explicitly
+            out[entry.line]["hyperparameters"] = {"stats_corpus": str(catalog.resolve(entry.stats_corpus))}
     return out
 
 

@@ -89,7 +89,9 @@ def run_demo(workdir: str = ".editops/demo", *, build: bool = True, n_facts: int
                                          promotion="auto")
     if have_mt:
         lines[mt_e.line] = LineConfig(name=mt_e.line, base_model=str(mt_e.model_path(root)), kind="deletion",
-                                      editor="rank-one", batch_size=1, allowed_requesters=["*"], promotion="auto")
+                                      editor="rank-one", batch_size=1, allowed_requesters=["*"], promotion="auto",
+                                      hyperparameters={"stats_corpus": str(catalog.resolve(mt_e.stats_corpus, root))}
+                                      if mt_e.stats_corpus else {})
     cfg = ProjectConfig(root=wd, workdir=wd, lines=lines, ledger_url=f"sqlite:///{wd}/ledger.db",
                         tracking_uri=f"sqlite:///{wd}/mlflow.db", artifact_root=wd / "artifacts")
     cfg_path = write_config(cfg, wd / "editops.yaml")
