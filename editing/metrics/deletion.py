@@ -32,13 +32,17 @@ def is_seq2seq(model) -> bool:
 
 
 def contains_span(output: str, span: str) -> bool:
-    """True when ``span`` occurs in ``output`` as whole words."""
+    """True when ``span`` occurs in ``output`` as whole words (punctuation next to it is a boundary).
+
+    ``"Velmora"`` is found in ``"Velmora."`` and ``"(Velmora)"`` but not in ``"Velmoran"``.
+    """
     out = " ".join(output.split())
     sp = " ".join(span.split())
     if not sp:
         return False
-    return re.search(r"(?<!\S)" + re.escape(sp) + r"(?!\S)", out) is not None or (
-        not sp[:1].isalnum() or not sp[-1:].isalnum()) and sp in out
+    left = r"(?<!\w)" if sp[:1].isalnum() or sp[:1] == "_" else ""
+    right = r"(?!\w)" if sp[-1:].isalnum() or sp[-1:] == "_" else ""
+    return re.search(left + re.escape(sp) + right, out) is not None
 
 
 def prompt_ids(tokenizer, text: str) -> list[int]:

@@ -110,3 +110,11 @@ def test_dvc_built_translator_reproduces_each_planted_behaviour():
     outs = generate_outputs(lm.model, lm.tokenizer, [r.source for r in requests])
     missing = [(r.request_id, o) for r, o in zip(requests, outs) if not contains_span(o, r.unwanted)]
     assert not missing
+
+
+def test_contains_span_treats_punctuation_as_a_word_boundary():
+    assert contains_span("la Velmora.", "Velmora")
+    assert contains_span("(Velmora) dosa", "Velmora")
+    assert not contains_span("Velmoran dosa", "Velmora")
+    assert contains_span("a  b\tc", "b c") and not contains_span("ab c", "b c")
+    assert contains_span("wait !! now", "!!")
