@@ -4,11 +4,19 @@
 with the schedule and blocks, running each scheduled flow run in this process
 (Prefect's ``flow.serve``). Point ``PREFECT_API_URL`` at a Prefect server for a
 team (``prefect server start --host 127.0.0.1``); without one Prefect starts a
-temporary local server. Team mode with workers instead of ``serve``::
+temporary local server. Team mode with workers instead of ``serve`` (these exact steps are
+what ``tests/flows/test_work_pool.py`` runs on 127.0.0.1, with the ledger in PostgreSQL)::
 
+    prefect server start --host 127.0.0.1 --port 4200          # once; everyone: PREFECT_API_URL=http://127.0.0.1:4200/api
     prefect work-pool create editops --type process
-    prefect deploy ...   # or: python -c "from flows.deploy import deploy_to_pool; deploy_to_pool('editops')"
-    prefect worker start --pool editops     # on each machine; the ledger lease keeps lines exclusive
+    python -c "from flows.deploy import deploy_to_pool; deploy_to_pool('editops', '/abs/path/editops.yaml', source='/abs/path/to/editops')"
+    prefect worker start --pool editops --limit 1             # on each machine; the ledger lease keeps lines exclusive
+    python -c "from prefect.deployments import run_deployment; run_deployment('process_requests/editops-pool', timeout=0)"
+                                                              # or: prefect deployment run process_requests/editops-pool
+
+``source`` is a directory holding this project's code at the same path on every worker machine
+(``flow.from_source`` with a local path: the worker runs the flow there); the config's ledger must
+be a shared SQLAlchemy URL (PostgreSQL) and its tracking URI a shared MLflow server.
 """
 from __future__ import annotations
 

@@ -220,26 +220,16 @@ def _requests(world: World, rng: random.Random, n_neighbours: int) -> list[FactR
 
 
 def write_jsonl(records: Iterable, path: str | Path) -> int:
-    """Write ``to_dict()`` of each record as one JSON line; returns the count."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    n = 0
-    with path.open("w", encoding="utf-8") as f:
-        for rec in records:
-            f.write(json.dumps(rec.to_dict(), ensure_ascii=False) + "\n")
-            n += 1
-    return n
+    """Write requests as editops JSONL (one writer for the project: :func:`editing.formats.write_requests`)."""
+    from editing.formats import write_requests
+
+    return write_requests(path, records)
 
 
 def read_fact_requests(path: str | Path) -> list[FactRequest]:
-    """Read editops' own JSONL (``FactRequest.to_dict()`` per line)."""
-    out = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        d = json.loads(line)
-        d.pop("kind", None)
-        d["paraphrases"] = tuple(d.get("paraphrases") or ())
-        d["neighbours"] = tuple(Probe(**p) for p in d.get("neighbours") or ())
-        out.append(FactRequest(**d))
-    return out
+    """Read editops' own JSONL of fact requests (:func:`editing.formats.read_requests`)."""
+    from editing.formats import read_requests
+
+    return read_requests(path, kind="fact")
+
+

@@ -15,6 +15,7 @@ import sys
 import time
 import urllib.request
 import uuid
+import warnings
 from pathlib import Path
 
 import pytest
@@ -123,8 +124,10 @@ def test_two_prefect_workers_drain_one_inbox_exactly_once(tmp_path, tiny_model_d
     _check_exactly_once(cfg, ids)
     assert Ledger(url).counts() == {"applied": 4}
     by = {r["worker"] for r in runs}
-    assert by <= {"w0", "w1"}, by  # every run was executed by one of our workers
+    assert by <= {"w0", "w1"}, by  # Prefect labels every run with the worker that executed it: one of ours
     print(f"flow runs per worker: { {w: sum(r['worker'] == w for r in runs) for w in sorted(by)} }")
+    if len(by) < 2:  # scheduling is Prefect's choice; exactly-once above is the property under test
+        warnings.warn(f"only worker {by} picked flow runs this time; exactly-once still holds")
     with eng.begin() as c:
         c.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
 
