@@ -80,7 +80,7 @@ def _cli(args: list[str], env: dict, timeout: float = 120) -> subprocess.Complet
 @pytest.mark.slow
 @pytest.mark.server
 @pytest.mark.postgres
-def test_two_prefect_workers_drain_one_inbox_exactly_once(tmp_path, tiny_model_dir, postgres_url):
+def test_two_prefect_workers_drain_one_inbox_exactly_once(postgres_url, tmp_path, tiny_model_dir):
     import sqlalchemy as sa
 
     schema = f"t{uuid.uuid4().hex[:8]}"
