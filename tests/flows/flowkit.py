@@ -95,3 +95,23 @@ def editops(cfg, *args, env: dict | None = None, timeout: float = 300) -> subpro
     return subprocess.run([sys.executable, "-c", "from flows.cli import main; main()", *args,
                            "--config", str(cfg.root / "editops.yaml")],
                           cwd=cfg.root, env=e, capture_output=True, text=True, timeout=timeout)
+
+
+# ------------------------------------------------ the exactly-once property, checked on ledger + registry
+def check_exactly_once(cfg, ids: list[str]) -> None:
+    """Every ticket of ``ids`` applied exactly once, lineage straight, ledger = registry, no orphan version."""
+    from flows.ledger import Ledger
+    from flows.pipeline import open_registry
+
+    reg = open_registry(cfg)
+    led = Ledger(cfg.ledger_url)
+    versions = reg.versions("facts")
+    # a straight lineage: every version's parent is the one before it
+    assert [v.parent for v in versions[1:]] == [v.number for v in versions[:-1]]
+    applied = reg.applied_request_ids("facts")
+    assert sorted(applied) == sorted(ids) and len(applied) == len(set(applied))  # each ticket once
+    where = {rid: v.number for v in versions[1:] for rid in v.request_ids}
+    for rid in ids:  # the ledger agrees with the registry; no orphan version
+        row = led.get(rid)
+        assert row.state == "applied" and row.version == where[rid], (rid, row.state, row.version, where.get(rid))
+    assert {rid for v in versions[1:] for rid in v.request_ids} == set(ids)

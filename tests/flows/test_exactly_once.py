@@ -7,24 +7,9 @@ import sys
 
 import pytest
 
-from flowkit import editops, fact_tickets
+from flowkit import check_exactly_once, editops, fact_tickets
 from flows.ledger import Ledger
 from flows.pipeline import KILL_EXIT_CODE, open_registry
-
-
-def _check_exactly_once(cfg, ids: list[str]) -> None:
-    reg = open_registry(cfg)
-    led = Ledger(cfg.ledger_url)
-    versions = reg.versions("facts")
-    # a straight lineage: every version's parent is the one before it
-    assert [v.parent for v in versions[1:]] == [v.number for v in versions[:-1]]
-    applied = reg.applied_request_ids("facts")
-    assert sorted(applied) == sorted(ids) and len(applied) == len(set(applied))  # each ticket once
-    where = {rid: v.number for v in versions[1:] for rid in v.request_ids}
-    for rid in ids:  # the ledger agrees with the registry; no orphan version
-        row = led.get(rid)
-        assert row.state == "applied" and row.version == where[rid], (rid, row.state, row.version, where.get(rid))
-    assert {rid for v in versions[1:] for rid in v.request_ids} == set(ids)
 
 
 @pytest.mark.slow
@@ -42,7 +27,7 @@ def test_kill_at_each_step_then_rerun(editable_project):
     assert [r.id for r in led.rows(line="facts", state="applied")] == reg.versions("facts")[1].request_ids
     p = editops(cfg, "run", "--engine", "local")
     assert p.returncode == 0, p.stderr[-3000:]
-    _check_exactly_once(cfg, ids)
+    check_exactly_once(cfg, ids)
     reg = open_registry(cfg)
     assert len(reg.versions("facts")) == 1 + 4
     reconciled = [r for r in ids if any(s == "applied" and d is not None for s, _, d in led.history(r))]
@@ -71,7 +56,7 @@ def test_two_runs_at_once_do_not_fork(editable_project, lock):
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=400) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-3000:] for o in outs]
-    _check_exactly_once(cfg, ids)
+    check_exactly_once(cfg, ids)
 
 
 @pytest.mark.slow
@@ -103,7 +88,7 @@ def test_team_mode_two_workers_one_inbox_postgres_ledger(tmp_path, tiny_model_di
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=400) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-3000:] for o in outs]
-    _check_exactly_once(cfg, ids)
+    check_exactly_once(cfg, ids)
     assert Ledger(url).counts() == {"applied": 4}
     with eng.begin() as c:
         c.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))

@@ -20,10 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from flowkit import FAST_NSE, OPEN_GATES, fact_tickets, make_project
+from flowkit import FAST_NSE, OPEN_GATES, check_exactly_once, fact_tickets, make_project
 from flows.ledger import Ledger
 from flows.pipeline import open_registry
-from test_exactly_once import _check_exactly_once
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -121,7 +120,7 @@ def test_two_prefect_workers_drain_one_inbox_exactly_once(postgres_url, tmp_path
 
     bad = [r for r in runs if r["state"] != "COMPLETED"]
     assert not bad, (bad, *(f.read_text()[-2000:] for f in sorted(logs.glob("worker*.log"))))
-    _check_exactly_once(cfg, ids)
+    check_exactly_once(cfg, ids)
     assert Ledger(url).counts() == {"applied": 4}
     by = {r["worker"] for r in runs}
     assert by <= {"w0", "w1"}, by  # Prefect labels every run with the worker that executed it: one of ours
