@@ -115,3 +115,29 @@ def check_exactly_once(cfg, ids: list[str]) -> None:
         row = led.get(rid)
         assert row.state == "applied" and row.version == where[rid], (rid, row.state, row.version, where.get(rid))
     assert {rid for v in versions[1:] for rid in v.request_ids} == set(ids)
+
+
+@pytest.fixture
+def postgres_project(tmp_path, tiny_model_dir, postgres_url):
+    """``(cfg, reqs, ledger_url)``: the tiny fact line with its ledger in a fresh schema of the real PostgreSQL.
+
+    The schema is dropped afterwards, whether the test passed or not.
+    """
+    import uuid
+
+    import sqlalchemy as sa
+
+    schema = f"t{uuid.uuid4().hex[:8]}"
+    eng = sa.create_engine(postgres_url)
+    with eng.begin() as c:
+        c.execute(sa.text(f"CREATE SCHEMA {schema}"))
+    url = f"{postgres_url}?options=-csearch_path%3D{schema}"
+    model_dir, reqs = tiny_model_dir
+    cfg = make_project(tmp_path / "proj", base_model=str(model_dir), ledger_url=url, batch_size=2,
+                       hyperparameters={**FAST_NSE, "stats_dir": str(tmp_path / "stats")}, gates=OPEN_GATES)
+    try:
+        yield cfg, reqs, url
+    finally:
+        with eng.begin() as c:
+            c.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
+        eng.dispose()

@@ -61,23 +61,11 @@ def test_two_runs_at_once_do_not_fork(editable_project, lock):
 
 @pytest.mark.slow
 @pytest.mark.postgres
-def test_team_mode_two_workers_one_inbox_postgres_ledger(tmp_path, tiny_model_dir, postgres_url):
+def test_team_mode_two_workers_one_inbox_postgres_ledger(postgres_project):
     """Two worker processes drain one inbox; the ledger is a real PostgreSQL; nothing applied twice."""
     import os
-    import uuid
 
-    import sqlalchemy as sa
-
-    from flowkit import FAST_NSE, OPEN_GATES, make_project
-
-    schema = f"t{uuid.uuid4().hex[:8]}"
-    eng = sa.create_engine(postgres_url)
-    with eng.begin() as c:
-        c.execute(sa.text(f"CREATE SCHEMA {schema}"))
-    url = f"{postgres_url}?options=-csearch_path%3D{schema}"
-    model_dir, reqs = tiny_model_dir
-    cfg = make_project(tmp_path, base_model=str(model_dir), ledger_url=url, batch_size=2,
-                       hyperparameters={**FAST_NSE, "stats_dir": str(tmp_path / "stats")}, gates=OPEN_GATES)
+    cfg, reqs, url = postgres_project
     ids = [r.request_id for r in reqs[8:12]]
     for k in range(2):  # two files in one inbox
         (cfg.inbox / f"f{k}.json").write_text(json.dumps(fact_tickets(reqs[8 + 2 * k: 10 + 2 * k])))
@@ -90,5 +78,3 @@ def test_team_mode_two_workers_one_inbox_postgres_ledger(tmp_path, tiny_model_di
     assert all(p.returncode == 0 for p in procs), [o[1][-3000:] for o in outs]
     check_exactly_once(cfg, ids)
     assert Ledger(url).counts() == {"applied": 4}
-    with eng.begin() as c:
-        c.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))

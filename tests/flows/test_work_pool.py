@@ -14,13 +14,12 @@ import subprocess
 import sys
 import time
 import urllib.request
-import uuid
 import warnings
 from pathlib import Path
 
 import pytest
 
-from flowkit import FAST_NSE, OPEN_GATES, check_exactly_once, fact_tickets, make_project
+from flowkit import check_exactly_once, fact_tickets
 from flows.ledger import Ledger
 from flows.pipeline import open_registry
 
@@ -79,17 +78,8 @@ def _cli(args: list[str], env: dict, timeout: float = 120) -> subprocess.Complet
 @pytest.mark.slow
 @pytest.mark.server
 @pytest.mark.postgres
-def test_two_prefect_workers_drain_one_inbox_exactly_once(postgres_url, tmp_path, tiny_model_dir):
-    import sqlalchemy as sa
-
-    schema = f"t{uuid.uuid4().hex[:8]}"
-    eng = sa.create_engine(postgres_url)
-    with eng.begin() as c:
-        c.execute(sa.text(f"CREATE SCHEMA {schema}"))
-    url = f"{postgres_url}?options=-csearch_path%3D{schema}"
-    model_dir, reqs = tiny_model_dir
-    cfg = make_project(tmp_path / "proj", base_model=str(model_dir), ledger_url=url, batch_size=2,
-                       hyperparameters={**FAST_NSE, "stats_dir": str(tmp_path / "stats")}, gates=OPEN_GATES)
+def test_two_prefect_workers_drain_one_inbox_exactly_once(postgres_project, tmp_path):
+    cfg, reqs, url = postgres_project
     config_path = str(cfg.root / "editops.yaml")
     ids = [r.request_id for r in reqs[:4]]
     for k in range(2):  # two files in one inbox
@@ -127,8 +117,6 @@ def test_two_prefect_workers_drain_one_inbox_exactly_once(postgres_url, tmp_path
     print(f"flow runs per worker: { {w: sum(r['worker'] == w for r in runs) for w in sorted(by)} }")
     if len(by) < 2:  # scheduling is Prefect's choice; exactly-once above is the property under test
         warnings.warn(f"only worker {by} picked flow runs this time; exactly-once still holds")
-    with eng.begin() as c:
-        c.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
 
 
 def _trigger_and_wait(env: dict, n: int, timeout: float, logs: Path) -> list[dict]:
