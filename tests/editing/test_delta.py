@@ -37,6 +37,14 @@ def _random_delta(model, rank=3, seed=1, fp=""):
                         request_ids=["r1", "r2"])
 
 
+def _read(path):
+    """The raw metadata and tensors of a safetensors file (to tamper with them)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+
+
 @pytest.mark.parametrize("make", [_gpt2, _llama], ids=["gpt2-conv1d", "llama-linear"])
 def test_apply_then_remove_restores_weights_and_changes_logits(make):
     model = make()
@@ -93,15 +101,12 @@ def test_save_load_roundtrip_and_metadata(tmp_path):
 
 
 def test_tampered_tensor_is_refused(tmp_path):
-    from safetensors import safe_open
     from safetensors.torch import save_file
 
     d = _random_delta(_gpt2())
     path = tmp_path / "d.safetensors"
     d.save(path)
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta, tensors = _read(path)
     key = next(iter(tensors))
     tensors[key][0, 0] += 1.0
     save_file(tensors, str(path), metadata=meta)
@@ -110,15 +115,12 @@ def test_tampered_tensor_is_refused(tmp_path):
 
 
 def test_tampered_metadata_and_corrupt_file_are_refused(tmp_path):
-    from safetensors import safe_open
     from safetensors.torch import save_file
 
     d = _random_delta(_gpt2())
     path = tmp_path / "d.safetensors"
     d.save(path)
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta, tensors = _read(path)
     header = json.loads(meta["editops"])
     header["request_ids"] = ["someone-else"]
     save_file(tensors, str(path), metadata={"editops": json.dumps(header)})
