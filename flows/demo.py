@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 from rich.console import Console
-from rich.table import Table
 
 from editing.errors import EditopsError
 
@@ -86,7 +85,7 @@ def run_demo(workdir: str = ".editops/demo", *, build: bool = True, n_facts: int
     if have_facts:
         lines[facts_e.line] = LineConfig(name=facts_e.line, base_model=str(facts_e.model_path(root)), kind="fact",
                                          editor="nse", batch_size=3, allowed_requesters=["analyst", "editor-bot"],
-                                         promotion="auto")
+                                         promotion="auto", heldout="stdlib:32")
     if have_mt:
         lines[mt_e.line] = LineConfig(name=mt_e.line, base_model=str(mt_e.model_path(root)), kind="deletion",
                                       editor="rank-one", batch_size=1, allowed_requesters=["*"], promotion="auto",
@@ -150,30 +149,38 @@ def run_demo(workdir: str = ".editops/demo", *, build: bool = True, n_facts: int
     tickets_cmd(config=str(cfg_path), state=None, line=None, limit=50)
 
     _step(con, 5, "versions, gate results, diffs, champion")
+    from flows.cli.registry_cmd import versions_table
+    from registry.reports import version_diff
+
     reg = open_registry(cfg)
     for name in lines:
         if not reg.line_exists(name):
             continue
-        t = Table(title=f"line {name}")
-        for c in ("version", "parent", "editor", "tickets", "gates", "aliases"):
-            t.add_column(c)
+        con.print(versions_table(reg, name, title=f"line {name}: versions, measured gate figures, diff vs parent",
+                                 ticket_ids=True))
         versions = reg.versions(name)
-        for v in versions:
-            t.add_row(str(v.number), str(v.parent or ""), v.editor or "base",
-                      ", ".join(v.request_ids or [])[:60], {True: "[green]pass", False: "[red]fail"}.get(v.gates_passed, ""),
-                      ", ".join(v.aliases))
-        con.print(t)
+        for v in versions[1:]:
+            d = version_diff(reg, v)
+            changed = d.changed_probes if d is not None else []
+            if changed:
+                con.print(f"  v{v.number} changed the top answer of {len(changed)} of {len(d.probes)} probes: " + "; ".join(
+                    f"“{p.prompt}” {p.top_a!r} → {p.top_b!r}" for p in changed[:3]) + (" …" if len(changed) > 3 else ""),
+                    highlight=False)
         if len(versions) > 1:
             head = versions[-1]
-            diff = reg.diff(name, None, head.number, behaviour=False)
-            con.print(f"[bold]diff v{diff.a} → v{diff.b}[/]: " + ", ".join(
+            diff = reg.diff(name, versions[0].number, head.number, behaviour=False)
+            con.print(f"[bold]net diff base v{diff.a} → head v{diff.b}[/]: " + ", ".join(
                 f"{x.weight} ‖ΔW‖={x.norm:.3g} rank {x.rank}" for x in diff.layers[:4]))
+        champ = reg.alias_version(name, "champion")
+        con.print(f"  champion of {name}: v{champ}" if champ else f"  {name}: no champion yet")
     _step(con, 6, "where to look")
     con.print(f"  MLflow UI:   .venv/bin/mlflow ui --backend-store-uri sqlite:///{wd}/mlflow.db --port 5000 "
               "--host 127.0.0.1   (then open http://127.0.0.1:5000)")
     con.print(f"  ledger:      editops tickets --config {cfg_path}")
-    con.print(f"  versions:    editops versions <line>   (with EDITOPS_CONFIG={cfg_path})")
+    con.print(f"  versions:    editops versions <line> --config {cfg_path}   (gate figures, diffs, aliases)")
+    con.print(f"  one version: editops show <line>@champion --config {cfg_path}   (every gate per ticket, artifacts)")
     con.print(f"  outbox:      {cfg.outbox}  (one JSON outcome per ticket)")
     con.print(f"  quarantine:  {cfg.quarantine}  (invalid rows with machine-readable reasons)")
-    con.print(f"  promote / roll back: editops promote <line> <version> · editops rollback <line>")
+    con.print(f"  promote / roll back: editops promote <line> <version> --config {cfg_path} · "
+              f"editops rollback <line> --config {cfg_path}")
     con.print(f"[bold green]demo done in {time.perf_counter() - t_start:.0f} s[/]")

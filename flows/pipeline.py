@@ -121,9 +121,13 @@ class RunReport:
                        + (f", champion → v{lr.promoted}" if lr.promoted else ""))
             out.append("")
             if lr.versions:
-                out += ["| version | parent | tickets | gates |", "|---|---|---|---|"]
+                out += ["| version | parent | tickets | gates (measured) |", "|---|---|---|---|"]
+                from registry.reports import gate_figures
+
                 out += [f"| {v['number']} | {v['parent']} | {', '.join(v['request_ids'])} | "
-                        f"{'pass' if v['passed'] else 'fail'} |" for v in lr.versions]
+                        f"{'pass' if v['passed'] else 'fail'}"
+                        f"{': ' + ', '.join(f.short() for f in gate_figures(v.get('gates'))) if v.get('gates') else ''} |"
+                        for v in lr.versions]
                 out.append("")
             if lr.rejected:
                 out += ["| rejected ticket | failed gates |", "|---|---|"]
@@ -195,8 +199,13 @@ def register_task(ctx: LineContext, result, report, requests: Sequence[Any], dif
     # the edit ran on a model materialised from this line: its delta is relative to the line's base
     # (an editor may have stamped the fingerprint of the already-edited head instead)
     delta = replace(result.delta, base_fingerprint=ctx.head.base_fingerprint)
+    from registry.reports import gate_figures
+
+    # each gate's figure also as a number (MLflow metric ``gate.figures.<gate>`` of the version's run)
+    gates = report.to_dict()
+    gates["figures"] = {f.gate: f.value for f in gate_figures(gates) if f.value is not None}
     return ctx.registry.register_version(
-        ctx.line.name, parent=ctx.head.number, delta=delta, state=result.state, gate_report=report.to_dict(),
+        ctx.line.name, parent=ctx.head.number, delta=delta, state=result.state, gate_report=gates,
         diff=diff, request_ids=[r.request_id for r in requests], requests=requests, gates_passed=report.passed,
         description=f"{len(requests)} ticket(s) by the editops pipeline",
     )

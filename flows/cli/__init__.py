@@ -6,6 +6,7 @@ red line and exit with status 2; anything else is a bug and shows a traceback.
 """
 from __future__ import annotations
 
+import os
 import sys
 from importlib import import_module
 
@@ -28,6 +29,8 @@ def main() -> None:
     from editing.errors import EditopsError
 
     configure_offline_defaults()
+    # artifact reads (gate reports, diffs, deltas) would each draw a download progress bar on stderr
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     _register()
     try:
         app()

@@ -85,11 +85,14 @@ def run(config: Optional[str] = CONFIG,
 
 
 @app.command()
-def serve(config: Optional[str] = CONFIG, cron: Optional[str] = typer.Option(None, help="cron schedule"),
+def serve(config: Optional[str] = CONFIG,
+          cron: Optional[str] = typer.Option(None, help="cron schedule: 5 fields ('*/15 * * * *'), or 6 with trailing "
+                                                        "seconds ('* * * * * */30')"),
           interval: Optional[float] = typer.Option(None, help="every N seconds"),
           name: str = typer.Option("scheduled", help="deployment name suffix"),
           lock_wait: float = typer.Option(0.0, help="seconds to wait for a busy line")):
-    """Serve the flow as a Prefect deployment on a cron or interval schedule (blocks)."""
+    """Serve the flow as a Prefect deployment on a cron or interval schedule (blocks; needs PREFECT_API_URL,
+    i.e. a `prefect server start`: its scheduler creates the runs)."""
     from pathlib import Path
 
     from flows.deploy import serve as _serve

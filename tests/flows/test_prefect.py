@@ -47,13 +47,18 @@ def test_flow_run_with_artifact_and_mlflow_report(editable_project, prefect_serv
     arts = [a for a in asyncio.run(artifacts()) if a.key == "editops-run-report"]
     assert arts and "Line `facts`" in arts[0].data
     reg = open_registry(cfg)
+    from registry.reports import gate_figures, gate_report
+
+    for v in reg.versions("facts")[1:]:  # each version's measured gate figures, as registered
+        figs = gate_figures(gate_report(reg, v))
+        assert figs and all(f.short() in arts[0].data for f in figs), arts[0].data
     runs = reg.client.search_runs([reg.experiment_id("editops-pipeline")])
     assert runs and runs[0].data.metrics["applied"] == 2.0
     assert reg.alias_version("facts", "champion") == 3
 
 
-@pytest.fixture
-def prefect_real_server(tmp_path):
+@pytest.fixture(scope="module")
+def prefect_real_server(tmp_path_factory):
     """`prefect server start` on a free 127.0.0.1 port, with its scheduler (the harness server has no services)."""
     import socket
     import urllib.request
@@ -61,7 +66,7 @@ def prefect_real_server(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"),
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path_factory.mktemp("prefect-home")),
            "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "3", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_API_URL": ""}
     proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
@@ -84,9 +89,33 @@ def prefect_real_server(tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)
 
 
+def _flow_runs(api_url: str, deployment: str):
+    """The deployment (with its schedules) and its flow runs, read from the Prefect server."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    async def read():
+        async with get_client() as c:
+            dep = await c.read_deployment_by_name(deployment)
+            runs = await c.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])))
+            return dep, runs
+
+    with temporary_settings({PREFECT_API_URL: api_url}):
+        return asyncio.run(read())
+
+
+# a six-field cron (trailing seconds field, croniter's convention; Prefect 3.8 accepts it) fires within 10 s
+SCHEDULES = {"interval": ["--interval", "10"], "cron": ["--cron", "* * * * * */10"]}
+
+
 @pytest.mark.server
 @pytest.mark.slow
-def test_serve_schedule_fires(editable_project, prefect_real_server):
+@pytest.mark.parametrize("kind", list(SCHEDULES))
+def test_serve_schedule_fires(editable_project, prefect_real_server, kind):
+    """`editops serve` with a schedule: a run the server's scheduler created processes the inbox."""
     cfg, reqs = editable_project
     from flows.pipeline import open_registry
 
@@ -95,22 +124,30 @@ def test_serve_schedule_fires(editable_project, prefect_real_server):
     env = {**os.environ, "PREFECT_API_URL": prefect_real_server, "OMP_NUM_THREADS": "1"}
     log = cfg.root / "serve.log"
     with log.open("w") as fh:
-        proc = subprocess.Popen([sys.executable, "-c", "from flows.cli import main; main()", "serve", "--interval", "10",
-                                 "--name", "test", "--config", str(cfg.root / "editops.yaml")],
+        proc = subprocess.Popen([sys.executable, "-c", "from flows.cli import main; main()", "serve",
+                                 *SCHEDULES[kind], "--name", f"test-{kind}", "--config", str(cfg.root / "editops.yaml")],
                                 cwd=cfg.root, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
     led = Ledger(cfg.ledger_url)
     rid = reqs[2].request_id
+    timeout = 240
     try:
-        deadline = time.time() + 300
+        deadline = time.time() + timeout
         while time.time() < deadline:
             row = led.get(rid)
             if row is not None and row.state in ("applied", "rejected"):
                 break
-            assert proc.poll() is None, log.read_text()[-3000:]
+            assert proc.poll() is None, f"`editops serve {' '.join(SCHEDULES[kind])}` exited:\n{log.read_text()[-3000:]}"
             time.sleep(2)
         row = led.get(rid)
-        assert row is not None and row.state == "applied", log.read_text()[-3000:]
+        assert row is not None and row.state == "applied", (
+            f"no scheduled run ({kind} {SCHEDULES[kind][1]!r}) applied ticket {rid} within {timeout} s; ledger state: "
+            f"{row.state if row else 'not in the ledger'}; serve log:\n{log.read_text()[-3000:]}")
         assert led.counts().get("invalid") == 1
+        dep, runs = _flow_runs(prefect_real_server, f"process_requests/editops-test-{kind}")
+        sched = dep.schedules[0].schedule
+        assert (sched.cron == SCHEDULES[kind][1]) if kind == "cron" else (sched.interval.total_seconds() == 10.0)
+        done = [r for r in runs if r.state is not None and r.state.is_completed()]
+        assert done and all(r.auto_scheduled for r in done), [(r.name, r.auto_scheduled, r.state) for r in runs]
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         try:
@@ -118,3 +155,14 @@ def test_serve_schedule_fires(editable_project, prefect_real_server):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_serve_refuses_without_a_prefect_server(project):
+    """Without PREFECT_API_URL Prefect's temporary server has no scheduler: serve says so instead of idling."""
+    from flowkit import editops
+
+    p = editops(project, "serve", "--cron", "*/5 * * * *", env={"PREFECT_API_URL": ""}, timeout=120)
+    assert p.returncode == 2 and "prefect server start" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    p = editops(project, "serve", "--cron", "61 * * * *", env={"PREFECT_API_URL": "http://127.0.0.1:9/api"},
+                timeout=120)
+    assert p.returncode == 2 and "is not a cron schedule" in p.stderr, p.stderr
