@@ -65,8 +65,10 @@ def main() -> None:
           f"base: instance gone {base_rep.instance_gone:.0%}, chrF {base_rep.chrf:.2f}")
     state = None
     print(f"{'#':>2} {'ticket':34} {'took':>4} {'site':>14} {'gain':>5} {'var':>3} {'neg':>3} {'var gone':>8} "
-          f"{'heldout':>7} {'sec':>5} {'earlier+this gone':>17} {'unrelated=base':>14}")
+          f"{'heldout':>7} {'sec':>5} {'earlier+this gone':>17} {'unrelated=base':>14} {'gen now':>7} {'gen all so far':>14}")
     edit_seconds = []
+    tickets = []         # per-ticket diagnostics (--json)
+    gen_after_own = []   # each ticket's unseen-probe share right after its own edit (reporting only)
     for i, r in enumerate(requests):
         t = time.time()
         res = editor.edit(model, tok, [r], state)
@@ -81,7 +83,14 @@ def main() -> None:
               f"{'':>5} {d.extra.get('lambda_gain') or 0:>5.2g} {d.extra.get('n_variants', 0):>3} "
               f"{d.extra.get('n_negatives', 0):>3} {d.extra.get('variants_gone', 0):>8.0%} "
               f"{d.extra.get('heldout_unchanged', 0):>7.1%} {edit_seconds[-1]:>5.1f} {rep.instance_gone:>16.0%} "
-              f"{rep.locality_exact:>14.1%}")
+              f"{rep.locality_exact:>14.1%} {rep.per_request[i].generalization_gone or 0:>7.0%} "
+              f"{rep.generalization_gone or 0:>14.1%}")
+        gen_after_own.append(rep.per_request[i].generalization_gone)
+        tickets.append({"request_id": r.request_id, "succeeded": d.succeeded,
+                        **{k: v for k, v in d.extra.items() if k in (
+                            "site", "lambda_gain", "value_tried", "lambda_trials", "n_variants", "n_negatives",
+                            "n_preserved", "variants_gone", "earlier_variants_gone", "heldout_unchanged",
+                            "why_fallback", "nothing_to_delete")}})
     final = evaluate_deletions(model, tok, requests, base, unrelated=test)
     total = time.time() - t0
     rows = [
@@ -96,8 +105,9 @@ def main() -> None:
     print(f"{'metric':44} {'value':>8} {'bar':>12} {'met':>4}")
     for name, value, bar, ok in rows:
         print(f"{name:44} {value:>8.2f} {bar:>12} {'yes' if ok else 'NO':>4}")
-    print(f"\nper-behaviour generalisation: " + ", ".join(
-        f"{s.request_id.split('-', 1)[1]} {s.generalization_gone:.0%}" for s in final.per_request))
+    print(f"\nper-behaviour generalisation at the end (right after its own edit): " + ", ".join(
+        f"{s.request_id.split('-', 1)[1]} {s.generalization_gone:.0%} ({g or 0:.0%})"
+        for s, g in zip(final.per_request, gen_after_own)))
     print(f"{final.n_generalization} generalisation probes, {final.n_locality} unrelated sentences; "
           f"edit time {sum(edit_seconds):.1f}s ({sum(edit_seconds) / len(edit_seconds):.1f}s/ticket), total {total:.0f}s")
     if final.locality_changed:
@@ -106,6 +116,8 @@ def main() -> None:
             print(f"  {src!r}: {b!r} -> {now!r}")
     if a.json:
         Path(a.json).write_text(json.dumps({"summary": final.summary(), "hp": hp, "edit_seconds": edit_seconds,
+                                            "gen_after_own_edit": gen_after_own,
+                                            "tickets": tickets,
                                             "per_request": [s.__dict__ for s in final.per_request]}, indent=1))
 
 

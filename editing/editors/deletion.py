@@ -45,6 +45,17 @@ Per request:
    the model's own greedy outputs), cached on disk under ``stats_dir`` by model
    fingerprint + module + corpus hash (:mod:`editing.stats`). ``C_edits = Σ K Kᵀ`` of
    earlier deletions (sequential state).
+   **Earlier tickets' generalisation is held too** (``preserve_*``): after each call the
+   instances and self-generated variants (source, span, positive) are stored in
+   ``state.meta["preserved"]``; a later edit takes up to ``preserve_max`` of them
+   (round-robin over tickets; none containing this ticket's trigger), reads their keys at
+   *every* position at the weight it edits, on the model as given (earlier deletions
+   applied, whatever layer they edited), and holds them for this solve only:
+   ``ΔW = R Kᵀ (λ C0 + C_edits + preserve_strength·K_pᵀK_p + K Kᵀ)⁻¹`` (also in ``u`` of
+   step 5, whose value loss keeps their current, deleted outputs with weight
+   ``preserve_weight``). ``C_edits`` alone only held the earlier keys at the earlier
+   ticket's own layer and position, so a later ticket on another layer (or at other
+   positions) undid part of the earlier generalisation.
 7. **λ by a locality rule.** With ``s̄ = mean kᵀ C0⁻¹ k``, ``λ = s̄ / g`` for ``g`` in
    ``lambda_grid`` scanned from the largest λ (smallest change) down. Each trial is
    checked (update installed as forward hooks) on the instance, the variants and
@@ -54,9 +65,11 @@ Per request:
    output equal to the positive, or when held-out locality (share of outputs
    unchanged; for held-out sentences whose output legitimately shows the span, all of
    them) falls below ``locality_floor`` after some λ already fixed the instance; kept:
-   among trials with the instance fixed and locality ≥ floor, the one removing the span
-   from most variants (smallest change on ties); else the smallest change that fixes
-   the instance.
+   among trials with the instance fixed, locality ≥ floor and (``preserve_check``) the
+   earlier tickets' held instances/variants still deleted (gone share at most
+   ``preserve_tolerance`` below the model as given), the one removing the span from most
+   variants (then most earlier ones kept, then smallest change); else the smallest change
+   that fixes the instance.
 
 **Statistics corpus** (rule, :meth:`RankOneDeletionEditor.corpus_sources`): explicit
 ``stats_sources``; else the ``stats_corpus`` file (one text per line, or JSONL with a
@@ -70,7 +83,9 @@ The editor never changes the model's weights (all trials run through forward
 hooks): the model is returned bit-for-bit as it came; the caller applies
 ``result.delta``. State (:class:`EditorState`), fixed size per edited weight:
 ``<weight>::C0``, ``<weight>::C_edits`` and the per-layer mean MLP outputs used for
-tracing (``trace::<module>::mean``).
+tracing (``trace::<module>::mean``); ``meta["preserved"]`` lists earlier tickets'
+instances and variants as text (1 + ``n_variants`` rows per ticket; the cost per edit is
+bounded by ``preserve_max``).
 """
 from __future__ import annotations
 
@@ -215,6 +230,13 @@ def apply_rewrite(output: str, rewrite: tuple[list[str], list[str]], unwanted: s
     return " ".join(out) if out else None
 
 
+def _gone_share(outputs: Sequence[str], requests: Sequence[DeletionRequest]) -> float:
+    """Share of ``requests`` whose output does not show their unwanted span (1.0 when there are none)."""
+    if not requests:
+        return 1.0
+    return sum(not contains_span(o, r.unwanted) for o, r in zip(outputs, requests)) / len(requests)
+
+
 def read_corpus_file(path: str | Path) -> list[str]:
     """Texts of a statistics corpus file: one per line, or JSONL with a ``source``/``text``/``sentence``/
     ``prompt`` field."""
@@ -277,6 +299,11 @@ class RankOneDeletionEditor:
     n_negatives: int = 32                              # statistics sentences whose output shows the span legitimately
     negative_weight: float = 1.0                       # weight of their preservation loss
     negative_strength: float = 10.0                    # weight of their keys (ΔW k ≈ 0) in the solve
+    preserve_max: int = 96                             # earlier tickets' instances+variants held per edit (0: off)
+    preserve_strength: float = 1.0                     # weight of their keys (ΔW k ≈ 0, every position) in the solve
+    preserve_weight: float = 1.0                       # weight of their preservation loss in the value
+    preserve_check: bool = True                        # λ rule: earlier tickets' variants must stay deleted
+    preserve_tolerance: float = 0.05                   # share of them a trial may lose (0.0 measured worse)
     heldout: int = 128                                 # held-out statistics sentences for the λ rule
     locality_floor: float = 0.99                       # share of them that must keep their output
     stats_sources: tuple[str, ...] | None = None       # explicit statistics corpus (see the module docstring)
@@ -716,8 +743,8 @@ class RankOneDeletionEditor:
         C0, s_bar = self._regulariser(model, tokenizer, requests, state, weight, keys)
         K = keys.double().cpu()
         a = (s_bar / self.variant_gain) * C0 + K.T @ K
-        if neg_keys is not None and len(neg_keys):
-            a = a + self.negative_strength * neg_keys.double().T @ neg_keys.double()
+        if neg_keys is not None and len(neg_keys):     # held keys, already scaled by their strength
+            a = a + neg_keys.double().T @ neg_keys.double()
         ce = state.tensors.get(f"{weight}::C_edits")
         if ce is not None:
             a = a + ce.double()
@@ -741,7 +768,8 @@ class RankOneDeletionEditor:
 
     def _value(self, model, tokenizer, requests, state: EditorState, spec: ArchSpec, ex: _Example,
                variants: Sequence[_Example], site: Site, keys: torch.Tensor, negatives: Sequence[_Example] = (),
-               neg_keys: torch.Tensor | None = None) -> tuple[torch.Tensor, float, float, float]:
+               neg_keys: torch.Tensor | None = None, preserved: Sequence[_Example] = ()
+               ) -> tuple[torch.Tensor, float, float, float]:
         """``(δ, loss, instance margin, share of variants flipped)`` at ``site``, optimised against the model
         as given with the rank-one write ``ΔW = δ uᵀ`` installed at every position, jointly over the
         instance and its variants (spill-over onto other tokens is part of the objective)."""
@@ -759,8 +787,8 @@ class RankOneDeletionEditor:
         if kl_batch is not None:
             with torch.no_grad():
                 kl_base = torch.log_softmax(model(**kl_batch).logits.float(), -1)
-        exs = [ex, *variants, *negatives]
-        nv = len(variants)
+        exs = [ex, *variants, *negatives, *preserved]
+        nv, nn_ = len(variants), len(negatives)
         delta = torch.zeros(store["v"].shape[-1], device=device, requires_grad=True)
         opt = torch.optim.Adam([delta], lr=self.lr)
         params = list(model.parameters())
@@ -785,6 +813,10 @@ class RankOneDeletionEditor:
                 if negatives:
                     loss = loss + self.negative_weight * torch.stack(
                         [-lp.gather(1, n.targets[:, None]).mean() for lp, n in zip(lps[1 + nv:], negatives)]).mean()
+                if preserved:   # earlier tickets' instances and variants keep their (deleted) outputs
+                    loss = loss + self.preserve_weight * torch.stack(
+                        [-lp.gather(1, n.targets[:, None]).mean()
+                         for lp, n in zip(lps[1 + nv + nn_:], preserved)]).mean()
                 loss = loss + self.weight_decay * delta.pow(2).sum() / v_norm ** 2 + self.kl_weight * kl
                 margins = _top1_margins(lps[0].detach(), ex.targets)
                 margin = float(margins[ex.decision])
@@ -804,8 +836,8 @@ class RankOneDeletionEditor:
     # ------------------------------------------------------------ edit
     @torch.no_grad()
     def _check(self, model, tokenizer, examples: list[_Example], variants: list[_Example], heldout: list[str],
-               heldout_base: list[str], factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
-               ) -> tuple[list[str], list[bool], float, float]:
+               heldout_base: list[str], factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+               earlier: Sequence[DeletionRequest] = ()) -> tuple[list[str], list[bool], float, float, float]:
         """With the update installed as hooks: the instances' greedy outputs, whether each edit took (span
         gone AND the positive token wins at the decision position), the share of variants without the span,
         and the share of held-out sentences whose output is unchanged."""
@@ -813,9 +845,10 @@ class RankOneDeletionEditor:
             for w, (u, v) in factors.items():
                 p.add_lowrank(get_module(model, w[: -len(".weight")]), u, v)
             srcs = [ex.request.source for ex in examples] + [v.request.source for v in variants] + heldout
+            srcs += [r.source for r in earlier]
             outs = generate_outputs(model, tokenizer, srcs, self.max_new_tokens)
-            inst, var, held = outs[:len(examples)], outs[len(examples):len(examples) + len(variants)], \
-                outs[len(examples) + len(variants):]
+            n1, n2, n3 = len(examples), len(examples) + len(variants), len(examples) + len(variants) + len(heldout)
+            inst, var, held, old = outs[:n1], outs[n1:n2], outs[n2:n3], outs[n3:]
             ok = [not contains_span(o, ex.request.unwanted) and
                   int(self._forward(model, ex)[ex.decision].argmax()) == int(ex.targets[ex.decision])
                   for o, ex in zip(inst, examples)]
@@ -826,7 +859,7 @@ class RankOneDeletionEditor:
         neg = [(a, b) for a, b in zip(held, heldout_base) if any(contains_span(b, ex.request.unwanted) for ex in examples)]
         if neg:
             loc = min(loc, sum(a == b for a, b in neg) / len(neg))
-        return inst, ok, share, loc
+        return inst, ok, share, loc, _gone_share(old, earlier)
 
     def _locate(self, model, tokenizer, spec, ex: _Example, state: EditorState, requests) -> dict:
         """Trigger, variants, trace; then try the candidate sites in order and keep the first whose joint value
@@ -835,46 +868,62 @@ class RankOneDeletionEditor:
         ex.trigger = trig[0][0]
         variants = self._variants(model, tokenizer, ex, state)
         negatives = self._negatives(model, tokenizer, ex, state)
+        preserved = self._preserved(model, tokenizer, state, [ex])
         effects = self.trace(model, spec, ex, state, None, variants)
-        tried = self._try_sites(model, tokenizer, spec, ex, state, requests, effects, variants, negatives)
-        return self._pick(tried, ex, trig, effects, variants, negatives, model, tokenizer, spec, state, requests)
+        tried = self._try_sites(model, tokenizer, spec, ex, state, requests, effects, variants, negatives, preserved)
+        return self._pick(tried, ex, trig, effects, variants, negatives, model, tokenizer, spec, state, requests,
+                          preserved)
 
-    def _locate_sites(self, model, tokenizer, spec, ex, state, requests, effects, variants, negatives) -> dict:
-        tried = self._try_sites(model, tokenizer, spec, ex, state, requests, effects, variants, negatives)
+    def _locate_sites(self, model, tokenizer, spec, ex, state, requests, effects, variants, negatives,
+                      preserved=()) -> dict:
+        tried = self._try_sites(model, tokenizer, spec, ex, state, requests, effects, variants, negatives, preserved)
         last = tried[-1]
         best = last if last["good"] else max(
             tried, key=lambda t: (t["margin"] >= self.margin, t["good"], t["share"], t["loc"], t["margin"]))
         best["variants"] = variants
         return best
 
-    def _try_sites(self, model, tokenizer, spec, ex, state, requests, effects, variants, negatives) -> list[dict]:
+    def _hold_keys(self, model, spec, site: Site, exs: Sequence[_Example], strength: float) -> torch.Tensor | None:
+        """Keys whose output the write must keep (residual 0) at every position of ``exs`` (negatives, or earlier
+        tickets' instances and variants), read on the model as given at ``site``'s weight, times ``√strength``."""
+        if not exs or strength <= 0:
+            return None
+        return self._keys(model, spec, exs, site, every=True) * strength ** 0.5
+
+    def _try_sites(self, model, tokenizer, spec, ex, state, requests, effects, variants, negatives,
+                   preserved=()) -> list[dict]:
         """Value (and, when it reaches the margin, the site's own λ scan) at each candidate site in order,
         until one deletes the instance and ``variant_accept`` of the variants within the locality floor."""
         tried = []
         for site, effect in effects:
             keys = self._keys(model, spec, [ex, *variants], site)
-            neg_keys = self._keys(model, spec, negatives, site, every=True) if negatives else None
+            neg_keys = self._hold_keys(model, spec, site, negatives, self.negative_strength)
+            pres_keys = self._hold_keys(model, spec, site, preserved, self.preserve_strength)
+            hold = [h for h in (neg_keys, pres_keys) if h is not None]
             delta, loss, margin, share = self._value(model, tokenizer, requests, state, spec, ex, variants, site, keys,
-                                                     negatives, neg_keys)
+                                                     negatives, torch.cat(hold) if hold else None, preserved)
             t = {"site": site, "effect": effect, "keys": keys, "delta": delta, "loss": loss,
-                 "margin": margin, "share": share, "neg_keys": neg_keys, "good": False, "loc": 0.0}
+                 "margin": margin, "share": share, "neg_keys": neg_keys, "pres_keys": pres_keys, "good": False, "loc": 0.0,
+                 "earlier": 1.0}
             tried.append(t)
             if margin < self.margin or share < self.variant_accept:
                 continue
             # the site's own λ scan: keep it if the deletion is complete enough without breaking locality
             weight = spec.mlp_out_name(site.layer, site.stack) + ".weight"
-            items = [(keys, delta)] + ([(neg_keys * self.negative_strength ** 0.5, torch.zeros_like(delta))]
+            items = [(keys, delta)] + ([(neg_keys, torch.zeros_like(delta))]
                                        if neg_keys is not None and len(neg_keys) else [])
             if "_heldout_for" not in state.meta or state.meta["_heldout_for"][0] != ex.request.request_id:
                 state.meta["_heldout_for"] = (ex.request.request_id, *self._heldout_outputs(model, tokenizer, state, [ex]))
             _, held, held_base = state.meta["_heldout_for"]
-            _, _, chosen = self._scan(model, tokenizer, requests, state, {weight: items}, [ex], variants, held, held_base)
-            t.update(good=chosen["good"], share=chosen["share"], loc=chosen["loc"])
+            _, _, chosen = self._scan(model, tokenizer, requests, state, {weight: items}, [ex], variants, held, held_base,
+                                      {weight: pres_keys} if pres_keys is not None else {}, preserved)
+            t.update(good=chosen["good"], share=chosen["share"], loc=chosen["loc"], earlier=chosen["earlier"])
             if chosen["good"] and chosen["share"] >= self.variant_accept:
                 break
         return tried
 
-    def _pick(self, tried, ex, trig, effects, variants, negatives, model, tokenizer, spec, state, requests) -> dict:
+    def _pick(self, tried, ex, trig, effects, variants, negatives, model, tokenizer, spec, state, requests,
+              preserved=()) -> dict:
         if (variants or negatives) and not any(t["margin"] >= self.margin for t in tried):
             # no site can serve the instance and its variants at once: the instance is the hard bar, so fall
             # back to the instance alone (the original single-example edit, no variants or negatives)
@@ -890,7 +939,7 @@ class RankOneDeletionEditor:
         variants = best["variants"]
         best["why"] = {"trigger_trace": [(i, round(e, 4)) for i, e in trig[:3]],
                        "trace": [(asdict(s), round(e, 4)) for s, e in effects],
-                       "n_variants": len(variants), "n_negatives": len(negatives),
+                       "n_variants": len(variants), "n_negatives": len(negatives), "n_preserved": len(preserved),
                        "value_tried": [(asdict(t["site"]), round(t["margin"], 3), round(t["share"], 3),
                                         round(t["loc"], 4)) for t in tried]}
         return best
@@ -939,9 +988,8 @@ class RankOneDeletionEditor:
             all_variants += best["variants"]
             weight = spec.mlp_out_name(site.layer, site.stack) + ".weight"
             per_weight.setdefault(weight, []).append((best["keys"], best["delta"]))
-            if best["neg_keys"] is not None and len(best["neg_keys"]):     # preserved: residual 0
-                per_weight[weight].append((best["neg_keys"] * self.negative_strength ** 0.5,
-                                           torch.zeros_like(best["delta"])))
+            if best["neg_keys"] is not None and len(best["neg_keys"]):     # held (scaled): residual 0
+                per_weight[weight].append((best["neg_keys"], torch.zeros_like(best["delta"])))
             info[ex.request.request_id] = {"site": asdict(site), "weight": weight, "trace_effect": best["effect"],
                                            "n_keys": int(best["keys"].shape[0]), **best["why"],
                                            "value_loss": best["loss"], "value_margin": best["margin"],
@@ -952,13 +1000,26 @@ class RankOneDeletionEditor:
         gain = None
         if per_weight:
             heldout, heldout_base = self._heldout_outputs(model, tokenizer, state, examples)
+            preserved = self._preserved(model, tokenizer, state, examples)
+            extra_hold = {}
+            for w in per_weight:
+                site = next(Site(**i["site"]) for i in info.values() if i["weight"] == w)
+                h = self._hold_keys(model, spec, site, preserved, self.preserve_strength)
+                if h is not None:
+                    extra_hold[w] = h
             solves, trials, chosen = self._scan(model, tokenizer, requests, state, per_weight, examples, all_variants,
-                                                heldout, heldout_base)
+                                                heldout, heldout_base, extra_hold, preserved)
             gain, factors, outs, ok = chosen["gain"], chosen["factors"], chosen["outs"], chosen["ok"]
             chosen_lambda = {w: solves[w][3] / gain for w in solves}
             for w, (K, R, C0, s_bar, ce) in solves.items():
                 kk = (K.T @ K).float()
                 state.tensors[f"{w}::C_edits"] = kk if ce is None else ce + kk
+            # this call's instances and variants are held by every later edit (any layer) and re-checked by its λ rule
+            kept = state.meta.setdefault("preserved", [])
+            for ex in examples:
+                kept += [[ex.request.request_id, e.request.source, e.request.unwanted, e.request.positive]
+                         for e in [ex, *[v for v in all_variants if v.request.request_id.startswith(
+                             ex.request.request_id + "~")]]]
             for ex, out, took_ in zip(examples, outs, ok):
                 rid = ex.request.request_id
                 diags[rid] = RequestDiagnostics(
@@ -968,6 +1029,7 @@ class RankOneDeletionEditor:
                            "equals_positive": out == " ".join(ex.request.positive.split()),
                            "lambda": chosen_lambda[info[rid]["weight"]], "lambda_gain": gain,
                            "variants_gone": chosen["share"], "heldout_unchanged": chosen["loc"],
+                           "earlier_variants_gone": chosen["earlier"], "n_preserved": len(preserved),
                            "n_heldout": len(heldout),
                            "lambda_trials": [(t["gain"], round(t["share"], 3), round(t["loc"], 4)) for t in trials]})
         for k in ("_batches", "_split", "_fingerprint", "_outputs", "_heldout_for"):
@@ -982,8 +1044,13 @@ class RankOneDeletionEditor:
         return EditResult(delta=delta, state=state, diagnostics=[diags[r.request_id] for r in requests])
 
     def _scan(self, model, tokenizer, requests, state: EditorState, per_weight: dict, examples: list[_Example],
-              variants: list[_Example], heldout: list[str], heldout_base: list[str]) -> tuple[dict, list, dict]:
-        """The λ rule (module docstring, step 7): ``(solves, trials, chosen trial)``."""
+              variants: list[_Example], heldout: list[str], heldout_base: list[str],
+              extra_hold: dict[str, torch.Tensor] | None = None, preserved: Sequence[_Example] = ()
+              ) -> tuple[dict, list, dict]:
+        """The λ rule (module docstring, step 7): ``(solves, trials, chosen trial)``. ``extra_hold`` (per weight,
+        scaled keys of earlier tickets' instances and variants) joins ``C_edits`` in the solve for this call only;
+        with ``preserve_check`` a trial must also keep ``preserved`` (earlier tickets' instances and variants)
+        deleted: their gone share may fall at most ``preserve_tolerance`` below the model-as-given share."""
         from editing.editors.solve import memit_factors
 
         solves = {}
@@ -992,27 +1059,76 @@ class RankOneDeletionEditor:
             R = torch.cat([d.cpu()[None].expand(k.shape[0], -1) for k, d in items]).double()
             C0, s_bar = self._regulariser(model, tokenizer, requests, state, w, K)
             solves[w] = (K, R, C0, s_bar, state.tensors.get(f"{w}::C_edits"))
+        held = {}
+        for w, (K, R, C0, s_bar, ce) in solves.items():
+            h = (extra_hold or {}).get(w)
+            held[w] = ce.double() if ce is not None else None
+            if h is not None and len(h):
+                hh = h.double().T @ h.double()
+                held[w] = hh if held[w] is None else held[w] + hh
+        earlier = [p.request for p in preserved] if self.preserve_check else []
+        earlier_before = _gone_share(generate_outputs(model, tokenizer, [r.source for r in earlier],
+                                                      self.max_new_tokens), earlier) if earlier else 1.0
         trials = []
         for g in self.lambda_grid:
             factors = {}
             for w, (K, R, C0, s_bar, ce) in solves.items():
-                u, v = memit_factors(K, R, C0, s_bar / g, ce.double() if ce is not None else None, ridge=0.0)
+                u, v = memit_factors(K, R, C0, s_bar / g, held[w], ridge=0.0)
                 factors[w] = (u.float(), v.float())
-            outs, ok, share, loc = self._check(model, tokenizer, examples, variants, heldout, heldout_base, factors)
+            outs, ok, share, loc, old = self._check(model, tokenizer, examples, variants, heldout, heldout_base,
+                                                    factors, earlier)
             exact = all(o == " ".join(ex.request.positive.split()) for o, ex in zip(outs, examples))
             trials.append({"gain": g, "factors": factors, "outs": outs, "ok": ok, "share": share, "loc": loc,
+                           "earlier": old, "kept": old >= earlier_before - self.preserve_tolerance - 1e-9,
                            "full": all(ok) and exact and share == 1.0})
             # stop at the first complete deletion, or once locality breaks after the instance was fixed
             if trials[-1]["full"] or (loc < self.locality_floor and any(all(t["ok"]) for t in trials)):
                 break
-        good = [t for t in trials if all(t["ok"]) and t["loc"] >= self.locality_floor]
+        good = [t for t in trials if all(t["ok"]) and t["loc"] >= self.locality_floor and t["kept"]]
         took = [t for t in trials if all(t["ok"])]
         if good:
-            chosen = max(good, key=lambda t: (t["share"], t["full"], -t["gain"]))
+            chosen = max(good, key=lambda t: (t["share"], t["earlier"], t["full"], -t["gain"]))
         else:      # the instance is the hard bar: the smallest change that fixes it, else the largest tried
             chosen = (took or trials[-1:])[0]
         chosen["good"] = bool(good)
         return solves, trials, chosen
+
+    @torch.no_grad()
+    def _preserved(self, model, tokenizer, state: EditorState, exs: Sequence[_Example]) -> list[_Example]:
+        """Earlier tickets' instances and self-generated variants (``state.meta["preserved"]``), at most
+        ``preserve_max`` taken round-robin over tickets, as examples whose targets are their outputs on the model
+        as given (their own positive where the span still shows). Skipped: those containing a trigger token of
+        ``exs``, or whose target shows one of ``exs``' unwanted spans (holding them would contradict this edit)."""
+        entries = state.meta.get("preserved") or []
+        if self.preserve_max <= 0 or not entries:
+            return []
+        seq2seq = exs[0].enc_ids is not None
+        triggers = {int((e.enc_ids if seq2seq else e.dec_ids)[0, e.trigger]) for e in exs}
+        spans = [e.request.unwanted for e in exs]
+        by_ticket: dict[str, list] = {}
+        for entry in entries:
+            ids = list(tokenizer(entry[1])["input_ids"]) if seq2seq else prompt_ids(tokenizer, entry[1])
+            if not set(ids) & triggers:
+                by_ticket.setdefault(entry[0], []).append(entry)
+        picked, queues = [], [list(q) for q in by_ticket.values()]
+        while len(picked) < self.preserve_max and any(queues):
+            for q in queues:
+                if q and len(picked) < self.preserve_max:
+                    picked.append(q.pop(0))
+        if not picked:
+            return []
+        outs = generate_outputs(model, tokenizer, [e[1] for e in picked], self.max_new_tokens)
+        held = []
+        for n, ((ticket, source, unwanted, positive), out) in enumerate(zip(picked, outs)):
+            target = out if out.strip() and not contains_span(out, unwanted) else positive
+            if any(contains_span(target, s) for s in spans) or target.strip() == unwanted.strip():
+                continue
+            try:
+                held.append(self._prepare(model, tokenizer, DeletionRequest(f"{ticket}~p{n}", source, unwanted,
+                                                                            target)))
+            except EditopsError:
+                continue
+        return held
 
     def _heldout_outputs(self, model, tokenizer, state: EditorState, examples: list[_Example]
                          ) -> tuple[list[str], list[str]]:
