@@ -15,8 +15,6 @@ sqlite MLflow with local artifacts, inbox/outbox/quarantine.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -30,6 +28,8 @@ def _step(con: Console, n: int, text: str) -> None:
 
 
 def _build(con: Console, entry, root: Path, build: bool) -> bool:
+    from flows.build import repro
+
     if entry.is_built(root) and entry.requests_path(root).is_file():
         con.print(f"  {entry.name}: built ({entry.model_dir}, {entry.request_count(root)} requests)")
         return True
@@ -37,10 +37,9 @@ def _build(con: Console, entry, root: Path, build: bool) -> bool:
         con.print(f"  {entry.name}: [yellow]not built[/] and --skip-build given; its line is left out")
         return False
     stages = list(dict.fromkeys([entry.stage, entry.requests_stage]))
-    cmd = [str(Path(sys.executable).parent / "dvc"), "repro", *stages]
     con.print(f"  {entry.name}: building with [bold]dvc repro {' '.join(stages)}[/] …")
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
+    p = repro(stages, root, capture=True)
     if p.returncode != 0 or not entry.is_built(root):
         con.print(f"  [red]{entry.name}: build failed[/] ({p.stderr.strip().splitlines()[-1:] or ''}); its line is left out")
         return False

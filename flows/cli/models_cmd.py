@@ -7,9 +7,6 @@ skips what is up to date); with no name it runs ``dvc repro`` for everything.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -65,12 +62,6 @@ def models_command(
     Console().print(table)
 
 
-def dvc_command() -> list[str]:
-    """``dvc`` from the running interpreter's environment (so the venv's DVC and Python are used)."""
-    exe = Path(sys.executable).with_name("dvc")
-    return [str(exe)] if exe.exists() else ["dvc"]
-
-
 @app.command("build")
 def build_command(
     name: Optional[str] = typer.Argument(None, help="model name (see `editops models`); default: all"),
@@ -84,11 +75,10 @@ def build_command(
     if not (root / "dvc.yaml").is_file():
         raise EditopsError(f"no dvc.yaml in {root} or above: run `editops build` inside the editops project")
     stages = [] if name is None else list(dict.fromkeys([get(name).stage, get(name).requests_stage]))
+    from flows.build import dvc_command, repro
+
     cmd = dvc_command() + ["repro", *(["--force"] if force else []), *stages]
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # stage cmds use this python
-    env.setdefault("DVC_NO_ANALYTICS", "1")
     typer.echo(" ".join(cmd))
-    rc = subprocess.run(cmd, cwd=root, env=env).returncode
+    rc = repro(stages, root, force=force).returncode
     if rc != 0:
         raise EditopsError(f"`{' '.join(cmd)}` failed with exit status {rc}; see DVC's output above")

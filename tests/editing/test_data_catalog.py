@@ -71,3 +71,18 @@ def test_build_command_runs_dvc_repro_for_the_model_stage(tmp_path, monkeypatch)
     assert (tmp_path / "dvc.lock").is_file()
     bad = CliRunner().invoke(_cli(), ["build", "no-such-model"])
     assert isinstance(bad.exception, EditopsError)
+
+
+def test_build_runs_stages_with_this_environments_python_when_path_lacks_it(tmp_path, monkeypatch):
+    """`./run demo` calls `.venv/bin/editops` without activating the venv: a stage's `python` must still be
+    the venv's (with torch), not the first one on PATH (a clean-clone demo failed this way)."""
+    from flows.build import repro
+
+    subprocess.run([str(Path(sys.executable).with_name("dvc")), "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n  probe:\n    cmd: python -c \"import sys, torch; open('out.txt', 'w').write(sys.executable)\"\n"
+        "    outs:\n      - out.txt\n")
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    done = repro(["probe"], tmp_path, capture=True)
+    assert done.returncode == 0, done.stderr
+    assert Path((tmp_path / "out.txt").read_text()).parent == Path(sys.executable).parent
