@@ -112,6 +112,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cache-dir", default=".editops/bench/base-outputs")
     ap.add_argument("--out", default="bench/results/hook.json")
+    ap.add_argument("--append", action="store_true",
+                    help="keep the rows already in --out, replacing those of the same model, editor, edits and batch")
     args = ap.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -139,6 +141,12 @@ def main(argv: list[str] | None = None) -> None:
     print(table(rows))
     out = ROOT / args.out
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.append and out.is_file():
+        def same(r: dict) -> tuple:
+            return r["model"], r["editor"], r["n_edits"], r["batch_size"]
+
+        fresh = {same(r) for r in rows}
+        rows = [r for r in json.loads(out.read_text()) if same(r) not in fresh] + rows
     out.write_text(json.dumps(rows, indent=1, default=str) + "\n")
 
 

@@ -148,15 +148,17 @@ def run_demo(workdir: str = ".editops/demo", *, build: bool = True, n_facts: int
     tickets_cmd(config=str(cfg_path), state=None, line=None, limit=50)
 
     _step(con, 5, "versions, gate results, diffs, champion")
-    from flows.cli.registry_cmd import versions_table
+    from flows.cli.registry_cmd import version_lines
     from registry.reports import version_diff
 
     reg = open_registry(cfg)
     for name in lines:
         if not reg.line_exists(name):
             continue
-        con.print(versions_table(reg, name, title=f"line {name}: versions, measured gate figures, diff vs parent",
-                                 ticket_ids=True))
+        con.print(f"[bold]line {name}[/]: versions, measured gate figures, diff vs parent "
+                  f"(as a table: editops versions {name} --config {cfg_path})")
+        for text in version_lines(reg, name):
+            con.print("  " + text, highlight=False)
         versions = reg.versions(name)
         for v in versions[1:]:
             d = version_diff(reg, v)

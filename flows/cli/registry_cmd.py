@@ -88,16 +88,15 @@ def versions(line: Optional[str] = typer.Argument(None, help="model line; omit t
     _console().print(versions_table(reg, line))
 
 
-def versions_table(reg, line: str, *, title: str | None = None, ticket_ids: bool = False):
+def versions_table(reg, line: str):
     """A line's versions as a rich table: lineage, editor, tickets, each gate's measured figure and
     verdict (from the version's ``gate_report.json``), its diff against the parent (``diff.json``: edited
-    weights, total ‖ΔW‖_F, largest rank, probes whose top answer changed), aliases, size, time.
-    ``ticket_ids``: list the request ids instead of counting them."""
+    weights, total ‖ΔW‖_F, largest rank, probes whose top answer changed), aliases, size, time."""
     from rich.table import Table
 
     from registry.reports import diff_summary, gate_figures, gate_report, version_diff
 
-    t = Table(title=title or line)
+    t = Table(title=line)
     for col in ("version", "kind", "parent", "editor", "tickets", "gates", "diff vs parent", "aliases", "delta bytes",
                 "created (UTC)"):
         t.add_column(col, justify="right" if col in ("version", "parent", "delta bytes") else "left")
@@ -109,10 +108,31 @@ def versions_table(reg, line: str, *, title: str | None = None, ticket_ids: bool
         diff = "" if d is None else (f"{d['weights']} weight(s), ‖ΔW‖ {d['total_norm']:.3g}, rank ≤ {d['max_rank']}"
                                      + (f"\nprobes changed {d['changed']}/{d['probes']}" if d["probes"] else ""))
         kind = v.kind if v.kind != "revert" else f"revert {v.reverts}"
-        tickets = ", ".join(v.request_ids or []) if ticket_ids and v.request_ids else str(v.n_requests)
-        t.add_row(str(v.number), kind, "" if v.parent is None else str(v.parent), v.editor or "", tickets, gates, diff,
+        t.add_row(str(v.number), kind, "" if v.parent is None else str(v.parent), v.editor or "", str(v.n_requests), gates, diff,
                   ", ".join(sorted(v.aliases)), v.tags.get("editops.delta_bytes", ""), _when(v.created_ms))
     return t
+
+
+def version_lines(reg, line: str) -> list[str]:
+    """The same facts as :func:`versions_table`, one short paragraph per version (wraps in any terminal width)."""
+    from registry.reports import diff_summary, gate_figures, gate_report, version_diff
+
+    out = []
+    for v in reg.versions(line):
+        aliases = f" ({', '.join(sorted(v.aliases))})" if v.aliases else ""  # not [..]: rich markup
+        if v.is_base:
+            out.append(f"v{v.number} base{aliases}")
+            continue
+        verdict = {True: "[green]gates pass[/]", False: "[red]gates fail[/]", None: "no gates"}[v.gates_passed]
+        figs = " · ".join(f.short() for f in gate_figures(gate_report(reg, v)))
+        d = diff_summary(version_diff(reg, v))
+        diff = "" if d is None else (f"\n    diff vs v{v.parent}: {d['weights']} weight(s), ‖ΔW‖ {d['total_norm']:.3g}, "
+                                     f"rank ≤ {d['max_rank']}" + (f", probes changed {d['changed']}/{d['probes']}"
+                                                                 if d["probes"] else ""))
+        kind = "" if v.kind == "delta" else f" {v.kind}" + (f" of {v.reverts}" if v.kind == "revert" else "")
+        out.append(f"v{v.number} ← v{v.parent}{kind} {v.editor or ''}{aliases}: {v.n_requests} ticket(s) "
+                   f"({', '.join(v.request_ids or [])})\n    {verdict}: {figs}{diff}")
+    return out
 
 
 @app.command()

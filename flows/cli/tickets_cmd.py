@@ -47,7 +47,8 @@ def tickets(config: Optional[str] = CONFIG, state: Optional[str] = typer.Option(
     rows = led.rows(line=line, state=state)
     t = Table(title=f"tickets ({', '.join(f'{k} {v}' for k, v in sorted(led.counts().items()))})")
     for col in ("id", "line", "requester", "state", "version", "why", "updated (UTC)"):
-        t.add_column(col)
+        # long ids, lines and reasons wrap (fold) instead of being cut off in a narrow terminal
+        t.add_column(col, overflow="fold" if col in ("id", "line", "why") else "ellipsis")
     colour = {"applied": "green", "rejected": "red", "invalid": "magenta", "queued": "yellow"}
     for r in rows[:limit]:
         why = ""

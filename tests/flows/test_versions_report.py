@@ -98,6 +98,15 @@ def test_gate_figures_and_diffs_of_pipeline_versions(edited_line, cli):
         for f in gate_figures(gate_report(reg, v)):
             assert f.short() in r.output, (f.short(), r.output)
         assert f"‖ΔW‖ {diff_summary(version_diff(reg, v))['total_norm']:.3g}" in r.output
+    # the demo's per-version paragraphs carry the same figures, diff and request ids
+    from flows.cli.registry_cmd import version_lines
+
+    paragraphs = version_lines(reg, "facts")
+    assert paragraphs[0].startswith("v1 base")
+    for text, v, rid in zip(paragraphs[1:], versions[1:], ids):
+        assert text.startswith(f"v{v.number} ← v{v.parent} ") and rid in text
+        assert all(f.short() in text for f in gate_figures(gate_report(reg, v))), text
+        assert f"‖ΔW‖ {diff_summary(version_diff(reg, v))['total_norm']:.3g}" in text
     # `editops show`: the whole gate report, per gate and ticket
     r = cli("show", "facts/3", *cfg_arg)
     assert "gates (passed)" in r.output and ids[1] in r.output
