@@ -33,7 +33,7 @@ from torch import nn
 from editing.arch import add_to_weight, get_module, spec_for, weight_view
 from editing.delta import LowRankDelta
 from editing.editors.base import EditorState, EditResult, RequestDiagnostics
-from editing.editors.hparams import DEFAULT_LAMBDA_GRID, EditHparams, with_preset
+from editing.editors.hparams import DEFAULT_LAMBDA_GRID, EditHparams, with_corpus, with_preset
 from editing.editors.keys import block_outputs_at, check_length, compute_keys, pad_id_of, prompt_ids, \
     generated_context_templates, score_targets, subject_last_token
 from editing.editors.solve import alphaedit_factors, memit_factors, nullspace_projector, responsible_neurons
@@ -123,7 +123,7 @@ class MemitEditor:
         return out
 
     def _resolve(self, model, tokenizer, spec, requests, state: EditorState | None, fp: str) -> EditHparams:
-        hp = self._with_context(model, tokenizer, self.hp, state)
+        hp = with_corpus(self._with_context(model, tokenizer, self.hp, state), model)
         if state is not None and state.meta.get("layers"):
             return replace(hp, layers=tuple(state.meta["layers"]), lam=state.meta.get("lam", hp.lam),
                            source=state.meta.get("source", hp.source))

@@ -66,3 +66,28 @@ def test_generated_context_templates_are_the_models_own_and_carried_in_the_state
         res3 = get_editor("nse", layers=[0], lam=30.0, stats_dir=str(tmp_path), corpus="samples:8", context="fixed",
                           value={"steps": 5}).edit(model, tok, reqs[:1], None)
     assert tuple(res3.delta.hyperparameters["value"]["context_templates"]) == DEFAULT_CONTEXT_TEMPLATES
+
+
+def test_key_statistics_corpus_is_the_given_one_else_the_presets_else_the_default(tiny_llama, facts, tmp_path):
+    """SmolLM2's preset names `stdlib`; a model without a preset gets `samples:64`; an explicit corpus wins.
+    The corpus actually used is recorded with the delta (what the registry stores with the version)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from editing.editors.hparams import DEFAULT_CORPUS, EditHparams, with_corpus, with_preset
+
+    smol_shaped = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=30,
+                                               num_attention_heads=2, num_key_value_heads=1))
+    assert preset_for(smol_shaped).corpus == "stdlib"
+    assert with_preset(EditHparams(), smol_shaped).corpus == "stdlib"
+    assert with_corpus(EditHparams(corpus="samples:8"), smol_shaped).corpus == "samples:8"
+    model, tok = tiny_llama
+    assert preset_for(model) is None and with_preset(EditHparams(), model).corpus == DEFAULT_CORPUS == "samples:64"
+    # a state carrying layers/λ skips the preset, not the corpus decision
+    ed = get_editor("nse", layers=[0], lam=30.0, stats_dir=str(tmp_path), corpus="samples:8", value={"steps": 5})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = ed.edit(model, tok, requests(facts, 1), None)
+        res2 = get_editor("nse", stats_dir=str(tmp_path), value={"steps": 5}).edit(model, tok, requests(facts, 2)[1:],
+                                                                                   res.state)
+    assert res.delta.hyperparameters["corpus"] == "samples:8"
+    assert res2.delta.hyperparameters["corpus"] == DEFAULT_CORPUS
