@@ -261,7 +261,7 @@ def plot(rows: list[dict], path: Path) -> None:
             ax.set_xlabel("number of edits", fontsize=8)
             ax.set_ylim(-0.02, 1.05 if key != "neighbourhood_ratio" else 1.25)
             ax.grid(alpha=0.3)
-            if i == 0 and j == 0:
+            if j == 0:  # one legend per model row (each row has its own runs)
                 ax.legend(fontsize=6)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
