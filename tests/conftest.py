@@ -2,6 +2,18 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
+
+# tests/ and its subfolders go on sys.path (no __init__.py), so tests/flows and tests/registry could
+# shadow the real packages as namespace packages: the project root goes first, and any namespace
+# stand-in imported before this ran is dropped. Done once here, for every test folder.
+_ROOT = str(Path(__file__).resolve().parents[1])
+if sys.path[:1] != [_ROOT]:
+    sys.path.insert(0, _ROOT)
+for _name in ("registry", "editing", "flows"):
+    if _name in sys.modules and getattr(sys.modules[_name], "__file__", None) is None:
+        del sys.modules[_name]
 
 os.environ.update(
     {

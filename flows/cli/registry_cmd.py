@@ -88,6 +88,16 @@ def versions(line: Optional[str] = typer.Argument(None, help="model line; omit t
     _console().print(versions_table(reg, line))
 
 
+def _diff_parts(d: dict | None) -> list[str]:
+    """A :func:`registry.reports.diff_summary` as text: the weights part, then the probes part if any probes ran."""
+    if d is None:
+        return []
+    parts = [f"{d['weights']} weight(s), ‖ΔW‖ {d['total_norm']:.3g}, rank ≤ {d['max_rank']}"]
+    if d["probes"]:
+        parts.append(f"probes changed {d['changed']}/{d['probes']}")
+    return parts
+
+
 def versions_table(reg, line: str):
     """A line's versions as a rich table: lineage, editor, tickets, each gate's measured figure and
     verdict (from the version's ``gate_report.json``), its diff against the parent (``diff.json``: edited
@@ -105,8 +115,7 @@ def versions_table(reg, line: str):
         figs = gate_figures(gate_report(reg, v)) if not v.is_base else []
         gates = "\n".join([verdict, *(f.short() for f in figs)]).strip()
         d = diff_summary(version_diff(reg, v)) if not v.is_base else None
-        diff = "" if d is None else (f"{d['weights']} weight(s), ‖ΔW‖ {d['total_norm']:.3g}, rank ≤ {d['max_rank']}"
-                                     + (f"\nprobes changed {d['changed']}/{d['probes']}" if d["probes"] else ""))
+        diff = "\n".join(_diff_parts(d))
         kind = v.kind if v.kind != "revert" else f"revert {v.reverts}"
         t.add_row(str(v.number), kind, "" if v.parent is None else str(v.parent), v.editor or "", str(v.n_requests), gates, diff,
                   ", ".join(sorted(v.aliases)), v.tags.get("editops.delta_bytes", ""), _when(v.created_ms))
@@ -126,9 +135,7 @@ def version_lines(reg, line: str) -> list[str]:
         verdict = {True: "[green]gates pass[/]", False: "[red]gates fail[/]", None: "no gates"}[v.gates_passed]
         figs = " · ".join(f.short() for f in gate_figures(gate_report(reg, v)))
         d = diff_summary(version_diff(reg, v))
-        diff = "" if d is None else (f"\n    diff vs v{v.parent}: {d['weights']} weight(s), ‖ΔW‖ {d['total_norm']:.3g}, "
-                                     f"rank ≤ {d['max_rank']}" + (f", probes changed {d['changed']}/{d['probes']}"
-                                                                 if d["probes"] else ""))
+        diff = f"\n    diff vs v{v.parent}: " + ", ".join(_diff_parts(d)) if d is not None else ""
         kind = "" if v.kind == "delta" else f" {v.kind}" + (f" of {v.reverts}" if v.kind == "revert" else "")
         out.append(f"v{v.number} ← v{v.parent}{kind} {v.editor or ''}{aliases}: {v.n_requests} ticket(s) "
                    f"({', '.join(v.request_ids or [])})\n    {verdict}: {figs}{diff}")

@@ -4,17 +4,7 @@ Imported by this folder's conftest (fixtures) and by tests as ``flowkit`` (a uni
 folders' ``conftest`` modules would collide on ``from conftest import``)."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
-
-# tests/ is on sys.path (rootdir conftest, no __init__.py), so tests/flows and tests/registry would
-# shadow the real packages as namespace packages: put the project root first (as tests/registry does).
-_ROOT = str(Path(__file__).resolve().parents[2])
-if sys.path[:1] != [_ROOT]:
-    sys.path.insert(0, _ROOT)
-for _name in ("registry", "editing", "flows"):
-    if _name in sys.modules and getattr(sys.modules[_name], "__file__", None) is None:
-        del sys.modules[_name]
 
 import pytest
 

@@ -3,19 +3,8 @@ word-level tokenizer), a registry on the session's sqlite MLflow store, random l
 and real `mlflow server` processes on free 127.0.0.1 ports."""
 from __future__ import annotations
 
-import sys
 import uuid
 from pathlib import Path
-
-# tests/ and tests/registry/ are on sys.path (rootdir conftest, no __init__.py), so the folder
-# tests/registry would shadow the real `registry` package as a namespace package: put the project
-# root first. (A pytest `pythonpath = ["."]` in pyproject.toml does the same for every test folder.)
-_ROOT = str(Path(__file__).resolve().parents[2])
-if sys.path[:1] != [_ROOT]:
-    sys.path.insert(0, _ROOT)
-for _name in ("registry", "editing", "flows"):
-    if _name in sys.modules and getattr(sys.modules[_name], "__file__", None) is None:
-        del sys.modules[_name]
 
 import pytest  # noqa: E402
 from registry_helpers import MlflowServer, save_model_dir  # noqa: E402
