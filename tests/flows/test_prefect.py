@@ -143,10 +143,16 @@ def test_serve_schedule_fires(editable_project, prefect_real_server, kind):
             f"no scheduled run ({kind} {SCHEDULES[kind][1]!r}) applied ticket {rid} within {timeout} s; ledger state: "
             f"{row.state if row else 'not in the ledger'}; serve log:\n{log.read_text()[-3000:]}")
         assert led.counts().get("invalid") == 1
-        dep, runs = _flow_runs(prefect_real_server, f"process_requests/editops-test-{kind}")
+        # the flow updates the ledger before it reports its own end to the server: wait for that report
+        report_deadline = time.time() + 60
+        while True:
+            dep, runs = _flow_runs(prefect_real_server, f"process_requests/editops-test-{kind}")
+            done = [r for r in runs if r.state is not None and r.state.is_completed()]
+            if done or time.time() > report_deadline:
+                break
+            time.sleep(2)
         sched = dep.schedules[0].schedule
         assert (sched.cron == SCHEDULES[kind][1]) if kind == "cron" else (sched.interval.total_seconds() == 10.0)
-        done = [r for r in runs if r.state is not None and r.state.is_completed()]
         assert done and all(r.auto_scheduled for r in done), [(r.name, r.auto_scheduled, r.state) for r in runs]
     finally:
         os.killpg(proc.pid, signal.SIGINT)
