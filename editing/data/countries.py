@@ -19,6 +19,12 @@ of the same relation); 6 neighbours: other subjects whose fact of the same
 relation the model also gets right, with their true objects, preferring
 subjects that share the edited subject's true object (CounterFact's choice).
 
+**Neighbour-only subjects.** Per relation, a seeded share (``neighbour_share``,
+at least ``n_neighbours``) of the known subjects is kept out of the requests and
+serves only as neighbours. Otherwise a run that applies every request edits every
+neighbour too, and "the neighbour kept its old answer" would count against edits
+made on purpose (the metrics also drop such probes: ``n_neighbours_dropped``).
+
 Counts (kept / tried, per relation) go to a metrics JSON.
 DVC stage ``countries``: ``python -m editing.data.countries --model models/smollm2-135m``.
 """
@@ -111,7 +117,8 @@ def country_facts() -> dict[str, dict[str, list[str]]]:
 
 
 def build_requests(model, tokenizer, facts: dict[str, dict[str, list[str]]] | None = None, *, seed: int = 0,
-                   n_neighbours: int = 6, relations: Sequence[CountryRelation] = RELATIONS,
+                   n_neighbours: int = 6, neighbour_share: float = 0.3,
+                   relations: Sequence[CountryRelation] = RELATIONS,
                    max_tokens_per_batch: int = 2048, progress: bool = False) -> tuple[list[FactRequest], dict]:
     """Requests for the facts ``model`` gets right (top-1) and the metrics dict (kept / tried)."""
     from editing.metrics.facts import score_pairs
@@ -133,14 +140,22 @@ def build_requests(model, tokenizer, facts: dict[str, dict[str, list[str]]] | No
                 known[r.name][c] = hit
     rng = random.Random(seed)
     requests: list[FactRequest] = []
+    neighbour_only = {r.name: 0 for r in relations}
     for r in relations:
         pool = sorted({o for rel in facts.values() for o in rel.get(r.name, [])})
         subjects = sorted(known[r.name])
-        for c in subjects:
+        if len(subjects) <= n_neighbours:
+            continue
+        order = list(subjects)
+        rng.shuffle(order)
+        n_reserved = max(n_neighbours, round(neighbour_share * len(subjects)))
+        reserved, edited = sorted(order[:n_reserved]), sorted(order[n_reserved:])
+        neighbour_only[r.name] = len(reserved)
+        for c in edited:
             true = known[r.name][c]
             alternatives = [o for o in pool if o not in facts[c].get(r.name, [])]
-            others = [s for s in subjects if s != c]
-            if not alternatives or len(others) < n_neighbours:
+            others = list(reserved)
+            if not alternatives:
                 continue
             same = [s for s in others if known[r.name][s] == true]
             rest = [s for s in others if known[r.name][s] != true]
@@ -158,7 +173,9 @@ def build_requests(model, tokenizer, facts: dict[str, dict[str, list[str]]] | No
     metrics = {
         "criterion": "top1 (greedy: every target token is the argmax after the prompt)",
         "tried": sum(tried.values()), "kept": sum(len(v) for v in known.values()), "requests": len(requests),
-        "per_relation": {r.name: {"tried": tried[r.name], "kept": len(known[r.name])} for r in relations},
+        "neighbour_share": neighbour_share,
+        "per_relation": {r.name: {"tried": tried[r.name], "kept": len(known[r.name]),
+                                  "neighbour_only": neighbour_only[r.name]} for r in relations},
         "paraphrase_top1_of_kept": round(sum(s.top1 for s in para_scores.values()) / max(1, len(para_scores)), 4),
         "seconds": round(time.perf_counter() - t0, 1),
     }
@@ -178,12 +195,15 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default="data/requests/countries.jsonl")
     parser.add_argument("--metrics", default="metrics/countries.json")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--neighbour-share", type=float, default=0.3,
+                        help="share of each relation's known subjects kept as neighbours only (never edited)")
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     loaded = load(args.model)
-    requests, metrics = build_requests(loaded.model, loaded.tokenizer, seed=args.seed, progress=True)
+    requests, metrics = build_requests(loaded.model, loaded.tokenizer, seed=args.seed,
+                                       neighbour_share=args.neighbour_share, progress=True)
     metrics["model"] = args.model
     metrics["fingerprint"] = loaded.fingerprint
     write_jsonl(requests, args.out)

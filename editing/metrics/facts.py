@@ -20,6 +20,12 @@ Conventions (say which variant is reported: these are the ones editops reports)
 - **Neighbourhood**: for each neighbour probe ``(prompt, target)``, P(target) >
   P(new target of the request). For CounterFact the probe target is the
   request's ``target_true``, so this is ROME's "P(true) > P(new)".
+- **Edited neighbours are left out.** A neighbour probe whose prompt is the edit prompt
+  or a paraphrase of any request applied to the model (the requests scored, ``earlier``
+  and ``also_edited``) asks about a fact changed on purpose: its old answer is not
+  locality. Such probes are dropped from the edited and the base scores alike and
+  counted in ``n_neighbours_dropped`` (in a run that edits most subjects of a relation,
+  most same-relation neighbours are other edits).
 - **Top-1 (accuracy) variants** ``*_acc``: the target counts as produced when every
   target token is the model's argmax under teacher forcing (greedy tokens match).
   For neighbours: the probe's own answer is still the greedy one.
@@ -179,6 +185,12 @@ class RequestScores:
     neighbourhood: float | None
     neighbourhood_acc: float | None
     locality: float | None = None  # token agreement with the base on neighbour targets
+    n_neighbours_dropped: int = 0  # neighbour probes left out: their fact is edited too
+
+
+def edited_prompts(requests: Iterable[FactRequest]) -> frozenset[str]:
+    """The prompts whose answer ``requests`` change on purpose: every edit prompt and paraphrase."""
+    return frozenset(p for r in requests for p in (r.text, *r.paraphrases))
 
 
 Comparison = Literal["mean", "sum"]
@@ -189,8 +201,12 @@ def _lp(score: PairScore, comparison: Comparison) -> float:
 
 
 def score_requests(requests: Sequence[FactRequest], scores: dict[Pair, PairScore],
-                   base: dict[Pair, PairScore] | None = None, comparison: Comparison = "mean") -> list[RequestScores]:
+                   base: dict[Pair, PairScore] | None = None, comparison: Comparison = "mean",
+                   edited: frozenset[str] = frozenset()) -> list[RequestScores]:
     """Per-request CounterFact outcomes from pair scores (and base pair scores for locality).
+
+    ``edited``: prompts of facts changed on purpose (:func:`edited_prompts`); neighbour
+    probes with such a prompt are left out and counted in ``n_neighbours_dropped``.
 
     ``comparison="mean"`` compares mean token log-probs (ROME/CounterFact, the
     default); ``"sum"`` compares whole-sequence log-probs (favours short targets
@@ -209,7 +225,8 @@ def score_requests(requests: Sequence[FactRequest], scores: dict[Pair, PairScore
             if r.target_true is not None:
                 para.append(float(_lp(pn, comparison) > _lp(scores[(p, r.target_true)], comparison)))
         nb, nb_acc, agree = [], [], []
-        for probe in r.neighbours:
+        probes = [probe for probe in r.neighbours if probe.prompt not in edited]
+        for probe in probes:
             own = scores[(probe.prompt, probe.target)]
             nb_acc.append(float(own.top1))
             if probe.target != r.target_new:
@@ -225,6 +242,7 @@ def score_requests(requests: Sequence[FactRequest], scores: dict[Pair, PairScore
             paraphrase=_mean(para), paraphrase_acc=_mean(para_acc),
             neighbourhood=_mean(nb), neighbourhood_acc=_mean(nb_acc),
             locality=_mean(agree) if base is not None else None,
+            n_neighbours_dropped=len(r.neighbours) - len(probes),
         ))
     return out
 
@@ -261,6 +279,7 @@ class FactScores:
     fluency: float | None = None
     retention: float | None = None
     n_retention: int = 0
+    n_neighbours_dropped: int = 0
     comparison: str = "mean"
     per_request: list[RequestScores] = field(default_factory=list, repr=False)
 
@@ -335,6 +354,7 @@ def aggregate(rows: Sequence[RequestScores], comparison: Comparison = "mean") ->
         neighbourhood=_avg(rows, "neighbourhood"), neighbourhood_acc=_avg(rows, "neighbourhood_acc"),
         n_without_true=sum(r.efficacy is None for r in rows),
         locality=_avg(rows, "locality"),
+        n_neighbours_dropped=sum(r.n_neighbours_dropped for r in rows),
         per_request=list(rows),
     )
 
@@ -400,10 +420,13 @@ class BaseOutputs:
         return cls(data["model_fingerprint"], scores, data.get("perplexity"), data.get("heldout_sha256"),
                    data.get("meta", {}))
 
-    def base_scores(self, requests: Sequence[FactRequest], comparison: Comparison = "mean") -> FactScores:
-        """The base model's own metrics on ``requests`` (from the cache)."""
+    def base_scores(self, requests: Sequence[FactRequest], comparison: Comparison = "mean",
+                    also_edited: Sequence[FactRequest] = ()) -> FactScores:
+        """The base model's own metrics on ``requests`` (from the cache), leaving out the neighbour
+        probes that ``requests`` or ``also_edited`` edit (as :func:`evaluate_facts` does)."""
         self._check(requests)
-        s = aggregate(score_requests(requests, self.scores, comparison=comparison), comparison)
+        edited = edited_prompts([*requests, *also_edited])
+        s = aggregate(score_requests(requests, self.scores, comparison=comparison, edited=edited), comparison)
         s.perplexity = self.perplexity
         return s
 
@@ -427,15 +450,18 @@ def _fact_requests(requests: Sequence) -> list[FactRequest]:
 def evaluate_facts(model: nn.Module, tokenizer, requests: Sequence[FactRequest], base: BaseOutputs | None = None,
                    heldout_texts: Sequence[str] | None = None, earlier: Sequence[FactRequest] | None = None,
                    fluency_prompts: Sequence[str] | None = None, progress: bool = False,
-                   comparison: Comparison = "mean") -> FactScores:
+                   comparison: Comparison = "mean", also_edited: Sequence[FactRequest] = ()) -> FactScores:
     """CounterFact metrics of ``model`` on ``requests``; base-relative metrics when ``base`` is given.
 
     ``heldout_texts``: perplexity (drift needs the base's perplexity on the same
     texts); ``earlier``: requests edited before (their efficacy = retention);
     ``fluency_prompts``: greedy generations scored by n-gram entropy;
-    ``comparison``: mean (CounterFact, default) or sum of target token log-probs.
+    ``comparison``: mean (CounterFact, default) or sum of target token log-probs;
+    ``also_edited``: further requests applied to ``model``. Neighbour probes that ask
+    about any edited fact (``requests``, ``earlier``, ``also_edited``) are left out.
     """
     requests = _fact_requests(requests)
+    edited = edited_prompts([*requests, *(earlier or ()), *also_edited])
     was_training = model.training
     model.eval()
     try:
@@ -445,9 +471,9 @@ def evaluate_facts(model: nn.Module, tokenizer, requests: Sequence[FactRequest],
         if base is not None:
             base._check(requests)
             base_pairs = base.scores
-        result = aggregate(score_requests(requests, scores, base_pairs, comparison), comparison)
+        result = aggregate(score_requests(requests, scores, base_pairs, comparison, edited), comparison)
         if base is not None:
-            b = aggregate(score_requests(requests, base.scores, comparison=comparison), comparison)
+            b = aggregate(score_requests(requests, base.scores, comparison=comparison, edited=edited), comparison)
             result.base_neighbourhood, result.base_neighbourhood_acc = b.neighbourhood, b.neighbourhood_acc
         if heldout_texts:
             result.perplexity = perplexity(model, tokenizer, heldout_texts)
@@ -459,7 +485,8 @@ def evaluate_facts(model: nn.Module, tokenizer, requests: Sequence[FactRequest],
         elif base is not None:
             result.base_perplexity = base.perplexity
         if earlier:
-            early = aggregate(score_requests(_fact_requests(earlier), scores, comparison=comparison), comparison)
+            early = aggregate(score_requests(_fact_requests(earlier), scores, comparison=comparison, edited=edited),
+                              comparison)
             result.retention = early.efficacy if early.efficacy is not None else early.efficacy_acc
             result.n_retention = len(earlier)
         if fluency_prompts:

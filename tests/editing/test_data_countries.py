@@ -39,10 +39,13 @@ def test_only_facts_the_model_gets_right_are_kept(facts):
     sub = {c: {"capital": facts[c]["capital"]} for c in names}
     requests, metrics = build_requests(model, tok, sub, relations=(capital,), n_neighbours=5)
 
-    kept = {r.subject for r in requests}
-    assert kept <= set(trained)  # an unseen capital is never the greedy answer
-    assert len(kept) >= 8, metrics
-    assert metrics["per_relation"]["capital"] == {"tried": 16, "kept": len(kept)}
+    edited = {r.subject for r in requests}
+    neighbours = {n.prompt[len("The capital of "):-len(" is")] for r in requests for n in r.neighbours}
+    assert edited | neighbours <= set(trained)  # an unseen capital is never the greedy answer
+    assert not edited & neighbours  # neighbour-only subjects: a full run never edits a neighbour
+    kept = metrics["per_relation"]["capital"]
+    assert kept["tried"] == 16 and kept["kept"] >= 8, metrics
+    assert kept["neighbour_only"] == len(neighbours) == 5 and len(edited) == kept["kept"] - 5
     for r in requests:
         assert r.target_true == facts[r.subject]["capital"][0] and r.target_new != r.target_true
         assert len(r.paraphrases) >= 2 and len(r.neighbours) >= 5

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from editing.errors import MetricsError
-from editing.metrics.facts import (BaseOutputs, PairScore, aggregate, encode_pair, evaluate_facts, request_pairs,
-                                   score_pairs, score_requests)
+from editing.metrics.facts import (BaseOutputs, PairScore, aggregate, edited_prompts, encode_pair, evaluate_facts,
+                                   request_pairs, score_pairs, score_requests)
 from editing.requests import FactRequest, Probe
 
 TEXTS = ["The capital of France is Paris.", "The capital of Spain is Madrid.", "Rome is the capital of Italy.",
@@ -95,6 +95,32 @@ def test_counterfact_comparisons_on_hand_made_scores():
     no_true = FactRequest("n", "The capital of {} is", "France", "Madrid")
     assert score_requests([no_true], s)[0].efficacy is None
     assert aggregate(score_requests([no_true], s)).n_without_true == 1
+
+
+def test_neighbours_whose_fact_is_edited_too_are_left_out(lm, tmp_path):
+    """Spain's capital is edited in the same run: "The capital of Spain is" asks about an edit, not locality."""
+    model, tok = lm
+    r = _request()
+    spain = FactRequest("r-spain", "The capital of {} is", "Spain", "Rome", "Madrid")
+    assert edited_prompts([r, spain]) >= {"The capital of Spain is", "The capital of France is", "The French capital is"}
+    s = {
+        ("The capital of Spain is", "Paris"): _ps(-1.0, True, (7,)), ("The capital of Spain is", "Madrid"): _ps(-4.0),
+        ("Rome is the capital of", "Italy"): _ps(-5.0, False, (3,)), ("Rome is the capital of", "Madrid"): _ps(-1.0),
+        (r.text, "Madrid"): _ps(-1.0, True), (r.text, "Paris"): _ps(-2.0),
+        ("France has its capital in", "Madrid"): _ps(-3.0), ("France has its capital in", "Paris"): _ps(-1.0),
+        ("The French capital is", "Madrid"): _ps(-0.5, True), ("The French capital is", "Paris"): _ps(-1.5),
+    }
+    (alone,) = score_requests([r], s)
+    (row,) = score_requests([r], s, edited=edited_prompts([r, spain]))
+    assert (alone.neighbourhood, alone.n_neighbours_dropped) == (0.5, 0)
+    assert (row.neighbourhood, row.n_neighbours_dropped) == (0.0, 1)  # only the Rome probe is scored
+    assert aggregate([row]).n_neighbours_dropped == 1
+    # evaluate_facts and the base cache drop the same probes, so the ratio compares like with like
+    base = BaseOutputs.compute(model, tok, [r, spain])
+    edited = evaluate_facts(model, tok, [r], base=base, also_edited=[spain])
+    assert edited.n_neighbours_dropped == 1
+    assert base.base_scores([r], also_edited=[spain]).n_neighbours_dropped == 1
+    assert base.base_scores([r]).n_neighbours_dropped == 0
 
 
 def test_base_outputs_cache_locality_and_drift(lm, tmp_path):
