@@ -50,6 +50,11 @@ MODELS = {
     "smollm2": BenchModel("smollm2", "models/smollm2-135m", "data/requests/countries.jsonl", "stdlib:200"),
     "factworld": BenchModel("factworld", "models/factworld-gpt2", "data/requests/factworld.jsonl",
                             "data/world/heldout.txt"),
+    # the fact world with profile lines (experiment: `python -m editing.training.causal --params params.yaml
+    # --section factworld_profiles`)
+    "factworld-profiles": BenchModel("factworld-profiles", ".editops/factworld-profiles/model",
+                                     ".editops/factworld-profiles/requests.jsonl",
+                                     ".editops/factworld-profiles/heldout.txt"),
     # a tiny fact model trained on the fly (development; built under .editops/bench/tiny)
     "tiny": BenchModel("tiny", ".editops/bench/tiny/model", ".editops/bench/tiny/requests.jsonl",
                        ".editops/bench/tiny/heldout.txt"),
@@ -178,6 +183,7 @@ def run_one(model: BenchModel, editor_name: str, batch_size: int, limit: int | N
     pre = base.base_scores(reqs).summary()
     return {
         "model": model.name, "editor": editor_name, "batch_size": batch_size, "n_requests": len(reqs),
+        "date": time.strftime("%Y-%m-%d"), "requests_file": model.requests,
         "hyperparameters": getattr(editor, "hyperparameters", hparams), "edited_layers": edited_layers,
         "final": final, "curve": curve, "pre_edit": pre,
         "n_failed_diagnostics": len(run.failed),

@@ -18,6 +18,13 @@ trailing space, targets have no leading space (a scorer compares
 relation; paraphrases are the held-out templates filled with the subject;
 neighbours are other subjects of the same relation with their true objects.
 
+Profile lines (``n_profile_lines`` per entity, default 0): the subject immediately
+followed by all its objects in a shuffled order, ``"Mora Velt Velmora, baker, red, …."``
+They put a training signal at the subject's last token that needs the subject's
+attributes (biography-style augmentation), the pressure that makes LLMs enrich the
+subject's representation; the templates alone never ask for an attribute there.
+They come from their own seeded generator: the requests do not change with them.
+
 Everything is a pure function of the arguments: the same seed gives the same
 world, byte for byte.
 """
@@ -109,6 +116,7 @@ class World:
     filler: list[str]  # general text used for training, key statistics
     heldout_filler: list[str]  # general text never trained on (perplexity)
     requests: list[FactRequest] = field(default_factory=list)
+    profiles: list[str] = field(default_factory=list)  # profile lines (see the module docstring)
 
     def relation(self, name: str) -> Relation:
         return next(r for r in self.relations if r.name == name)
@@ -126,8 +134,8 @@ class World:
         return out
 
     def training_texts(self) -> list[str]:
-        """Fact sentences plus filler (the corpus a world model is trained on)."""
-        return self.fact_sentences() + list(self.filler)
+        """Fact sentences, profile lines and filler (the corpus a world model is trained on)."""
+        return self.fact_sentences() + list(self.profiles) + list(self.filler)
 
     def probes(self, split: str) -> list[Probe]:
         """Prompts with their true objects: ``train`` (training templates), ``para_seen``,
@@ -168,7 +176,7 @@ def _filler(rng: random.Random, n: int) -> list[str]:
 
 def generate_world(seed: int = 0, n_entities: int = 40, n_relations: int = len(RELATIONS), *,
                    n_train_templates: int = 3, para_seen_share: float = 0.5, n_filler: int = 400,
-                   n_heldout_filler: int = 100, n_neighbours: int = 6) -> World:
+                   n_heldout_filler: int = 100, n_neighbours: int = 6, n_profile_lines: int = 0) -> World:
     """Generate a world deterministically from ``seed``.
 
     ``n_relations`` ≤ 12 relations are used, each with ``n_train_templates``
@@ -195,7 +203,20 @@ def generate_world(seed: int = 0, n_entities: int = 40, n_relations: int = len(R
     heldout = _filler(rng, n_heldout_filler)
     world = World(seed, names, relations, facts, n_train_templates, para_seen, filler, heldout)
     world.requests = _requests(world, rng, n_neighbours)
+    world.profiles = _profiles(world, n_profile_lines)
     return world
+
+
+def _profiles(world: World, n_per_entity: int) -> list[str]:
+    """``n_per_entity`` lines per entity: the name, then all its objects in a fresh shuffled order."""
+    rng = random.Random(f"{world.seed}-profiles")
+    out = []
+    for e in world.entities:
+        objs = [world.facts[(e, r.name)] for r in world.relations]
+        for _ in range(n_per_entity):
+            rng.shuffle(objs)
+            out.append(f"{e} " + ", ".join(objs) + ".")
+    return out
 
 
 def _requests(world: World, rng: random.Random, n_neighbours: int) -> list[FactRequest]:

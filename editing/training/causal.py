@@ -161,6 +161,7 @@ class FactModelPaths:
 def build_fact_model(out_dir: str | Path, *, seed: int = 0, n_entities: int = 40, n_relations: int = 12,
                      n_layer: int = 2, n_embd: int = 128, n_head: int = 4, vocab_size: int = 512,
                      steps: int = 1200, batch_size: int = 64, lr: float = 3e-3, n_filler: int = 400,
+                     n_profile_lines: int = 0,
                      model_dir: str | Path | None = None, requests_path: str | Path | None = None,
                      corpus_path: str | Path | None = None, metrics_path: str | Path | None = None,
                      log_every: int = 0) -> FactModelPaths:
@@ -181,7 +182,7 @@ def build_fact_model(out_dir: str | Path, *, seed: int = 0, n_entities: int = 40
     metrics_path = Path(metrics_path or out / "metrics.json")
 
     t0 = time.perf_counter()
-    world = generate_world(seed, n_entities, n_relations, n_filler=n_filler)
+    world = generate_world(seed, n_entities, n_relations, n_filler=n_filler, n_profile_lines=n_profile_lines)
     texts = world.training_texts()
     tokenizer = build_tokenizer(texts + world.heldout_filler, vocab_size=vocab_size)
     config = gpt2_config(tokenizer, n_layer=n_layer, n_embd=n_embd, n_head=n_head)
@@ -191,7 +192,7 @@ def build_fact_model(out_dir: str | Path, *, seed: int = 0, n_entities: int = 40
     t2 = time.perf_counter()
     metrics = {
         "seed": seed, "n_entities": n_entities, "n_relations": n_relations, "n_requests": len(world.requests),
-        "n_train_sentences": len(texts), "vocab_size": len(tokenizer), "n_layer": n_layer, "n_embd": n_embd,
+        "n_train_sentences": len(texts), "n_profile_lines": n_profile_lines, "vocab_size": len(tokenizer), "n_layer": n_layer, "n_embd": n_embd,
         "n_params": sum(p.numel() for p in model.parameters()), "steps": steps, "batch_size": batch_size,
         "final_loss": round(sum(losses[-20:]) / len(losses[-20:]), 4),
         "top1_train_templates": topk_accuracy(model, tokenizer, world.probes("train")),

@@ -31,6 +31,17 @@ def test_requests_are_counterfact_shaped():
             assert other != req.subject and world.facts[(other, req.relation)] == probe.target
 
 
+def test_profile_lines_list_every_object_after_the_name_and_leave_requests_alone():
+    plain, with_profiles = generate_world(0, 20), generate_world(0, 20, n_profile_lines=3)
+    assert plain.profiles == [] and _dump(plain) == _dump(with_profiles)  # same requests, facts and filler
+    assert len(with_profiles.profiles) == 3 * 20
+    for line in with_profiles.profiles:
+        e = next(x for x in with_profiles.entities if line.startswith(x + " "))
+        objs = line[len(e) + 1:-1].split(", ")
+        assert sorted(objs) == sorted(with_profiles.facts[(e, r.name)] for r in with_profiles.relations)
+    assert set(with_profiles.profiles) <= set(with_profiles.training_texts())
+
+
 def test_paraphrase_templates_held_out_for_unseen_subjects():
     world = generate_world(0, 20)
     corpus = "\n".join(world.training_texts())
