@@ -185,6 +185,7 @@ def run_one(model: BenchModel, editor_name: str, batch_size: int, limit: int | N
         "model": model.name, "editor": editor_name, "batch_size": batch_size, "n_requests": len(reqs),
         "date": time.strftime("%Y-%m-%d"), "requests_file": model.requests,
         "hyperparameters": getattr(editor, "hyperparameters", hparams), "edited_layers": edited_layers,
+        "lam_used": run.state.meta.get("lam") if run.state is not None else None,  # λ after calibration
         "final": final, "curve": curve, "pre_edit": pre,
         "n_failed_diagnostics": len(run.failed),
         "seconds_per_edit": run.seconds_per_edit, "edit_seconds": run.edit_seconds,
