@@ -14,6 +14,10 @@ neighbourhood vs base, retention of the first batch); the last checkpoint adds
 perplexity drift and locality. Prints a table, writes ``bench/results/facts.json``
 and a plot of the metrics against the number of edits (``bench/facts.png``).
 
+``--set blind_siblings=true`` is an ablation of the ``siblings`` option: no subject that
+a neighbour probe asks about may serve as a sibling (``sibling_exclude``), so any
+neighbourhood gain is generalisation, not the probes' keys held directly.
+
 Metric conventions: :mod:`editing.metrics.facts` (probability variants, mean
 token log-prob). Seconds per edit = time in ``edit`` + applying the delta,
 divided by the number of edits (evaluation excluded; the first batch includes
@@ -127,6 +131,17 @@ def _layers_of(loaded, run) -> list[int]:
     return [l for l in range(n_layers) if loaded.spec.mlp_out_name(l) + ".weight" in names]
 
 
+def _neighbour_subjects(reqs) -> set[str]:
+    """Subjects of the neighbour probes: each probe prompt read against its request's template (``{}``)."""
+    out = set()
+    for r in reqs:
+        head, _, tail = r.prompt.partition("{}")
+        for p in r.neighbours:
+            if p.prompt.startswith(head) and p.prompt.endswith(tail) and len(p.prompt) > len(head) + len(tail):
+                out.add(p.prompt[len(head): len(p.prompt) - len(tail)].strip())
+    return out
+
+
 def run_one(model: BenchModel, editor_name: str, batch_size: int, limit: int | None, checkpoints: int,
             cache_dir: Path, hparams: dict) -> dict:
     """One configuration, in this process: load, edit sequentially, evaluate at checkpoints."""
@@ -146,6 +161,8 @@ def run_one(model: BenchModel, editor_name: str, batch_size: int, limit: int | N
     n_batches = -(-len(reqs) // batch_size)
     marks = sorted({max(1, round(n_batches * (i + 1) / checkpoints)) for i in range(checkpoints)})
     hparams = dict(hparams)
+    if hparams.pop("blind_siblings", False):  # ablation: no neighbour probe's subject may serve as a sibling
+        hparams["sibling_exclude"] = sorted(_neighbour_subjects(reqs))
     if editor_name == "ft" and "layers" not in hparams:
         layers = _nse_layers(model.name)  # fine-tune the layers the sequential editor edits
         if layers:

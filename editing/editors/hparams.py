@@ -43,6 +43,11 @@ class EditHparams:
     alpha: float = 1.0                       # AlphaEdit's ridge
     neuron_share: float | None = None        # update only neurons holding this share of Σ|k| (NSE)
     repasses: int = 0                        # extra passes for requests whose residual is still large
+    # sibling subjects (editing.editors.siblings): per request, this many entities the model lists
+    # after "<subject>," whose keys in the request's prompt are held at ΔW k ≈ 0 with this weight
+    siblings: int = 0
+    sibling_weight: float = 1.0
+    sibling_exclude: tuple[str, ...] = ()    # never used as siblings (e.g. an ablation that holds out a probe set)
     residual_tol: float = 0.3                # ‖z − h‖ / ‖z − h₀‖ above this is re-edited
     on_noop: str = "report"                  # "report": skip and say so; "raise": NoOpEditError
     warn_below: float = 0.9                  # warn when the batch's success rate is below this
@@ -61,8 +66,9 @@ class EditHparams:
             v["context_templates"] = tuple(v["context_templates"])
         if d.get("layers") is not None:
             d["layers"] = tuple(d["layers"])
-        if d.get("key_templates") is not None:
-            d["key_templates"] = tuple(d["key_templates"])
+        for k in ("key_templates", "sibling_exclude"):
+            if d.get(k) is not None:
+                d[k] = tuple(d[k])
         known = {f for f in cls.__dataclass_fields__}
         return cls(value=ValueHparams(**v), **{k: val for k, val in d.items() if k in known})
 

@@ -79,7 +79,7 @@ def _hparams(kwargs: dict[str, Any]) -> EditHparams:
     value = kwargs.pop("value", None)
     if isinstance(value, dict):
         value = ValueHparams(**{k: tuple(v) if k == "context_templates" else v for k, v in value.items()})
-    for k in ("layers", "key_templates"):
+    for k in ("layers", "key_templates", "sibling_exclude"):
         if kwargs.get(k) is not None:
             kwargs[k] = tuple(kwargs[k])
     return EditHparams(value=value or ValueHparams(), **kwargs)
@@ -215,10 +215,12 @@ class MemitEditor:
         return rows, pos
 
     @torch.no_grad()
-    def _spread(self, model, tokenizer, spec, reqs, layers, z, C0, C_edits, P, hp: EditHparams):
-        """Write the update layer by layer into ``model`` (in place); returns factors and keys per layer."""
+    def _spread(self, model, tokenizer, spec, reqs, layers, z, C0, C_edits, P, hp: EditHparams,
+                siblings: Sequence = ()):
+        """Write the update layer by layer into ``model`` (in place); returns factors and the moment
+        to accumulate per layer (``KᵀK`` of the edit keys, plus ``w K_sᵀK_s`` of the sibling keys)."""
         rows, pos = self._bare_rows(tokenizer, reqs)
-        factors, keys = {}, {}
+        factors, moments = {}, {}
         for i, l in enumerate(layers):
             name = spec.mlp_out_name(l)
             K = compute_keys(model, tokenizer, spec, reqs, l, self._key_templates(hp)).double()
@@ -226,14 +228,19 @@ class MemitEditor:
             R = (z.double() - h) / (len(layers) - i)
             neurons = responsible_neurons(K, hp.neuron_share) if hp.neuron_share else None
             ce = C_edits.get(l) if hp.accumulate else None
+            moments[l] = K.T @ K
+            if siblings:
+                Ks = compute_keys(model, tokenizer, spec, siblings, l, ("{}",)).double()
+                ks = hp.sibling_weight * (Ks.T @ Ks)
+                ce = ks if ce is None else ce + ks
+                moments[l] = moments[l] + ks
             if hp.nullspace:
                 u, v = alphaedit_factors(K, R, P[l], ce, hp.alpha, neurons)
             else:
                 u, v = memit_factors(K, R, C0[l], hp.lam, ce, neurons)
             add_to_weight(get_module(model, name), u @ v.T)
             factors[f"{name}.weight"] = (u.float(), v.float())
-            keys[l] = K
-        return factors, keys
+        return factors, moments
 
     # ------------------------------------------------------------------ edit
     def edit(self, model: nn.Module, tokenizer, requests: Sequence, state: EditorState | None = None) -> EditResult:
@@ -284,7 +291,13 @@ class MemitEditor:
                 rows, pos = self._bare_rows(tokenizer, active)
                 h0 = block_outputs_at(model, spec, layers[-1], rows, pos, pad_id_of(tokenizer)).double()
                 z = vr.z.double()
-                factors, keys = self._spread(model, tokenizer, spec, active, layers, z, C0, C_edits, P, hp)
+                sibs = []
+                if hp.siblings:
+                    from editing.editors.siblings import sibling_requests
+
+                    sibs = sibling_requests(model, tokenizer, active, hp.siblings, exclude=hp.sibling_exclude)
+                    meta_extra["siblings"] = {"n": len(sibs), "examples": sorted({s.subject for s in sibs})[:12]}
+                factors, moments = self._spread(model, tokenizer, spec, active, layers, z, C0, C_edits, P, hp, sibs)
                 for p in range(hp.repasses):
                     h = block_outputs_at(model, spec, layers[-1], rows, pos, pad_id_of(tokenizer)).double()
                     ratio = (z - h).norm(dim=1) / (z - h0).norm(dim=1).clamp(min=1e-12)
@@ -292,7 +305,7 @@ class MemitEditor:
                     if not redo:
                         break
                     sub = [active[i] for i in redo]
-                    f2, _ = self._spread(model, tokenizer, spec, sub, layers, z[redo], C0, C_edits, P, hp)
+                    f2, _ = self._spread(model, tokenizer, spec, sub, layers, z[redo], C0, C_edits, P, hp, sibs)
                     merged = LowRankDelta(factors).compose(LowRankDelta(f2)).compact(rank=len(active))
                     factors = merged.factors
                     meta_extra.setdefault("repassed", []).append([active[i].request_id for i in redo])
@@ -300,7 +313,7 @@ class MemitEditor:
                 for l, n in zip(layers, names):
                     if hp.accumulate:
                         prev = tensors.get(f"{n}::C_edits")
-                        kk = (keys[l].T @ keys[l]).float()
+                        kk = moments[l].float()
                         tensors[f"{n}::C_edits"] = kk if prev is None else prev + kk
                 delta = LowRankDelta(factors=factors, base_fingerprint=fp, editor=self.name,
                                      hyperparameters=hp.to_dict(), request_ids=[r.request_id for r in active])

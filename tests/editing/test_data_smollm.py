@@ -62,3 +62,10 @@ def test_gguf_converts_to_a_safetensors_dir_that_knows_paris(tmp_path):
     with torch.no_grad():
         out = loaded.model.generate(**ids, max_new_tokens=3, do_sample=False)
     assert "Paris" in loaded.tokenizer.decode(out[0, ids["input_ids"].shape[1]:])
+    # the same model names entities of the subject's kind for the sibling-key preservation
+    from editing.editors.siblings import sibling_subjects
+
+    named = sibling_subjects(loaded.model, loaded.tokenizer, "France", 4)
+    countries = {"Italy", "Germany", "Spain", "England", "Belgium", "Portugal", "Switzerland", "Netherlands",
+                 "Austria", "Greece", "Poland", "UK", "United Kingdom", "USA", "Canada", "Australia", "Japan", "China"}
+    assert "France" not in named and len(set(named) & countries) >= 2, named

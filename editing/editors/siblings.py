@@ -1,0 +1,103 @@
+"""Sibling subjects: entities of the same kind as an edited subject, named by the model itself.
+
+Why: the closed-form solve protects the keys in ``C0`` (general text) and the keys of
+earlier edits, but not the keys of *other subjects in the same relation* ("The
+capital of Germany is" while "The capital of France" is edited). Those keys lie close
+to the edited key, so ``ΔW`` moves them too — CounterFact's neighbourhood score
+measures exactly that damage. With ``siblings = n`` the editor asks the model for
+``n`` entities like each subject and adds their keys to the preserved moment:
+
+    ΔW = Rᵀ K (λ C0 + C_edits + w K_sᵀ K_s + KᵀK)⁻¹
+
+(``w`` = ``sibling_weight``), i.e. it asks ``ΔW k_s ≈ 0`` for every sibling key ``k_s``
+(the bare prompt with the sibling in the subject's place, key at the sibling's last
+token), with the same weight as the edit keys' own fit when ``w = 1``.
+
+How siblings are named: the continuation of a list, :data:`LIST_PROMPT` ending in
+``"- <subject>,"``, sampled from the model (top-k 5 under fixed seeds, like MEMIT's
+context prefixes; a few samples until ``n`` distinct items), first line only, split at
+commas / "and" / "or". A language model continues a list with entities of the same kind
+("France," → "Italy, Germany, Spain"), so no entity list or type system is needed; the
+two example lists hold no entities, so they suggest no kind. Items equal to a subject
+being edited are dropped. Where the list prompt does not fit the model's context, the bare
+``"<subject>,"`` is continued instead. Measured on SmolLM2-135M (2026-12-01): a bare ``"France,"``
+continued as prose ("In this case, a combination"); with the list prompt: France →
+Italy, Germany, Spain; Danish → Italian, Spanish, Chinese; Toyota → Apple, Samsung, Tesla.
+A model that does not continue lists (the project's fact world) gets noise items: their
+keys are then preserved like any other text's, which costs edit strength, not locality.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from editing.editors.keys import max_context, pad_id_of, prompt_ids
+
+_SPLIT = re.compile(r",|;|\band\b|\bor\b|\.")
+LIST_PROMPT = "Lists of things of the same kind:\n- red, blue, green, yellow\n- dog, cat, horse, cow\n- {},"
+
+
+def parse_list_items(text: str, exclude: Sequence[str], max_chars: int = 40) -> list[str]:
+    """Items of a generated list continuation, stripped, de-duplicated, without ``exclude`` (case-insensitive)."""
+    banned = {e.strip().lower() for e in exclude}
+    out: list[str] = []
+    for item in _SPLIT.split(text):
+        item = " ".join(item.replace("{", " ").replace("}", " ").split()).strip(" \"'()[]:")
+        if not item or len(item) > max_chars or not any(c.isalpha() for c in item):
+            continue
+        if item.lower() in banned or item.lower() in {o.lower() for o in out}:
+            continue
+        out.append(item)
+    return out
+
+
+@torch.no_grad()
+def sibling_subjects(model: nn.Module, tokenizer, subject: str, n: int, exclude: Sequence[str] = (),
+                     samples: int = 3, max_new_tokens: int = 24, seed: int = 0) -> list[str]:
+    """Up to ``n`` entities the model lists after :data:`LIST_PROMPT` with ``subject`` (at most
+    ``samples`` seeded top-5 samples; the global RNG state is restored)."""
+    if n <= 0:
+        return []
+    device = next(model.parameters()).device
+    ids = prompt_ids(tokenizer, LIST_PROMPT.format(subject))
+    limit = max_context(model)
+    if limit is not None and len(ids) + max_new_tokens > limit:  # a short context: the bare list start
+        ids = prompt_ids(tokenizer, f"{subject},")
+        max_new_tokens = max(1, min(max_new_tokens, limit - len(ids)))
+        if len(ids) >= limit:
+            return []
+    found: list[str] = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            for k in range(samples):
+                torch.manual_seed(seed * samples + k)
+                gen = model.generate(input_ids=torch.tensor([ids], device=device),
+                                     attention_mask=torch.ones((1, len(ids)), dtype=torch.long, device=device),
+                                     max_new_tokens=max_new_tokens, do_sample=True, top_k=5, top_p=1.0,
+                                     temperature=1.0, pad_token_id=pad_id_of(tokenizer))
+                text = tokenizer.decode(gen[0, len(ids):], skip_special_tokens=True).split("\n")[0]
+                found += parse_list_items(text, [subject, *exclude, *found])
+                if len(found) >= n:
+                    break
+    finally:
+        model.train(was_training)
+    return found[:n]
+
+
+def sibling_requests(model: nn.Module, tokenizer, requests: Sequence, n: int, seed: int = 0,
+                     exclude: Sequence[str] = ()) -> list:
+    """For each request, copies with a sibling subject in the subject's place (the batch's subjects and
+    ``exclude`` never used)."""
+    subjects = [r.subject for r in requests] + list(exclude)
+    out = []
+    for i, r in enumerate(requests):
+        for j, s in enumerate(sibling_subjects(model, tokenizer, r.subject, n, exclude=subjects, seed=seed + i)):
+            out.append(replace(r, request_id=f"{r.request_id}~sibling{j}", subject=s, paraphrases=(),
+                               neighbours=()))
+    return out

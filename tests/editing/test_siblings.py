@@ -1,0 +1,55 @@
+"""Sibling subjects: parsed from the model's list continuation, their keys held in place by the solve.
+
+(That SmolLM2 names countries after "France" is checked with the converted model in test_data_smollm.py.)
+"""
+from __future__ import annotations
+
+from editing.arch import spec_for
+from editing.editors import get_editor
+from editing.editors import siblings as siblings_mod
+from editing.editors.keys import compute_keys
+from editing.editors.siblings import parse_list_items, sibling_requests, sibling_subjects
+from editing.models import fingerprint
+from tinyworld import NAMES, facts, requests, tiny_llama  # noqa: F401  (fixtures)
+
+FAST = {"layers": [0], "lam": 30.0, "value": {"context_templates": ("{}",), "steps": 15}}
+
+
+def test_list_items_are_parsed_deduplicated_and_exclude_edited_subjects():
+    text = " Italy, Germany and Spain, italy; France or (Portugal), 42, a very long item that is not a name at all really"
+    assert parse_list_items(text, exclude=["France"]) == ["Italy", "Germany", "Spain", "Portugal"]
+
+
+def test_a_model_that_does_not_list_names_no_sibling_and_short_contexts_fit(tiny_llama, facts):
+    model, tok = tiny_llama  # word-level vocabulary without commas, context 32 < the list prompt
+    named = sibling_subjects(model, tok, requests(facts, 1)[0].subject, 4)
+    assert all(len(s) <= 40 for s in named)
+
+
+def test_sibling_keys_are_held_in_place(tiny_llama, facts, tmp_path, monkeypatch):
+    model, tok = tiny_llama
+    spec = spec_for(model)
+    reqs = requests(facts, 3)
+    # the tiny world's model cannot continue a list: give it siblings from its own world instead
+    others = [n for n in NAMES if n not in {r.subject for r in reqs}]
+    monkeypatch.setattr(siblings_mod, "sibling_subjects",
+                        lambda m, t, subject, n, exclude=(), seed=0, **kw: others[seed * n:(seed + 1) * n])
+    sibs = sibling_requests(model, tok, reqs, 2)
+    assert len(sibs) == 6 and all(s.prompt in {r.prompt for r in reqs} for s in sibs)
+    kw = {**FAST, "stats_dir": str(tmp_path), "corpus": "samples:8", "accumulate": True}
+    fp = fingerprint(model)
+    plain = get_editor("nse", siblings=0, **kw).edit(model, tok, reqs, None)
+    held = get_editor("nse", siblings=2, sibling_weight=1.0, **kw).edit(model, tok, reqs, None)
+    assert fingerprint(model) == fp
+    assert held.delta.meta["siblings"]["n"] == len(sibs)
+    ks = compute_keys(model, tok, spec, sibs, 0, ("{}",))
+    name = spec.mlp_out_name(0) + ".weight"
+
+    def moved(res):  # ‖ΔW k_s‖ / ‖ΔW‖: how far the sibling keys move per unit of update
+        dw = res.delta.dense(name).float()
+        return float((ks @ dw.T).norm() / dw.norm())
+
+    assert moved(held) < 0.5 * moved(plain)
+    # the sibling moment is accumulated with the edit keys for later batches
+    c = next(k for k in held.state.tensors if k.endswith("::C_edits"))
+    assert float(held.state.tensors[c].trace()) > float(plain.state.tensors[c].trace())
