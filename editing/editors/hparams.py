@@ -48,6 +48,7 @@ class EditHparams:
     siblings: int = 0
     sibling_weight: float = 1.0
     sibling_exclude: tuple[str, ...] = ()    # never used as siblings (e.g. an ablation that holds out a probe set)
+    sibling_contexts: bool = False           # sibling keys averaged over the edit keys' context templates (else bare)
     residual_tol: float = 0.3                # ‖z − h‖ / ‖z − h₀‖ above this is re-edited
     on_noop: str = "report"                  # "report": skip and say so; "raise": NoOpEditError
     warn_below: float = 0.9                  # warn when the batch's success rate is below this

@@ -230,7 +230,8 @@ class MemitEditor:
             ce = C_edits.get(l) if hp.accumulate else None
             moments[l] = K.T @ K
             if siblings:
-                Ks = compute_keys(model, tokenizer, spec, siblings, l, ("{}",)).double()
+                Ks = compute_keys(model, tokenizer, spec, siblings, l,
+                                  self._key_templates(hp) if hp.sibling_contexts else ("{}",)).double()
                 ks = hp.sibling_weight * (Ks.T @ Ks)
                 ce = ks if ce is None else ce + ks
                 moments[l] = moments[l] + ks

@@ -18,6 +18,8 @@ Same pipeline as MEMIT (:mod:`editing.editors.memit`) with sequential choices, e
   on SmolLM2, 100 country edits in batches of 10, it raised neighbourhood from 0.83 to
   0.92 × base (neighbours' greedy answers kept: 0.16 → 0.44) at a cost in paraphrase
   probability (0.83 → 0.78; top-1 paraphrase 0.45 → 0.48), bench/RESULTS.md 2026-12-01;
+  ``sibling_contexts`` averages the sibling keys over the edit keys' context templates
+  (default: the bare prompt);
 - ``repasses``: requests whose residual ``‖z − h‖/‖z − h₀‖`` is still above
   ``residual_tol`` are edited again (≤ 2 passes in NSE); the passes are merged and
   compacted to rank ≤ batch size.
