@@ -167,8 +167,11 @@ def verified_base(reg: "Registry", base: Version):
         if key:
             memo[key] = fp
             memo_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = memo_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(memo))
+            # a temporary file of this writer's own: two processes verifying the same base at once must not
+            # rename each other's file away (last writer wins; every writer's value is the same fingerprint)
+            fd, tmp = tempfile.mkstemp(dir=memo_path.parent, prefix=".fingerprints.", suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(memo))
             os.replace(tmp, memo_path)
     if fp != base.base_fingerprint:
         raise FingerprintMismatchError(
