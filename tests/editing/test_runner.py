@@ -83,6 +83,8 @@ def test_batches_are_applied_in_order_with_state(model):
     assert editor.seen == pytest.approx([w0, w0 + 3, w0 + 6])
     assert float(model.transformer.h[0].mlp.c_proj.weight[0, 0]) == pytest.approx(w0 + 7)
     assert float(run.state.tensors["count"]) == 7
+    # only the latest state is kept: a long run's memory does not grow with one state per batch
+    assert all(b.result.state is None for b in run.batches)
     assert [d.request_id for d in run.failed] == ["r3"]
     assert run.n_requests == 7 and run.seconds_per_edit > 0
     total = run.total_delta()
