@@ -273,6 +273,7 @@ def plot(rows: list[dict], path: Path) -> None:
     for i, m in enumerate(models):
         for j, (key, label) in enumerate(metrics):
             ax = axes[i][j]
+            ax.set_prop_cycle(color=plt.cm.tab20.colors)  # up to 20 runs per model without a repeated colour
             for r in rows:
                 if r["model"] != m:
                     continue
