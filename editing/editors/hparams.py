@@ -44,7 +44,7 @@ class EditHparams:
     neuron_share: float | None = None        # update only neurons holding this share of Σ|k| (NSE)
     repasses: int = 0                        # extra passes for requests whose residual is still large
     # sibling subjects (editing.editors.siblings): per request, this many entities the model lists
-    # after "<subject>," whose keys in the request's prompt are held at ΔW k ≈ 0 with this weight
+    # with the subject (LIST_PROMPT) whose keys in the request's prompt are held at ΔW k ≈ 0 with this weight
     siblings: int = 0
     sibling_weight: float = 1.0
     sibling_exclude: tuple[str, ...] = ()    # never used as siblings (e.g. an ablation that holds out a probe set)

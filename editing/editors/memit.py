@@ -38,6 +38,7 @@ from editing.editors.keys import block_outputs_at, check_length, compute_keys, p
     generated_context_templates, score_targets, subject_last_token
 from editing.editors.solve import alphaedit_factors, memit_factors, nullspace_projector, responsible_neurons
 from editing.editors.keys import DEFAULT_CONTEXT_TEMPLATES
+from editing.editors.siblings import sibling_requests
 from editing.editors.values import ValueHparams, compute_values
 from editing.errors import NoOpEditError, StateError
 from editing.models import fingerprint
@@ -294,8 +295,6 @@ class MemitEditor:
                 z = vr.z.double()
                 sibs = []
                 if hp.siblings:
-                    from editing.editors.siblings import sibling_requests
-
                     sibs = sibling_requests(model, tokenizer, active, hp.siblings, exclude=hp.sibling_exclude)
                     meta_extra["siblings"] = {"n": len(sibs), "examples": sorted({s.subject for s in sibs})[:12]}
                 factors, moments = self._spread(model, tokenizer, spec, active, layers, z, C0, C_edits, P, hp, sibs)
