@@ -49,6 +49,9 @@ class EditHparams:
     sibling_weight: float = 1.0
     sibling_exclude: tuple[str, ...] = ()    # never used as siblings (e.g. an ablation that holds out a probe set)
     sibling_contexts: bool = False           # sibling keys averaged over the edit keys' context templates (else bare)
+    # per request, a second key: the subject alone after the context prefixes (no prompt words), fitted
+    # to the same residual with this weight, so the edit follows the subject, not the prompt's wording
+    subject_key_weight: float = 0.0
     residual_tol: float = 0.3                # ‖z − h‖ / ‖z − h₀‖ above this is re-edited
     on_noop: str = "report"                  # "report": skip and say so; "raise": NoOpEditError
     warn_below: float = 0.9                  # warn when the batch's success rate is below this

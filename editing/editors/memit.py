@@ -94,7 +94,10 @@ class MemitEditor:
 
     def __init__(self, calibration_requests: Sequence | None = None, base_fingerprint: str | None = None,
                  **kwargs: Any) -> None:
-        self.hp = _hparams({**self.defaults, **kwargs})
+        merged = dict(kwargs) if "hparams" in kwargs else {**self.defaults, **kwargs}  # an EditHparams is complete
+        if isinstance(self.defaults.get("value"), dict) and isinstance(kwargs.get("value"), dict):
+            merged["value"] = {**self.defaults["value"], **kwargs["value"]}  # a user's value keys refine the defaults
+        self.hp = _hparams(merged)
         self.calibration_requests = list(calibration_requests or [])
         self._base_fp = base_fingerprint
 
@@ -105,6 +108,12 @@ class MemitEditor:
     # ------------------------------------------------------------ resolution
     def _key_templates(self, hp: EditHparams) -> tuple[str, ...]:
         return hp.key_templates or hp.value.context_templates
+
+    def _subject_templates(self, hp: EditHparams) -> tuple[str, ...]:
+        """Templates of the subject-alone keys: the key templates that put a prefix before the subject
+        (alone at the start of the text, a subject's last token can sit at position 0, whose activations
+        are atypical), or the bare subject where there is none."""
+        return tuple(t for t in self._key_templates(hp) if t.strip() != "{}") or ("{}",)
 
     def _c0(self, model, tokenizer, spec, layers, hp: EditHparams, fp: str) -> dict[int, torch.Tensor]:
         from editing.stats import corpus_moments
@@ -230,16 +239,25 @@ class MemitEditor:
             neurons = responsible_neurons(K, hp.neuron_share) if hp.neuron_share else None
             ce = C_edits.get(l) if hp.accumulate else None
             moments[l] = K.T @ K
+            Kx = None
+            if hp.subject_key_weight:
+                Kx = compute_keys(model, tokenizer, spec, [replace(r, prompt="{}") for r in reqs], l,
+                                  self._subject_templates(hp)).double()
+                moments[l] = moments[l] + hp.subject_key_weight * (Kx.T @ Kx)
             if siblings:
                 Ks = compute_keys(model, tokenizer, spec, siblings, l,
                                   self._key_templates(hp) if hp.sibling_contexts else ("{}",)).double()
                 ks = hp.sibling_weight * (Ks.T @ Ks)
+                if hp.subject_key_weight:  # held in the subject-alone frame too, as the edit is fitted there
+                    Xs = compute_keys(model, tokenizer, spec, [replace(s, prompt="{}") for s in siblings], l,
+                                      self._subject_templates(hp)).double()
+                    ks = ks + hp.sibling_weight * hp.subject_key_weight * (Xs.T @ Xs)
                 ce = ks if ce is None else ce + ks
                 moments[l] = moments[l] + ks
             if hp.nullspace:
-                u, v = alphaedit_factors(K, R, P[l], ce, hp.alpha, neurons)
+                u, v = alphaedit_factors(K, R, P[l], ce, hp.alpha, neurons, Kx, hp.subject_key_weight)
             else:
-                u, v = memit_factors(K, R, C0[l], hp.lam, ce, neurons)
+                u, v = memit_factors(K, R, C0[l], hp.lam, ce, neurons, K_extra=Kx, extra_weight=hp.subject_key_weight)
             add_to_weight(get_module(model, name), u @ v.T)
             factors[f"{name}.weight"] = (u.float(), v.float())
         return factors, moments

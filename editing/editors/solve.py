@@ -12,6 +12,9 @@ orientation, so the rank is at most the batch size ``n``. Computed in float64.
 - AlphaEdit: with ``P`` the projector onto the (near-)null space of ``C0``,
   ``ΔW = Rᵀ K P M⁻ᵀ``, ``M = P (KᵀK + C_edits) + α I``  →  ``U = Rᵀ``, ``V = M⁻¹ P Kᵀ``.
   Then ``ΔW k ≈ 0`` for keys in the span of ``C0``'s large eigen-directions.
+- Extra keys (``K_x``, weight ``w``): a second key per request fitted to the same residual,
+  ``min Σ‖ΔW k_i − r_i‖² + w Σ‖ΔW x_i − r_i‖² + tr(ΔW (λC0 + C_edits) ΔWᵀ)``, gives
+  ``ΔW = Rᵀ (K + w K_x) (λ C0 + C_edits + KᵀK + w K_xᵀK_x)⁻¹``: still ``U = Rᵀ``, rank ≤ ``n``.
 - Neuron restriction (NSE): only the columns ``S`` of ``W_out`` (the neurons with the
   largest ``Σ|k|`` over the batch) are updated: the solve above is done on the
   ``S × S`` blocks of every matrix and ``V`` is zero outside ``S``.
@@ -35,10 +38,21 @@ def _sym_solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.linalg.lstsq(a, b).solution
 
 
+def _with_extra(Ks: torch.Tensor, K_extra: torch.Tensor | None, idx, w: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(KᵀK + w K_xᵀK_x, (K + w K_x)ᵀ)`` on the selected columns (``K_x`` absent: ``(KᵀK, Kᵀ)``)."""
+    if K_extra is None or not w:
+        return Ks.T @ Ks, Ks.T
+    X = K_extra.double()
+    X = X[:, idx] if idx is not None else X
+    return Ks.T @ Ks + w * (X.T @ X), (Ks + w * X).T
+
+
 def memit_factors(K: torch.Tensor, R: torch.Tensor, C0: torch.Tensor | None, lam: float,
                   C_edits: torch.Tensor | None = None, neurons: torch.Tensor | None = None,
-                  ridge: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
-    """MEMIT's ``ΔW = Rᵀ K (λ C0 + C_edits + KᵀK)⁻¹`` as ``(U, V)``; ``neurons`` restricts to columns ``S``.
+                  ridge: float = 1e-6, K_extra: torch.Tensor | None = None,
+                  extra_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """MEMIT's ``ΔW = Rᵀ K (λ C0 + C_edits + KᵀK)⁻¹`` as ``(U, V)``; ``neurons`` restricts to columns ``S``;
+    ``K_extra`` (one row per request) adds a second key per request with weight ``extra_weight``.
 
     ``ridge`` (relative to the mean diagonal) keeps ``A`` invertible when ``C0`` is
     rank-deficient.
@@ -47,7 +61,7 @@ def memit_factors(K: torch.Tensor, R: torch.Tensor, C0: torch.Tensor | None, lam
     d_in = K64.shape[1]
     idx = neurons if neurons is not None else None
     Ks = K64[:, idx] if idx is not None else K64
-    a = Ks.T @ Ks
+    a, rhs = _with_extra(Ks, K_extra, idx, extra_weight)
     if C0 is not None and lam:
         c0 = C0.double()
         a = a + lam * (c0[idx][:, idx] if idx is not None else c0)
@@ -56,7 +70,7 @@ def memit_factors(K: torch.Tensor, R: torch.Tensor, C0: torch.Tensor | None, lam
         a = a + (ce[idx][:, idx] if idx is not None else ce)
     scale = float(a.diagonal().mean()) if a.numel() else 1.0
     a = a + ridge * max(scale, 1e-12) * torch.eye(a.shape[0], dtype=a.dtype)
-    vs = _sym_solve(a, Ks.T)
+    vs = _sym_solve(a, rhs)
     if idx is not None:
         v = torch.zeros((d_in, K64.shape[0]), dtype=torch.float64)
         v[idx] = vs
@@ -85,8 +99,10 @@ def nullspace_projector(C0: torch.Tensor, threshold: float = 2e-2, relative: boo
 
 
 def alphaedit_factors(K: torch.Tensor, R: torch.Tensor, P: torch.Tensor, C_edits: torch.Tensor | None = None,
-                      alpha: float = 1.0, neurons: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """AlphaEdit's null-space-projected update ``ΔW = Rᵀ K P M⁻ᵀ``, ``M = P(KᵀK + C_edits) + αI``."""
+                      alpha: float = 1.0, neurons: torch.Tensor | None = None, K_extra: torch.Tensor | None = None,
+                      extra_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """AlphaEdit's null-space-projected update ``ΔW = Rᵀ K P M⁻ᵀ``, ``M = P(KᵀK + C_edits) + αI``
+    (with ``K_extra``: ``K → K + w K_x`` on the right, ``KᵀK → KᵀK + w K_xᵀK_x`` in ``M``)."""
     K64, R64 = K.double(), R.double()
     d_in = K64.shape[1]
     idx = neurons
@@ -94,12 +110,12 @@ def alphaedit_factors(K: torch.Tensor, R: torch.Tensor, P: torch.Tensor, C_edits
     p = P.double()
     if idx is not None:
         p = p[idx][:, idx]
-    a = Ks.T @ Ks
+    a, rhs = _with_extra(Ks, K_extra, idx, extra_weight)
     if C_edits is not None:
         ce = C_edits.double()
         a = a + (ce[idx][:, idx] if idx is not None else ce)
     m = p @ a + alpha * torch.eye(a.shape[0], dtype=torch.float64)
-    vs = torch.linalg.solve(m, p @ Ks.T)
+    vs = torch.linalg.solve(m, p @ rhs)
     if idx is not None:
         v = torch.zeros((d_in, K64.shape[0]), dtype=torch.float64)
         v[idx] = vs

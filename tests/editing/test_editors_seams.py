@@ -91,3 +91,29 @@ def test_closed_form_solves_hit_their_targets():
     outside = torch.ones(d_in, dtype=torch.bool)
     outside[S] = False
     assert 0 < len(S) < d_in and float(vn[outside].abs().max()) == 0.0
+
+
+def test_extra_keys_solve_the_stacked_least_squares_problem_at_rank_n():
+    """A second key per request fitted to the same residual with weight w is the minimiser of
+    ``Σ‖ΔW k_i − r_i‖² + w Σ‖ΔW x_i − r_i‖² + λ tr(ΔW C0 ΔWᵀ)``, and keeps rank ≤ n."""
+    g = torch.Generator().manual_seed(1)
+    d_in, d_out, n, w, lam = 24, 10, 3, 2.0, 0.5
+    basis = torch.randn(d_in, 30, generator=g, dtype=torch.float64)
+    C0 = basis @ basis.T / 30
+    K = torch.randn(n, d_in, generator=g, dtype=torch.float64)
+    X = K + 0.5 * torch.randn(n, d_in, generator=g, dtype=torch.float64)  # the same subjects, other wording
+    R = torch.randn(n, d_out, generator=g, dtype=torch.float64)
+    u, v = memit_factors(K, R, C0, lam=lam, ridge=0.0, K_extra=X, extra_weight=w)
+    assert u.shape == (d_out, n) and v.shape == (d_in, n)
+    # the normal equations of the stacked problem, solved independently
+    a = K.T @ K + w * X.T @ X + lam * C0
+    expected = torch.linalg.solve(a, (R.T @ K + w * R.T @ X).T).T
+    assert torch.allclose(u @ v.T, expected, atol=1e-9)
+    # the extra keys get closer to their residual than without them
+    u0, v0 = memit_factors(K, R, C0, lam=lam, ridge=0.0)
+    assert float(residual_norms(X, R, u, v).norm()) < float(residual_norms(X, R, u0, v0).norm())
+    # AlphaEdit with extra keys: still zero on C0's span
+    low = torch.randn(d_in, 8, generator=g, dtype=torch.float64)
+    P, _ = nullspace_projector(low @ low.T, threshold=1e-8)
+    ua, va = alphaedit_factors(K, R, P, alpha=1e-6, K_extra=X, extra_weight=w)
+    assert float((low.T @ va).abs().max()) < 1e-6 and va.shape == (d_in, n)

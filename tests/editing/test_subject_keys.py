@@ -1,0 +1,74 @@
+"""Subject-alone keys (``subject_key_weight``): the edit follows the subject, not the prompt's wording."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from editing.arch import spec_for
+from editing.editors import get_editor
+from editing.editors.keys import compute_keys
+from editing.models import fingerprint
+from tinyworld import facts, requests, tiny_llama  # noqa: F401  (fixtures)
+
+TEMPLATES = ("{}", "Note that {}")
+KW = {"layers": [0], "lam": 30.0, "siblings": 0, "corpus": "samples:8",
+      "value": {"context_templates": TEMPLATES, "steps": 15}}
+
+
+def test_subject_alone_keys_get_the_edit_and_the_rank_stays_the_batch_size(tiny_llama, facts, tmp_path):
+    model, tok = tiny_llama
+    spec = spec_for(model)
+    reqs = requests(facts, 3)
+    fp = fingerprint(model)
+    plain = get_editor("nse", subject_key_weight=0.0, stats_dir=str(tmp_path), **KW).edit(model, tok, reqs, None)
+    follow = get_editor("nse", subject_key_weight=3.0, stats_dir=str(tmp_path), **KW).edit(model, tok, reqs, None)
+    assert fingerprint(model) == fp
+    name = spec.mlp_out_name(0) + ".weight"
+    assert follow.delta.factors[name][0].shape[1] <= len(reqs)  # rank ≤ batch size
+    assert follow.delta.hyperparameters["subject_key_weight"] == 3.0
+    k = compute_keys(model, tok, spec, reqs, 0, TEMPLATES)
+    x = compute_keys(model, tok, spec, [replace(r, prompt="{}") for r in reqs], 0, ("Note that {}",))
+
+    def gap(res):  # how far the subject alone is from getting what the edit prompt's key gets
+        dw = res.delta.dense(name).float()
+        return float(((x - k) @ dw.T).norm() / (k @ dw.T).norm())
+
+    assert gap(follow) < 0.85 * gap(plain), (gap(follow), gap(plain))
+    # the subject-alone moment is accumulated for later batches too
+    c = next(t for t in follow.state.tensors if t.endswith("::C_edits"))
+    assert float(follow.state.tensors[c].trace()) > float(plain.state.tensors[c].trace())
+    assert torch.isfinite(follow.state.tensors[c]).all()
+
+
+
+def test_siblings_are_held_in_the_subject_alone_frame_too(tiny_llama, facts, tmp_path, monkeypatch):
+    """With subject keys on, sibling subjects are held in both frames: the accumulated moment is
+    ``KᵀK + w XᵀX + K_sᵀK_s + w X_sᵀX_s`` (without the sibling frame, 100 single SmolLM2 edits lost
+    neighbours: bench/RESULTS.md)."""
+    from editing.editors import siblings as siblings_mod
+    from tinyworld import NAMES
+
+    model, tok = tiny_llama
+    spec = spec_for(model)
+    reqs = requests(facts, 3)
+    others = [n for n in NAMES if n not in {r.subject for r in reqs}]
+    monkeypatch.setattr(siblings_mod, "sibling_subjects",
+                        lambda m, t, subject, n, exclude=(), seed=0, **kw: others[seed * n:(seed + 1) * n])
+    w = 3.0
+    res = get_editor("nse", **{**KW, "stats_dir": str(tmp_path), "subject_key_weight": w, "siblings": 2}).edit(
+        model, tok, reqs, None)
+    assert all(not d.extra.get("no_op") for d in res.diagnostics)
+    sibs = siblings_mod.sibling_requests(model, tok, reqs, 2)
+
+    def keys(rs, templates):  # layer 0 is the only edited layer: its keys do not depend on the update
+        return compute_keys(model, tok, spec, rs, 0, templates).double()
+
+    alone = ("Note that {}",)
+    K, X = keys(reqs, TEMPLATES), keys([replace(r, prompt="{}") for r in reqs], alone)
+    Ks, Xs = keys(sibs, ("{}",)), keys([replace(s, prompt="{}") for s in sibs], alone)
+    expected = K.T @ K + w * X.T @ X + Ks.T @ Ks + w * Xs.T @ Xs
+    got = res.state.tensors[spec.mlp_out_name(0) + "::C_edits"].double()
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+    without_frame = expected - w * Xs.T @ Xs
+    assert not torch.allclose(got, without_frame, rtol=1e-3, atol=1e-3 * float(expected.abs().max()))
