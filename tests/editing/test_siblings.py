@@ -6,11 +6,10 @@ from __future__ import annotations
 
 from editing.arch import spec_for
 from editing.editors import get_editor
-from editing.editors import siblings as siblings_mod
 from editing.editors.keys import compute_keys
 from editing.editors.siblings import parse_list_items, sibling_requests, sibling_subjects
 from editing.models import fingerprint
-from tinyworld import NAMES, facts, requests, tiny_llama  # noqa: F401  (fixtures)
+from tinyworld import facts, requests, siblings_from_world, tiny_llama  # noqa: F401  (fixtures)
 
 FAST = {"layers": [0], "lam": 30.0, "value": {"context_templates": ("{}",), "steps": 15}}
 
@@ -32,10 +31,7 @@ def test_sibling_keys_are_held_in_place(tiny_llama, facts, tmp_path, monkeypatch
     model, tok = tiny_llama
     spec = spec_for(model)
     reqs = requests(facts, 3)
-    # the tiny world's model cannot continue a list: give it siblings from its own world instead
-    others = [n for n in NAMES if n not in {r.subject for r in reqs}]
-    monkeypatch.setattr(siblings_mod, "sibling_subjects",
-                        lambda m, t, subject, n, exclude=(), seed=0, **kw: others[seed * n:(seed + 1) * n])
+    siblings_from_world(monkeypatch, reqs)
     sibs = sibling_requests(model, tok, reqs, 2)
     assert len(sibs) == 6 and all(s.prompt in {r.prompt for r in reqs} for s in sibs)
     kw = {**FAST, "stats_dir": str(tmp_path), "corpus": "samples:8", "accumulate": True}

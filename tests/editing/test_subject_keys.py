@@ -8,8 +8,9 @@ import torch
 from editing.arch import spec_for
 from editing.editors import get_editor
 from editing.editors.keys import compute_keys
+from editing.editors.siblings import sibling_requests
 from editing.models import fingerprint
-from tinyworld import facts, requests, tiny_llama  # noqa: F401  (fixtures)
+from tinyworld import facts, requests, siblings_from_world, tiny_llama  # noqa: F401  (fixtures)
 
 TEMPLATES = ("{}", "Note that {}")
 KW = {"layers": [0], "lam": 30.0, "siblings": 0, "corpus": "samples:8",
@@ -41,25 +42,19 @@ def test_subject_alone_keys_get_the_edit_and_the_rank_stays_the_batch_size(tiny_
     assert torch.isfinite(follow.state.tensors[c]).all()
 
 
-
 def test_siblings_are_held_in_the_subject_alone_frame_too(tiny_llama, facts, tmp_path, monkeypatch):
     """With subject keys on, sibling subjects are held in both frames: the accumulated moment is
     ``KᵀK + w XᵀX + K_sᵀK_s + w X_sᵀX_s`` (without the sibling frame, 100 single SmolLM2 edits lost
     neighbours: bench/RESULTS.md)."""
-    from editing.editors import siblings as siblings_mod
-    from tinyworld import NAMES
-
     model, tok = tiny_llama
     spec = spec_for(model)
     reqs = requests(facts, 3)
-    others = [n for n in NAMES if n not in {r.subject for r in reqs}]
-    monkeypatch.setattr(siblings_mod, "sibling_subjects",
-                        lambda m, t, subject, n, exclude=(), seed=0, **kw: others[seed * n:(seed + 1) * n])
+    siblings_from_world(monkeypatch, reqs)
     w = 3.0
     res = get_editor("nse", **{**KW, "stats_dir": str(tmp_path), "subject_key_weight": w, "siblings": 2}).edit(
         model, tok, reqs, None)
     assert all(not d.extra.get("no_op") for d in res.diagnostics)
-    sibs = siblings_mod.sibling_requests(model, tok, reqs, 2)
+    sibs = sibling_requests(model, tok, reqs, 2)
 
     def keys(rs, templates):  # layer 0 is the only edited layer: its keys do not depend on the update
         return compute_keys(model, tok, spec, rs, 0, templates).double()

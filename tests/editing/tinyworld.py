@@ -137,3 +137,13 @@ def tiny_gpt2(facts):
 @pytest.fixture(scope="session")
 def tiny_llama(facts):
     return build("llama", 4, facts)
+
+
+def siblings_from_world(monkeypatch, reqs) -> None:
+    """The tiny models cannot continue a list: make ``sibling_subjects`` name other people of this world
+    (seed ``i`` gets the ``i``-th block of ``n`` names not among ``reqs``' subjects)."""
+    from editing.editors import siblings as siblings_mod
+
+    others = [n for n in NAMES if n not in {r.subject for r in reqs}]
+    monkeypatch.setattr(siblings_mod, "sibling_subjects",
+                        lambda m, t, subject, n, exclude=(), seed=0, **kw: others[seed * n:(seed + 1) * n])
