@@ -28,14 +28,12 @@ if str(ROOT) not in sys.path:
 
 
 def parse_sets(items: list[str]) -> dict:
-    """``key=value`` (JSON values where they parse; ``value.<field>`` goes into the value hyperparameters)."""
+    """``--set key=value`` as the CLI reads it (:func:`flows.cli.edit_cmd.parse_settings`), with
+    ``value.<field>`` keys gathered into the value hyperparameters."""
+    from flows.cli.edit_cmd import parse_settings
+
     out: dict = {}
-    for item in items:
-        k, v = item.split("=", 1)
-        try:
-            v = json.loads(v)
-        except json.JSONDecodeError:
-            pass
+    for k, v in parse_settings(items).items():
         if k.startswith("value."):
             out.setdefault("value", {})[k[len("value."):]] = v
         else:

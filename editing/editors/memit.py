@@ -109,11 +109,12 @@ class MemitEditor:
     def _key_templates(self, hp: EditHparams) -> tuple[str, ...]:
         return hp.key_templates or hp.value.context_templates
 
-    def _subject_templates(self, hp: EditHparams) -> tuple[str, ...]:
-        """Templates of the subject-alone keys: the key templates that put a prefix before the subject
-        (alone at the start of the text, a subject's last token can sit at position 0, whose activations
-        are atypical), or the bare subject where there is none."""
-        return tuple(t for t in self._key_templates(hp) if t.strip() != "{}") or ("{}",)
+    def _subject_alone_keys(self, model, tokenizer, spec, reqs, layer: int, hp: EditHparams) -> torch.Tensor:
+        """Keys of the requests' subjects alone (no prompt words) after the key templates that put a prefix
+        before them (alone at the start of the text, a subject's last token can sit at position 0, whose
+        activations are atypical), or the bare subject where no template has a prefix."""
+        templates = tuple(t for t in self._key_templates(hp) if t.strip() != "{}") or ("{}",)
+        return compute_keys(model, tokenizer, spec, [replace(r, prompt="{}") for r in reqs], layer, templates).double()
 
     def _c0(self, model, tokenizer, spec, layers, hp: EditHparams, fp: str) -> dict[int, torch.Tensor]:
         from editing.stats import corpus_moments
@@ -241,16 +242,14 @@ class MemitEditor:
             moments[l] = K.T @ K
             Kx = None
             if hp.subject_key_weight:
-                Kx = compute_keys(model, tokenizer, spec, [replace(r, prompt="{}") for r in reqs], l,
-                                  self._subject_templates(hp)).double()
+                Kx = self._subject_alone_keys(model, tokenizer, spec, reqs, l, hp)
                 moments[l] = moments[l] + hp.subject_key_weight * (Kx.T @ Kx)
             if siblings:
                 Ks = compute_keys(model, tokenizer, spec, siblings, l,
                                   self._key_templates(hp) if hp.sibling_contexts else ("{}",)).double()
                 ks = hp.sibling_weight * (Ks.T @ Ks)
                 if hp.subject_key_weight:  # held in the subject-alone frame too, as the edit is fitted there
-                    Xs = compute_keys(model, tokenizer, spec, [replace(s, prompt="{}") for s in siblings], l,
-                                      self._subject_templates(hp)).double()
+                    Xs = self._subject_alone_keys(model, tokenizer, spec, siblings, l, hp)
                     ks = ks + hp.sibling_weight * hp.subject_key_weight * (Xs.T @ Xs)
                 ce = ks if ce is None else ce + ks
                 moments[l] = moments[l] + ks
