@@ -72,6 +72,11 @@ def main(argv: list[str] | None = None) -> None:
     seconds = time.perf_counter() - t0
     s = evaluate_facts(loaded.model, loaded.tokenizer, reqs, base=base, earlier=reqs[:args.batch_size]).summary()
     scores = score_pairs(loaded.model, loaded.tokenizer, request_pairs(reqs))
+    by_relation = collections.defaultdict(list)
+    for r in reqs:
+        if r.target_true:
+            by_relation[r.relation or "-"].append(scores[(r.text, r.target_new)].logprob_mean
+                                                  > scores[(r.text, r.target_true)].logprob_mean)
     by_pos = collections.defaultdict(list)
     for r in reqs:
         for j, p in enumerate(r.paraphrases):
@@ -82,6 +87,7 @@ def main(argv: list[str] | None = None) -> None:
                       "neighbourhood_ratio": round(s["neighbourhood_ratio"], 3),
                       "neighbourhood_acc": round(s["neighbourhood_acc"], 3), "retention": s["retention"],
                       "paraphrase_by_position": {j: round(sum(v) / len(v), 2) for j, v in sorted(by_pos.items())},
+                      "efficacy_by_relation": {k: round(sum(v) / len(v), 2) for k, v in sorted(by_relation.items())},
                       "not_taken": len(run.failed), "seconds_per_edit": round(seconds / len(reqs), 1)}))
 
 

@@ -22,6 +22,10 @@ class UnsupportedArchitectureError(EditopsError):
     """No adapter knows where this architecture keeps its MLP output projection."""
 
 
+class HyperparameterError(EditopsError):
+    """An editor setting has a value the editor does not know."""
+
+
 class RequestError(EditopsError):
     """An edit request is malformed or cannot be applied to this model/tokenizer."""
 

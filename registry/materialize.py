@@ -257,10 +257,14 @@ def materialize(reg: "Registry", version: Version, *, use_cache: bool = True, de
             from safetensors.torch import save_file
 
             cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_suffix(".tmp")
-            save_file({n: p.detach().contiguous() for n, p in _edited_params(model, deltas).items()}, str(tmp))
-            cache_file.with_suffix(".sha256").write_text(file_sha256(tmp))
-            os.replace(tmp, cache_file)
+            fd, tmp = tempfile.mkstemp(dir=cache_file.parent, prefix=f".{cache_file.name}.", suffix=".tmp")
+            os.close(fd)  # a name of this process's own: two processes filling the same cache do not collide
+            try:
+                save_file({n: p.detach().contiguous() for n, p in _edited_params(model, deltas).items()}, tmp)
+                cache_file.with_suffix(".sha256").write_text(file_sha256(tmp))
+                os.replace(tmp, cache_file)
+            finally:
+                Path(tmp).unlink(missing_ok=True)
     model.to(device).eval()
     t_end = time.perf_counter()
     model.editops_version = version.uri  # provenance for callers

@@ -18,6 +18,7 @@ from typing import Any
 from torch import nn
 
 from editing.editors.values import ValueHparams
+from editing.errors import HyperparameterError
 
 
 @dataclass
@@ -49,13 +50,26 @@ class EditHparams:
     sibling_weight: float = 1.0
     sibling_exclude: tuple[str, ...] = ()    # never used as siblings (e.g. an ablation that holds out a probe set)
     sibling_contexts: bool = False           # sibling keys averaged over the edit keys' context templates (else bare)
+    # a subject held as a sibling in a prompt and later edited in that prompt: its held key is taken out of
+    # C_edits first (the state lists held (subject, prompt) pairs), so the old answer no longer resists the edit
+    release_siblings: bool = False
     # per request, a second key: the subject alone after the context prefixes (no prompt words), fitted
     # to the same residual with this weight, so the edit follows the subject, not the prompt's wording
     subject_key_weight: float = 0.0
+    # "batch": the subject-alone keys (the edits' and the siblings') act in their own batch's solve only;
+    # "kept": their moments are accumulated into C_edits like the prompt keys
+    subject_frame: str = "kept"
     residual_tol: float = 0.3                # ‖z − h‖ / ‖z − h₀‖ above this is re-edited
     on_noop: str = "report"                  # "report": skip and say so; "raise": NoOpEditError
     warn_below: float = 0.9                  # warn when the batch's success rate is below this
     source: str = "default"
+
+    _CHOICES = {"context": ("generated", "fixed"), "subject_frame": ("kept", "batch"), "on_noop": ("report", "raise")}
+
+    def __post_init__(self) -> None:
+        for name, allowed in self._CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise HyperparameterError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -34,8 +34,8 @@ from editing.arch import add_to_weight, get_module, spec_for, weight_view
 from editing.delta import LowRankDelta
 from editing.editors.base import EditorState, EditResult, RequestDiagnostics
 from editing.editors.hparams import DEFAULT_LAMBDA_GRID, EditHparams, with_corpus, with_preset
-from editing.editors.keys import block_outputs_at, check_length, compute_keys, pad_id_of, prompt_ids, \
-    generated_context_templates, score_targets, subject_last_token
+from editing.editors.keys import block_outputs_at, check_length, compute_keys, compute_keys_multi, pad_id_of, \
+    prompt_ids, generated_context_templates, score_targets, subject_last_token
 from editing.editors.solve import alphaedit_factors, memit_factors, nullspace_projector, responsible_neurons
 from editing.editors.keys import DEFAULT_CONTEXT_TEMPLATES
 from editing.editors.siblings import sibling_requests
@@ -58,6 +58,19 @@ def _generated_templates(model: nn.Module, tokenizer) -> tuple[str, ...]:
 
 
 _TEMPLATES: dict[str, tuple[str, ...]] = {}
+
+
+def _subject_ledger(ledger: dict[str, list[str]], edited: Sequence) -> dict[str, list[str]]:
+    """``subject → prompt templates of its edits so far`` with ``edited`` added. With
+    ``value.keep_weight`` a later edit of the same subject keeps these prompts' answers (the
+    subject's earlier edits) in its value optimisation. Its size grows with the distinct
+    (subject, prompt) pairs edited, and a batch reads only its own subjects' entries."""
+    out = {k: list(v) for k, v in ledger.items()}
+    for r in edited:
+        prompts = out.setdefault(r.subject, [])
+        if r.prompt not in prompts:
+            prompts.append(r.prompt)
+    return out
 
 
 class EditDidNotTakeWarning(UserWarning):
@@ -226,6 +239,23 @@ class MemitEditor:
         return rows, pos
 
     @torch.no_grad()
+    def _release_siblings(self, model, tokenizer, spec, reqs, layers, C_edits, held, hp: EditHparams) -> list[str]:
+        """For each request whose subject an earlier batch held as a sibling in this request's prompt
+        (``held[subject][prompt] = w``, summed over batches): ``C_edits −= w k kᵀ`` with ``k`` the held
+        key as it is now (the subject was held, so edits have barely moved it), and the entry is dropped.
+        Returns the request ids released."""
+        hit = [(r, held[r.subject].pop(r.prompt)) for r in reqs if r.prompt in held.get(r.subject, {})]
+        if not hit:
+            return []
+        templates = self._key_templates(hp) if hp.sibling_contexts else ("{}",)
+        keys = compute_keys_multi(model, tokenizer, spec, [r for r, _ in hit], layers, templates)
+        w = torch.tensor([wt for _, wt in hit], dtype=torch.float64)
+        for l in C_edits:
+            k = keys[l].double()
+            C_edits[l] = C_edits[l] - (k * w[:, None]).T @ k
+        return [r.request_id for r, _ in hit]
+
+    @torch.no_grad()
     def _spread(self, model, tokenizer, spec, reqs, layers, z, C0, C_edits, P, hp: EditHparams,
                 siblings: Sequence = ()):
         """Write the update layer by layer into ``model`` (in place); returns factors and the moment
@@ -241,18 +271,23 @@ class MemitEditor:
             ce = C_edits.get(l) if hp.accumulate else None
             moments[l] = K.T @ K
             Kx = None
+            keep_frame = hp.subject_frame == "kept"
             if hp.subject_key_weight:
                 Kx = self._subject_alone_keys(model, tokenizer, spec, reqs, l, hp)
-                moments[l] = moments[l] + hp.subject_key_weight * (Kx.T @ Kx)
+                if keep_frame:
+                    moments[l] = moments[l] + hp.subject_key_weight * (Kx.T @ Kx)
             if siblings:
                 Ks = compute_keys(model, tokenizer, spec, siblings, l,
                                   self._key_templates(hp) if hp.sibling_contexts else ("{}",)).double()
                 ks = hp.sibling_weight * (Ks.T @ Ks)
+                moments[l] = moments[l] + ks
                 if hp.subject_key_weight:  # held in the subject-alone frame too, as the edit is fitted there
                     Xs = self._subject_alone_keys(model, tokenizer, spec, siblings, l, hp)
-                    ks = ks + hp.sibling_weight * hp.subject_key_weight * (Xs.T @ Xs)
+                    xs = hp.sibling_weight * hp.subject_key_weight * (Xs.T @ Xs)
+                    ks = ks + xs
+                    if keep_frame:
+                        moments[l] = moments[l] + xs
                 ce = ks if ce is None else ce + ks
-                moments[l] = moments[l] + ks
             if hp.nullspace:
                 u, v = alphaedit_factors(K, R, P[l], ce, hp.alpha, neurons, Kx, hp.subject_key_weight)
             else:
@@ -284,6 +319,7 @@ class MemitEditor:
         names = [spec.mlp_out_name(l) for l in layers]
         saved = self._save(model, spec, layers)
         tensors = dict(state.tensors) if state is not None else {}
+        held = {k: dict(v) for k, v in (state.meta.get("held_siblings", {}) if state is not None else {}).items()}
         factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         diag: dict[str, RequestDiagnostics] = {}
         meta_extra: dict[str, Any] = dict(self._notes)
@@ -292,6 +328,13 @@ class MemitEditor:
                 C0 = self._c0(model, tokenizer, spec, layers, hp, fp)
                 C_edits = {l: tensors[f"{n}::C_edits"].double() for l, n in zip(layers, names)
                            if f"{n}::C_edits" in tensors}
+                if hp.release_siblings and C_edits:
+                    released = self._release_siblings(model, tokenizer, spec, active, layers, C_edits, held, hp)
+                    for l, n in zip(layers, names):
+                        if l in C_edits:
+                            tensors[f"{n}::C_edits"] = C_edits[l].float()
+                    if released:
+                        meta_extra["released_siblings"] = released
                 P = {}
                 if hp.nullspace:
                     for l, n in zip(layers, names):
@@ -305,7 +348,9 @@ class MemitEditor:
                         tensors.setdefault(f"{n}::W0", weight_view(get_module(model, n)).detach().clone())
                         add_to_weight(get_module(model, n),
                                       tensors[f"{n}::W0"].to(saved[n].dtype) - weight_view(get_module(model, n)))
-                vr = compute_values(model, tokenizer, spec, active, layers[-1], hp.value)
+                ledger = state.meta.get("subject_prompts", {}) if state is not None else {}
+                keep = [[t for t in ledger.get(r.subject, []) if t != r.prompt] for r in active]
+                vr = compute_values(model, tokenizer, spec, active, layers[-1], hp.value, keep_prompts=keep)
                 self._restore(model, saved)
                 rows, pos = self._bare_rows(tokenizer, active)
                 h0 = block_outputs_at(model, spec, layers[-1], rows, pos, pad_id_of(tokenizer)).double()
@@ -314,6 +359,10 @@ class MemitEditor:
                 if hp.siblings:
                     sibs = sibling_requests(model, tokenizer, active, hp.siblings, exclude=hp.sibling_exclude)
                     meta_extra["siblings"] = {"n": len(sibs), "examples": sorted({s.subject for s in sibs})[:12]}
+                    if hp.accumulate:
+                        for s in sibs:
+                            held.setdefault(s.subject, {})[s.prompt] = held.get(s.subject, {}).get(s.prompt, 0.0) \
+                                + hp.sibling_weight
                 factors, moments = self._spread(model, tokenizer, spec, active, layers, z, C0, C_edits, P, hp, sibs)
                 for p in range(hp.repasses):
                     h = block_outputs_at(model, spec, layers[-1], rows, pos, pad_id_of(tokenizer)).double()
@@ -374,10 +423,13 @@ class MemitEditor:
         delta.meta.update({**meta_extra, "layers": layers, "lam": hp.lam, "choice": hp.source,
                            "n_noop": len(noops), "success_rate": rate})
         n_prev = int(state.meta.get("n_edits", 0)) if state is not None else 0
-        new_state = EditorState(editor=self.name, tensors=tensors if self._stateful() else {},
-                                meta={"base_fingerprint": fp, "layers": layers, "lam": hp.lam, "source": hp.source,
-                                      "n_edits": n_prev + len(active), "hyperparameters": hp.to_dict(),
-                                      "context_templates": list(hp.value.context_templates)})
+        meta = {"base_fingerprint": fp, "layers": layers, "lam": hp.lam, "source": hp.source,
+                "n_edits": n_prev + len(active), "hyperparameters": hp.to_dict(),
+                "context_templates": list(hp.value.context_templates)}
+        if self._stateful():
+            meta["subject_prompts"] = _subject_ledger(state.meta.get("subject_prompts", {}) if state else {}, active)
+            meta["held_siblings"] = held
+        new_state = EditorState(editor=self.name, tensors=tensors if self._stateful() else {}, meta=meta)
         return EditResult(delta=delta, state=new_state, diagnostics=diagnostics)
 
     def _stateful(self) -> bool:

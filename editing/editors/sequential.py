@@ -26,11 +26,25 @@ Same pipeline as MEMIT (:mod:`editing.editors.memit`) with sequential choices, e
   accumulated), so the edit follows the subject into other wordings; with the value loss
   stopping at NLL 0.01 instead of 0.05 (``value.loss_stop``) it raised paraphrase on 20
   "official language" edits in batches of 10 from 0.80 to 0.85 (bench/RESULTS.md, 2026-12-01 session 6);
+- ``subject_frame`` (default ``"kept"``): ``"batch"`` applies the subject-alone keys (the edits' and
+  the siblings') in their own batch's solve only, carrying just the prompt keys to later batches; on 42
+  requests that edit subjects again (continent after capital/language) it was worse on every measure
+  (efficacy 0.60 against 0.64, neighbourhood 0.78 against 0.89 × base), so ``"kept"`` stays;
+- ``value.keep_weight`` (default 1; 0 = off): the state keeps a ledger ``subject → prompts edited``
+  (``subject_prompts``); a later edit of the same subject adds a KL term per earlier prompt to its value
+  optimisation, so the new value leaves the subject's earlier edits as the model now answers them.
+  On those 42 requests, first batch kept 0.6 → 0.9, efficacy 0.64 → 0.81, earlier capital edits
+  0.67 → 1.00 (bench/RESULTS.md, 2026-12-01 session 7);
+- ``release_siblings`` (default off): a subject held as a sibling in a prompt (ledger ``held_siblings``,
+  weights summed over batches) and later edited in that same prompt is first taken out of ``C_edits``
+  (``C_edits −= w k kᵀ``, ``k`` its current key), so its old answer no longer resists its own edit;
 - ``repasses``: requests whose residual ``‖z − h‖/‖z − h₀‖`` is still above
   ``residual_tol`` are edited again (≤ 2 passes in NSE); the passes are merged and
   compacted to rank ≤ batch size.
 
-State per edited layer (fixed size, whatever the number of earlier edits):
+State per edited layer (fixed size, whatever the number of earlier edits), plus the two ledgers in the
+metadata (strings and weights; they grow with the distinct (subject, prompt) pairs, and a batch reads only
+its own subjects' entries):
 ``C_edits`` (d_in × d_in; with ``siblings``, their keys' moment too), ``W0`` (d_out × d_in) with ``rewind``, ``P`` (d_in × d_in) with
 ``nullspace``. Values are cached only within a batch (between passes): a per-request
 cache would grow with the number of edits, and with ``W0`` in the state any value
@@ -48,4 +62,4 @@ class SequentialEditor(MemitEditor):
 
     name = "nse"
     defaults: dict[str, Any] = {"accumulate": True, "rewind": False, "nullspace": False, "neuron_share": None,
-                                "repasses": 1, "siblings": 8, "subject_key_weight": 3.0, "value": {"loss_stop": 0.01}}
+                                "repasses": 1, "siblings": 8, "subject_key_weight": 3.0, "value": {"loss_stop": 0.01, "keep_weight": 1.0}}

@@ -6,6 +6,8 @@ it there makes ``target_new`` likely, and return ``z_i = h_i + δ_i``:
 
 ``loss_i(δ) = NLL(target_new | prompt_c, δ) averaged over context templates c``
 ``          + kl_weight · KL(p₀ ‖ p_δ) on "{subject} is a"`` (keeps the subject's other properties)
+``          + keep_weight · Σ_j KL(p₀ ‖ p_δ) on keep prompt j`` (the prompts of this subject's earlier
+``            edits, given by the caller: the edit must not undo them)
 ``          + weight_decay · ‖δ‖² / ‖h‖²``
 
 minimised with Adam (``steps``, ``lr``), stopping early once every request's NLL
@@ -40,6 +42,7 @@ class ValueHparams:
     clamp_norm_factor: float = 4.0
     loss_stop: float = 0.05
     kl_prompt: str = "{} is a"
+    keep_weight: float = 0.0   # weight of the KL on the caller's keep prompts (0: not used)
     context_templates: tuple[str, ...] = DEFAULT_CONTEXT_TEMPLATES
     chunk: int = 64
 
@@ -94,8 +97,12 @@ def _selected_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, ro
 
 
 def compute_values(model: nn.Module, tokenizer, spec: ArchSpec, requests: Sequence, layer: int,
-                   hp: ValueHparams | None = None, stack: str | None = None) -> ValueResult:
-    """Optimise ``δ`` at block ``layer``'s output, subject's last token, for every request (see module doc)."""
+                   hp: ValueHparams | None = None, stack: str | None = None,
+                   keep_prompts: Sequence[Sequence[str]] | None = None) -> ValueResult:
+    """Optimise ``δ`` at block ``layer``'s output, subject's last token, for every request (see module doc).
+
+    ``keep_prompts[i]``: prompt templates (with ``{}``) whose next-token distribution request ``i``'s
+    ``δ`` must leave as the given model has it (weight ``hp.keep_weight``)."""
     hp = hp or ValueHparams()
     templates = list(hp.context_templates) or ["{}"]
     if templates[0] != "{}":
@@ -113,14 +120,22 @@ def compute_values(model: nn.Module, tokenizer, spec: ArchSpec, requests: Sequen
             req.append(i)
             tgt_start.append(len(p_ids) - 1)
             tgt.append(t_ids)
-    kl_rows, kl_pos, kl_req, kl_last = [], [], [], []
-    if hp.kl_weight > 0:
-        for i, r in enumerate(requests):
-            ids = prompt_ids(tokenizer, fill(hp.kl_prompt, r.subject))
-            kl_rows.append(ids)
-            kl_pos.append(subject_last_token(tokenizer, hp.kl_prompt, r.subject))
-            kl_req.append(i)
-            kl_last.append(len(ids) - 1)
+    kl_rows, kl_pos, kl_req, kl_last, kl_w = [], [], [], [], []
+
+    def add_kl_row(i: int, prompt: str, weight: float) -> None:
+        ids = prompt_ids(tokenizer, fill(prompt, requests[i].subject))
+        kl_rows.append(ids)
+        kl_pos.append(subject_last_token(tokenizer, prompt, requests[i].subject))
+        kl_req.append(i)
+        kl_last.append(len(ids) - 1)
+        kl_w.append(weight)
+
+    for i, r in enumerate(requests):
+        if hp.kl_weight > 0:
+            add_kl_row(i, hp.kl_prompt, hp.kl_weight)
+        if hp.keep_weight > 0 and keep_prompts is not None:
+            for prompt in keep_prompts[i]:
+                add_kl_row(i, prompt, hp.keep_weight)
     all_rows = rows + kl_rows
     all_pos = torch.tensor(pos + kl_pos)
     all_req = torch.tensor(req + kl_req)
@@ -144,6 +159,7 @@ def compute_values(model: nn.Module, tokenizer, spec: ArchSpec, requests: Sequen
     delta = None
     h = None
     kl_ref = None
+    kl_weights = torch.tensor(kl_w, device=device, dtype=torch.float32)
     opt = None
     history: list[float] = []
     nll_init: list[float] = []
@@ -202,19 +218,20 @@ def compute_values(model: nn.Module, tokenizer, spec: ArchSpec, requests: Sequen
                         row_nll = -lp_sum / cnt.clamp(min=1)
                         nll_sum = nll_sum.index_add(0, rq, (row_nll * main).detach())
                         nll_cnt = nll_cnt.index_add(0, rq, main.float())
-                        if hp.kl_weight > 0 and (~main).any():
+                        if (~main).any():
                             cur = logp_sel[n_sel:]
                             if kl_ref is None:
                                 record.setdefault("kl_ref", []).append(cur.detach())
                             else:
-                                ref = kl_ref[rq[kl_idx]]
-                                kl = (ref.exp() * (ref - cur)).sum(-1)
+                                kl_row = ix[kl_idx.cpu()] - n_main   # index among the KL rows
+                                ref = kl_ref[kl_row.to(device)]
+                                kl = kl_weights[kl_row.to(device)] * (ref.exp() * (ref - cur)).sum(-1)
                                 kl_per = kl_per.index_add(0, rq[kl_idx], kl.detach())
                         if delta is not None:
                             chunk_loss = (row_nll * main).sum() / len(templates)
                             # KL of this chunk only (kl_per accumulates across chunks): add it here
-                            if hp.kl_weight > 0 and (~main).any():
-                                chunk_loss = chunk_loss + hp.kl_weight * kl.sum()
+                            if (~main).any():
+                                chunk_loss = chunk_loss + kl.sum()
                             if c == 0:
                                 wd = hp.weight_decay * ((delta.norm(dim=1) / h.norm(dim=1).clamp(min=1e-8)) ** 2)
                                 chunk_loss = chunk_loss + wd.sum()
@@ -236,10 +253,8 @@ def compute_values(model: nn.Module, tokenizer, spec: ArchSpec, requests: Sequen
                 d_model = h.shape[1]
                 delta = torch.zeros((n, d_model), device=device, requires_grad=True)
                 opt = torch.optim.Adam([delta], lr=hp.lr)
-                if hp.kl_weight > 0:
-                    refs = torch.cat(record.get("kl_ref", []))
-                    kl_ref = torch.zeros((n, refs.shape[-1]), device=device)
-                    kl_ref[torch.tensor(kl_req, device=device)] = refs
+                if kl_rows:  # the first pass ran every row in order: one reference per KL row
+                    kl_ref = torch.cat(record.get("kl_ref", []))
                 nll_init = nll.tolist()
                 nll_req = nll
                 loss_req = nll.clone()
@@ -248,7 +263,7 @@ def compute_values(model: nn.Module, tokenizer, spec: ArchSpec, requests: Sequen
                 continue
             with torch.no_grad():
                 wd = hp.weight_decay * ((delta.norm(dim=1) / h.norm(dim=1).clamp(min=1e-8)) ** 2)
-                loss_req = (nll + (hp.kl_weight * kl_per + wd).detach().cpu())
+                loss_req = (nll + (kl_per + wd).detach().cpu())
                 nll_req = nll
             history.append(float(loss_req.mean()))
             steps_done = step

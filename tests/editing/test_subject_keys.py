@@ -3,12 +3,15 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
+
 import torch
 
 from editing.arch import spec_for
 from editing.editors import get_editor
 from editing.editors.keys import compute_keys
 from editing.editors.siblings import sibling_requests
+from editing.errors import HyperparameterError
 from editing.models import fingerprint
 from tinyworld import facts, requests, siblings_from_world, tiny_llama  # noqa: F401  (fixtures)
 
@@ -67,3 +70,32 @@ def test_siblings_are_held_in_the_subject_alone_frame_too(tiny_llama, facts, tmp
     assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
     without_frame = expected - w * Xs.T @ Xs
     assert not torch.allclose(got, without_frame, rtol=1e-3, atol=1e-3 * float(expected.abs().max()))
+
+
+def test_subject_frame_batch_fits_the_same_update_but_keeps_only_the_prompt_keys(tiny_llama, facts, tmp_path,
+                                                                                  monkeypatch):
+    """``subject_frame="batch"``: the subject-alone keys (the edits' and the siblings') shape this batch's
+    solve exactly as with ``"kept"``, but only ``KᵀK + K_sᵀK_s`` is carried to later batches, so a later
+    edit of the same subject is not held back by its own earlier subject-alone key."""
+    model, tok = tiny_llama
+    spec = spec_for(model)
+    reqs = requests(facts, 3)
+    siblings_from_world(monkeypatch, reqs)
+    kw = {**KW, "stats_dir": str(tmp_path), "subject_key_weight": 3.0, "siblings": 2}
+    kept = get_editor("nse", **kw).edit(model, tok, reqs, None)
+    batch = get_editor("nse", **kw, subject_frame="batch").edit(model, tok, reqs, None)
+    name = spec.mlp_out_name(0)
+    assert torch.allclose(kept.delta.dense(name + ".weight"), batch.delta.dense(name + ".weight"), atol=1e-6)
+    sibs = sibling_requests(model, tok, reqs, 2)
+    K = compute_keys(model, tok, spec, reqs, 0, TEMPLATES).double()
+    Ks = compute_keys(model, tok, spec, sibs, 0, ("{}",)).double()
+    expected = K.T @ K + Ks.T @ Ks
+    got = batch.state.tensors[name + "::C_edits"].double()
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+    assert batch.delta.hyperparameters["subject_frame"] == "batch"
+
+
+def test_an_unknown_subject_frame_is_a_typed_error():
+
+    with pytest.raises(HyperparameterError, match="subject_frame='both' is not one of kept, batch"):
+        get_editor("nse", subject_frame="both")

@@ -55,6 +55,8 @@ def test_line_versions_materialise_to_base_plus_deltas(reg, line_name, model_dir
         for n in names:
             torch.testing.assert_close(got[n], want[n], atol=1e-6, rtol=1e-5)
     assert m.from_cache  # the second and third loads read the content-keyed cache
+    cached = list((reg.cache_dir / "materialized").iterdir())
+    assert cached and not [f.name for f in cached if f.name.endswith(".tmp")]  # no temporary file left behind
     model, tok = reg.load(f"models:/{line_name}@candidate")
     assert model.editops_version == f"models:/{line_name}/2"
     ids = tok("the capital of france is", return_tensors="pt")

@@ -1,0 +1,106 @@
+"""A later edit of a subject keeps the subject's earlier edits (``value.keep_weight`` + the subject ledger)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from editing.arch import get_module, spec_for
+from editing.editors import get_editor
+from editing.editors.keys import fill, prompt_ids, subject_last_token
+from editing.editors.values import ValueHparams, compute_values
+from tinyworld import RELATIONS, facts, requests, tiny_llama  # noqa: F401  (fixtures)
+
+
+def _next_token_logp(model, spec, tok, prompt: str, subject: str, delta: torch.Tensor | None) -> torch.Tensor:
+    """log p(next token | prompt) with ``delta`` added to block 0's output at the subject's last token."""
+    ids = torch.tensor([prompt_ids(tok, fill(prompt, subject))])
+    pos = subject_last_token(tok, prompt, subject)
+
+    def add(_m, _a, out):
+        hs = out[0] if isinstance(out, tuple) else out
+        hs = hs.clone()
+        hs[0, pos] += delta.to(hs.dtype)
+        return (hs, *out[1:]) if isinstance(out, tuple) else hs
+
+    handle = get_module(model, spec.layer_name(0)).register_forward_hook(add) if delta is not None else None
+    try:
+        with torch.no_grad():
+            return F.log_softmax(model(input_ids=ids).logits[0, -1].float(), -1)
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def test_keep_prompts_hold_the_subjects_other_answers(tiny_llama, facts):
+    """With a keep prompt (another relation of the subject), the value ``δ`` changes that prompt's
+    next-token distribution less, and still makes ``target_new`` likely on the edit prompt."""
+    model, tok = tiny_llama
+    spec = spec_for(model)
+    r = requests(facts, 1)[0]
+    other = next(p for rel, (p, _, _) in RELATIONS.items() if rel != r.relation)
+    base = _next_token_logp(model, spec, tok, other, r.subject, None)
+
+    def kl_on_other(res) -> float:
+        moved = _next_token_logp(model, spec, tok, other, r.subject, res.delta[0])
+        return float((base.exp() * (base - moved)).sum())
+
+    hp = dict(steps=25, context_templates=("{}",), kl_weight=0.0)
+    free = compute_values(model, tok, spec, [r], 0, ValueHparams(**hp))
+    kept = compute_values(model, tok, spec, [r], 0, ValueHparams(**hp, keep_weight=4.0), keep_prompts=[[other]])
+    ignored = compute_values(model, tok, spec, [r], 0, ValueHparams(**hp), keep_prompts=[[other]])
+    assert torch.equal(ignored.delta, free.delta)  # keep_weight 0: keep prompts are not used
+    assert kl_on_other(kept) < 0.5 * kl_on_other(free), (kl_on_other(kept), kl_on_other(free))
+    assert kept.nll[0] < 0.25 * kept.nll_init[0]
+
+
+def test_the_state_ledger_lists_each_subjects_edited_prompts(tiny_llama, facts, tmp_path):
+    """``nse`` carries ``subject → prompts edited`` in its state; the second batch edits a subject of the
+    first in another relation, and the ledger then holds both prompts (a stateless MEMIT keeps none)."""
+    model, tok = tiny_llama
+    first = requests(facts, 36)
+    a = first[0]
+    b = next(r for r in first if r.subject == a.subject and r.relation != a.relation)
+    kw = {"layers": [0], "lam": 30.0, "siblings": 0, "corpus": "samples:8", "stats_dir": str(tmp_path),
+          "value": {"context_templates": ("{}",), "steps": 10}}
+    editor = get_editor("nse", **kw)
+    s1 = editor.edit(model, tok, [a], None).state
+    assert s1.meta["subject_prompts"] == {a.subject: [a.prompt]}
+    s2 = editor.edit(model, tok, [b], s1).state
+    assert s2.meta["subject_prompts"] == {a.subject: [a.prompt, b.prompt]}
+    assert editor.hyperparameters["value"]["keep_weight"] == 1.0  # nse's default
+    assert "subject_prompts" not in get_editor("memit", **kw).edit(model, tok, [a], None).state.meta
+
+
+def test_a_sibling_edited_later_in_the_same_prompt_is_released(tiny_llama, facts, tmp_path, monkeypatch):
+    """``release_siblings``: batch 1 holds subject S as a sibling in prompt P; batch 2 edits S in P. The
+    held key leaves ``C_edits`` first: the two runs' moments differ by exactly ``w k kᵀ`` (k: S's bare key
+    in P; layer 0's keys do not depend on the edits), and the ledger drops (S, P)."""
+    from editing.editors import siblings as siblings_mod
+    from editing.editors.keys import compute_keys
+
+    model, tok = tiny_llama
+    spec = spec_for(model)
+    every = requests(facts, 36)
+    a = every[0]
+    b = next(r for r in every if r.relation == a.relation and r.subject != a.subject)
+    held_for_a = [b.subject, next(r.subject for r in every if r.subject not in (a.subject, b.subject))]
+    monkeypatch.setattr(siblings_mod, "sibling_subjects",
+                        lambda m, t, subject, n, exclude=(), seed=0, **kw: [s for s in held_for_a
+                                                                           if s not in exclude][:n])
+    w = 2.0
+    kw = {"layers": [0], "lam": 30.0, "siblings": 2, "sibling_weight": w, "subject_key_weight": 0.0,
+          "corpus": "samples:8", "stats_dir": str(tmp_path), "value": {"context_templates": ("{}",), "steps": 10}}
+    name = spec.mlp_out_name(0) + "::C_edits"
+    runs = {}
+    for release in (False, True):
+        editor = get_editor("nse", **kw, release_siblings=release)
+        s1 = editor.edit(model, tok, [a], None).state
+        assert s1.meta["held_siblings"] == {s: {a.prompt: w} for s in held_for_a}
+        r2 = editor.edit(model, tok, [b], s1)
+        runs[release] = r2
+    k = compute_keys(model, tok, spec, [b], 0, ("{}",)).double()
+    diff = runs[False].state.tensors[name].double() - runs[True].state.tensors[name].double()
+    assert torch.allclose(diff, w * k.T @ k, atol=1e-4 * float((k.T @ k).abs().max()))
+    assert runs[True].delta.meta["released_siblings"] == [b.request_id]
+    assert a.prompt not in runs[True].state.meta["held_siblings"].get(b.subject, {})
+    assert "released_siblings" not in runs[False].delta.meta
