@@ -122,6 +122,10 @@ class MemitEditor:
     def _key_templates(self, hp: EditHparams) -> tuple[str, ...]:
         return hp.key_templates or hp.value.context_templates
 
+    def _sibling_templates(self, hp: EditHparams) -> tuple[str, ...]:
+        """Templates of the sibling keys: the edit keys' context templates with ``sibling_contexts``, else bare."""
+        return self._key_templates(hp) if hp.sibling_contexts else ("{}",)
+
     def _subject_alone_keys(self, model, tokenizer, spec, reqs, layer: int, hp: EditHparams) -> torch.Tensor:
         """Keys of the requests' subjects alone (no prompt words) after the key templates that put a prefix
         before them (alone at the start of the text, a subject's last token can sit at position 0, whose
@@ -247,8 +251,7 @@ class MemitEditor:
         hit = [(r, held[r.subject].pop(r.prompt)) for r in reqs if r.prompt in held.get(r.subject, {})]
         if not hit:
             return []
-        templates = self._key_templates(hp) if hp.sibling_contexts else ("{}",)
-        keys = compute_keys_multi(model, tokenizer, spec, [r for r, _ in hit], layers, templates)
+        keys = compute_keys_multi(model, tokenizer, spec, [r for r, _ in hit], layers, self._sibling_templates(hp))
         w = torch.tensor([wt for _, wt in hit], dtype=torch.float64)
         for l in C_edits:
             k = keys[l].double()
@@ -262,6 +265,7 @@ class MemitEditor:
         to accumulate per layer (``KᵀK`` of the edit keys, plus ``w K_sᵀK_s`` of the sibling keys)."""
         rows, pos = self._bare_rows(tokenizer, reqs)
         factors, moments = {}, {}
+        keep_frame = hp.subject_frame == "kept"
         for i, l in enumerate(layers):
             name = spec.mlp_out_name(l)
             K = compute_keys(model, tokenizer, spec, reqs, l, self._key_templates(hp)).double()
@@ -271,14 +275,12 @@ class MemitEditor:
             ce = C_edits.get(l) if hp.accumulate else None
             moments[l] = K.T @ K
             Kx = None
-            keep_frame = hp.subject_frame == "kept"
             if hp.subject_key_weight:
                 Kx = self._subject_alone_keys(model, tokenizer, spec, reqs, l, hp)
                 if keep_frame:
                     moments[l] = moments[l] + hp.subject_key_weight * (Kx.T @ Kx)
             if siblings:
-                Ks = compute_keys(model, tokenizer, spec, siblings, l,
-                                  self._key_templates(hp) if hp.sibling_contexts else ("{}",)).double()
+                Ks = compute_keys(model, tokenizer, spec, siblings, l, self._sibling_templates(hp)).double()
                 ks = hp.sibling_weight * (Ks.T @ Ks)
                 moments[l] = moments[l] + ks
                 if hp.subject_key_weight:  # held in the subject-alone frame too, as the edit is fitted there
@@ -361,8 +363,8 @@ class MemitEditor:
                     meta_extra["siblings"] = {"n": len(sibs), "examples": sorted({s.subject for s in sibs})[:12]}
                     if hp.accumulate:
                         for s in sibs:
-                            held.setdefault(s.subject, {})[s.prompt] = held.get(s.subject, {}).get(s.prompt, 0.0) \
-                                + hp.sibling_weight
+                            prompts = held.setdefault(s.subject, {})
+                            prompts[s.prompt] = prompts.get(s.prompt, 0.0) + hp.sibling_weight
                 factors, moments = self._spread(model, tokenizer, spec, active, layers, z, C0, C_edits, P, hp, sibs)
                 for p in range(hp.repasses):
                     h = block_outputs_at(model, spec, layers[-1], rows, pos, pad_id_of(tokenizer)).double()
