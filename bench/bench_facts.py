@@ -33,6 +33,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -361,10 +362,13 @@ def main(argv: list[str] | None = None) -> None:
             continue
         for editor in args.editors.split(","):
             for bs in [int(b) for b in args.batch_sizes.split(",")]:
+                # one file per invocation: concurrent bench runs must not read each other's results
                 runs_dir = Path(".editops/bench/runs")
                 runs_dir.mkdir(parents=True, exist_ok=True)
-                single_out = runs_dir / f"{name}-{editor}-b{bs}.json"
-                single_out.unlink(missing_ok=True)
+                fd, tmp = tempfile.mkstemp(prefix=f"{name}-{editor}-b{bs}-", suffix=".json", dir=runs_dir)
+                os.close(fd)
+                single_out = Path(tmp)
+                single_out.unlink()
                 cmd = [sys.executable, __file__, "--single", name, editor, str(bs), "--single-out", str(single_out),
                        "--checkpoints", str(args.checkpoints), "--threads", str(args.threads),
                        "--cache-dir", args.cache_dir]
@@ -387,6 +391,7 @@ def main(argv: list[str] | None = None) -> None:
                     continue
                 rows = [r for r in rows if (r["model"], r["editor"], r["batch_size"]) != (name, editor, bs)]
                 rows.append(json.loads(single_out.read_text()))
+                single_out.unlink()
                 out.write_text(json.dumps(rows, indent=1, default=str))
     if not rows:
         print("no configuration ran", failures)

@@ -1,4 +1,4 @@
-"""Keys of fact requests: the input of ``W_out`` at the subject's last token.
+"""Keys of fact requests: the input of ``W_out`` at the edit locus (by default the subject's last token).
 
 For a request with prompt template ``"{} is the capital of"`` and subject
 ``"Paris"``, the key at layer ``l`` is the MLP hidden activation (the input of
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from editing.arch import ArchSpec, get_module
-from editing.errors import EmptyTargetError, PromptTooLongError, SubjectNotInPromptError
+from editing.errors import EmptyTargetError, HyperparameterError, PromptTooLongError, SubjectNotInPromptError
 
 DEFAULT_CONTEXT_TEMPLATES: tuple[str, ...] = ("{}", "Here is a fact. {}", "I read this today. {}",
                                               "Note that {}", "As everyone knows, {}")
@@ -89,6 +89,26 @@ def subject_last_token(tokenizer, prompt_template: str, subject: str) -> int:
     if n == 0:
         raise SubjectNotInPromptError(f"subject {subject!r} maps to no token in {text!r}")
     return n - 1
+
+
+LOCI = ("subject", "last")
+
+
+def edit_position(tokenizer, prompt_template: str, subject: str, locus: str = "subject") -> int:
+    """Index (in :func:`prompt_ids` of the filled prompt) of the edit locus.
+
+    ``"subject"``: the subject's last token (ROME/MEMIT: large LMs enrich the subject's last
+    token with its attributes in early-middle MLPs). ``"last"``: the prompt's last token, where
+    the answer is predicted (models that look a fact up there, from the subject tokens read by
+    attention, as the project's small fact-world model does: bench/RESULTS.md "edit locus").
+    """
+    if locus == "subject":
+        return subject_last_token(tokenizer, prompt_template, subject)
+    if locus != "last":
+        raise HyperparameterError(f"unknown locus {locus!r}; use one of {LOCI}")
+    subject_last_token(tokenizer, prompt_template, subject)  # the same checks of the subject
+    template = prompt_template if "{}" in prompt_template else prompt_template.replace(subject, "{}", 1)
+    return len(prompt_ids(tokenizer, fill(template, subject))) - 1
 
 
 def max_context(model: nn.Module) -> int | None:
@@ -166,33 +186,35 @@ def module_inputs_at(model: nn.Module, module_names: Sequence[str], rows: Sequen
     return {n: torch.cat(v) for n, v in out.items()}
 
 
-def key_rows(tokenizer, requests: Sequence, context_templates: Sequence[str]) -> tuple[list[list[int]], list[int]]:
-    """Token rows and subject positions: for each request, each context template (request-major order)."""
+def key_rows(tokenizer, requests: Sequence, context_templates: Sequence[str],
+             locus: str = "subject") -> tuple[list[list[int]], list[int]]:
+    """Token rows and locus positions: for each request, each context template (request-major order)."""
     rows, positions = [], []
     for r in requests:
         for ctx in context_templates:
             template = fill(ctx, r.prompt)
-            positions.append(subject_last_token(tokenizer, template, r.subject))
+            positions.append(edit_position(tokenizer, template, r.subject, locus))
             rows.append(prompt_ids(tokenizer, fill(template, r.subject)))
     return rows, positions
 
 
 def compute_keys_multi(model: nn.Module, tokenizer, spec: ArchSpec, requests: Sequence, layers: Sequence[int],
                        context_templates: Sequence[str] = DEFAULT_CONTEXT_TEMPLATES,
-                       stack: str | None = None) -> dict[int, torch.Tensor]:
+                       stack: str | None = None, locus: str = "subject") -> dict[int, torch.Tensor]:
     """:func:`compute_keys` for several layers in one forward pass: ``{layer: (n, d_in)}``."""
     templates = list(context_templates) or ["{}"]
-    rows, positions = key_rows(tokenizer, requests, templates)
+    rows, positions = key_rows(tokenizer, requests, templates, locus)
     names = {spec.mlp_out_name(l, stack): l for l in layers}
     ins = module_inputs_at(model, list(names), rows, positions, pad_id=pad_id_of(tokenizer))
     return {l: ins[n].reshape(len(requests), len(templates), -1).mean(1) for n, l in names.items()}
 
 
 def compute_keys(model: nn.Module, tokenizer, spec: ArchSpec, requests: Sequence, layer: int,
-                 context_templates: Sequence[str] = DEFAULT_CONTEXT_TEMPLATES, stack: str | None = None) -> torch.Tensor:
-    """Keys ``(n, d_in)``: input of layer ``layer``'s ``W_out`` at each request's subject's last token,
+                 context_templates: Sequence[str] = DEFAULT_CONTEXT_TEMPLATES, stack: str | None = None,
+                 locus: str = "subject") -> torch.Tensor:
+    """Keys ``(n, d_in)``: input of layer ``layer``'s ``W_out`` at each request's locus (:func:`edit_position`),
     averaged over ``context_templates`` (each holds ``{}`` where the prompt goes)."""
-    return compute_keys_multi(model, tokenizer, spec, requests, [layer], context_templates, stack)[layer]
+    return compute_keys_multi(model, tokenizer, spec, requests, [layer], context_templates, stack, locus)[layer]
 
 
 @torch.no_grad()

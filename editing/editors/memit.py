@@ -34,11 +34,11 @@ from editing.arch import add_to_weight, get_module, spec_for, weight_view
 from editing.delta import LowRankDelta
 from editing.editors.base import EditorState, EditResult, RequestDiagnostics
 from editing.editors.hparams import DEFAULT_LAMBDA_GRID, EditHparams, with_corpus, with_preset
-from editing.editors.keys import block_outputs_at, check_length, compute_keys, compute_keys_multi, pad_id_of, \
-    prompt_ids, generated_context_templates, score_targets, subject_last_token
+from editing.editors.keys import LOCI, block_outputs_at, check_length, compute_keys, compute_keys_multi, \
+    edit_position, pad_id_of, prompt_ids, generated_context_templates, score_targets
 from editing.editors.solve import alphaedit_factors, memit_factors, nullspace_projector, responsible_neurons
 from editing.editors.keys import DEFAULT_CONTEXT_TEMPLATES
-from editing.editors.siblings import sibling_requests
+from editing.editors.siblings import known_sibling_requests, sibling_requests
 from editing.editors.values import ValueHparams, compute_values
 from editing.errors import NoOpEditError, StateError
 from editing.models import fingerprint
@@ -71,6 +71,12 @@ def _subject_ledger(ledger: dict[str, list[str]], edited: Sequence) -> dict[str,
         if r.prompt not in prompts:
             prompts.append(r.prompt)
     return out
+
+
+def _at_locus(hp: EditHparams) -> EditHparams:
+    """``hp`` with the subject-alone keys (``subject_key_weight``) switched off at a locus other than the
+    subject's last token: they are keys of that token."""
+    return replace(hp, subject_key_weight=0.0) if hp.locus != "subject" else hp
 
 
 class EditDidNotTakeWarning(UserWarning):
@@ -151,27 +157,53 @@ class MemitEditor:
         return out
 
     def _resolve(self, model, tokenizer, spec, requests, state: EditorState | None, fp: str) -> EditHparams:
+        """Layers, λ and locus of this batch: from the state (a line keeps its first batch's choice), else
+        the hyperparameters and the model's preset, else measured (:meth:`_measure`). With ``locus="auto"``
+        and λ to calibrate, both loci are measured and the one whose calibration edits take more often is
+        kept (the subject's on a tie, and without trying the other once the subject's all take)."""
         hp = with_corpus(self._with_context(model, tokenizer, self.hp, state), model)
         if state is not None and state.meta.get("layers"):
-            return replace(hp, layers=tuple(state.meta["layers"]), lam=state.meta.get("lam", hp.lam),
-                           source=state.meta.get("source", hp.source))
+            return _at_locus(replace(hp, layers=tuple(state.meta["layers"]), lam=state.meta.get("lam", hp.lam),
+                                     source=state.meta.get("source", hp.source),
+                                     locus=state.meta.get("locus", "subject")))
         hp = with_preset(hp, model)
-        notes = {}
+        if hp.locus == "auto" and hp.lam is not None:
+            hp = replace(hp, locus="subject")
+        loci = LOCI if hp.locus == "auto" else (hp.locus,)
+        best, rates = None, {}
+        for locus in loci:
+            cand, notes, rates[locus] = self._measure(model, tokenizer, spec, requests,
+                                                      _at_locus(replace(hp, locus=locus)), fp)
+            if best is None or rates[locus] > rates[best[0].locus]:
+                best = (cand, notes)
+            if rates[locus] >= 1.0:
+                break
+        hp, self._notes = best
+        if len(loci) > 1:
+            self._notes["locus_trials"] = rates   # calibration success rate per locus tried
+        return hp
+
+    def _measure(self, model, tokenizer, spec, requests, hp: EditHparams, fp: str) -> tuple[EditHparams, dict, float]:
+        """Layers by causal trace at ``hp.locus`` where none are set, λ by :meth:`_calibrate` where none is set.
+        Returns the completed hyperparameters, notes for the delta, and the calibration edits' success rate
+        at the chosen λ (1.0 where λ was given: nothing was measured)."""
+        notes: dict[str, Any] = {}
         if hp.layers is None:
             from editing.editors.layers import choose_layers
 
             traced = [r for r in (self.calibration_requests or requests) if getattr(r, "target_true", None)]
-            tr = choose_layers(model, tokenizer, spec, traced[:8])
+            tr = choose_layers(model, tokenizer, spec, traced[:8], locus=hp.locus)
             hp = replace(hp, layers=tr.layers, source="measured")
             notes["trace_effects"] = [round(e, 4) for e in tr.effects]
+        rate = 1.0
         if hp.lam is None:
             lam, trials = self._calibrate(model, tokenizer, spec, (self.calibration_requests or list(requests))[:4],
                                           hp, fp)
             hp = replace(hp, lam=lam, source="measured" if hp.source in ("default", "measured")
                          else f"{hp.source}; λ measured")
             notes["lambda_trials"] = trials
-        self._notes = notes
-        return hp
+            rate = next(t["success"] for t in trials if t["lam"] == lam)
+        return hp, notes, rate
 
     def _with_context(self, model, tokenizer, hp: EditHparams, state: EditorState | None) -> EditHparams:
         """``hp`` with the context templates of this edit: explicit ones as given; with
@@ -202,8 +234,8 @@ class MemitEditor:
         trials = []
         try:
             C0 = self._c0(model, tokenizer, spec, layers, hp, fp)
-            z = compute_values(model, tokenizer, spec, reqs, layers[-1], hp.value).z.double()
-            rows, pos = self._bare_rows(tokenizer, reqs)
+            z = compute_values(model, tokenizer, spec, reqs, layers[-1], hp.value, locus=hp.locus).z.double()
+            rows, pos = self._bare_rows(tokenizer, reqs, hp.locus)
             h0 = block_outputs_at(model, spec, layers[-1], rows, pos, pad_id_of(tokenizer)).double()
             for lam in DEFAULT_LAMBDA_GRID:
                 trial = replace(hp, lam=lam, nullspace=False, neuron_share=None)
@@ -237,9 +269,10 @@ class MemitEditor:
         for name, w in saved.items():
             get_module(model, name).weight.copy_(w)
 
-    def _bare_rows(self, tokenizer, reqs):
+    @staticmethod
+    def _bare_rows(tokenizer, reqs, locus: str):
         rows = [prompt_ids(tokenizer, r.text) for r in reqs]
-        pos = [subject_last_token(tokenizer, r.prompt, r.subject) for r in reqs]
+        pos = [edit_position(tokenizer, r.prompt, r.subject, locus) for r in reqs]
         return rows, pos
 
     @torch.no_grad()
@@ -251,7 +284,8 @@ class MemitEditor:
         hit = [(r, held[r.subject].pop(r.prompt)) for r in reqs if r.prompt in held.get(r.subject, {})]
         if not hit:
             return []
-        keys = compute_keys_multi(model, tokenizer, spec, [r for r, _ in hit], layers, self._sibling_templates(hp))
+        keys = compute_keys_multi(model, tokenizer, spec, [r for r, _ in hit], layers, self._sibling_templates(hp),
+                                  locus=hp.locus)
         w = torch.tensor([wt for _, wt in hit], dtype=torch.float64)
         for l in C_edits:
             k = keys[l].double()
@@ -263,12 +297,12 @@ class MemitEditor:
                 siblings: Sequence = ()):
         """Write the update layer by layer into ``model`` (in place); returns factors and the moment
         to accumulate per layer (``KᵀK`` of the edit keys, plus ``w K_sᵀK_s`` of the sibling keys)."""
-        rows, pos = self._bare_rows(tokenizer, reqs)
+        rows, pos = self._bare_rows(tokenizer, reqs, hp.locus)
         factors, moments = {}, {}
         keep_frame = hp.subject_frame == "kept"
         for i, l in enumerate(layers):
             name = spec.mlp_out_name(l)
-            K = compute_keys(model, tokenizer, spec, reqs, l, self._key_templates(hp)).double()
+            K = compute_keys(model, tokenizer, spec, reqs, l, self._key_templates(hp), locus=hp.locus).double()
             h = block_outputs_at(model, spec, layers[-1], rows, pos, pad_id_of(tokenizer)).double()
             R = (z.double() - h) / (len(layers) - i)
             neurons = responsible_neurons(K, hp.neuron_share) if hp.neuron_share else None
@@ -280,7 +314,8 @@ class MemitEditor:
                 if keep_frame:
                     moments[l] = moments[l] + hp.subject_key_weight * (Kx.T @ Kx)
             if siblings:
-                Ks = compute_keys(model, tokenizer, spec, siblings, l, self._sibling_templates(hp)).double()
+                Ks = compute_keys(model, tokenizer, spec, siblings, l, self._sibling_templates(hp),
+                                  locus=hp.locus).double()
                 ks = hp.sibling_weight * (Ks.T @ Ks)
                 moments[l] = moments[l] + ks
                 if hp.subject_key_weight:  # held in the subject-alone frame too, as the edit is fitted there
@@ -352,14 +387,19 @@ class MemitEditor:
                                       tensors[f"{n}::W0"].to(saved[n].dtype) - weight_view(get_module(model, n)))
                 ledger = state.meta.get("subject_prompts", {}) if state is not None else {}
                 keep = [[t for t in ledger.get(r.subject, []) if t != r.prompt] for r in active]
-                vr = compute_values(model, tokenizer, spec, active, layers[-1], hp.value, keep_prompts=keep)
+                vr = compute_values(model, tokenizer, spec, active, layers[-1], hp.value, keep_prompts=keep,
+                                    locus=hp.locus)
                 self._restore(model, saved)
-                rows, pos = self._bare_rows(tokenizer, active)
+                rows, pos = self._bare_rows(tokenizer, active, hp.locus)
                 h0 = block_outputs_at(model, spec, layers[-1], rows, pos, pad_id_of(tokenizer)).double()
                 z = vr.z.double()
                 sibs = []
                 if hp.siblings:
                     sibs = sibling_requests(model, tokenizer, active, hp.siblings, exclude=hp.sibling_exclude)
+                if hp.known_siblings:
+                    sibs += known_sibling_requests(active, list(ledger), hp.known_siblings, hp.sibling_exclude,
+                                                   seed=int(state.meta.get("n_edits", 0)) if state else 0)
+                if sibs:
                     meta_extra["siblings"] = {"n": len(sibs), "examples": sorted({s.subject for s in sibs})[:12]}
                     if hp.accumulate:
                         for s in sibs:
@@ -418,14 +458,15 @@ class MemitEditor:
         rate = 1 - len(failed) / max(len(diagnostics), 1)
         if failed and rate < hp.warn_below:
             msg = (f"{self.name}: {len(failed)}/{len(diagnostics)} edits did not take (layers {layers}, λ={hp.lam}, "
-                   f"choice: {hp.source}); try other layers (--layers), a smaller λ or more value steps")
+                   f"locus {hp.locus}, choice: {hp.source}); try other layers (--layers), a smaller λ, the other "
+                   "locus (--set locus=subject|last) or more value steps")
             warnings.warn(msg, EditDidNotTakeWarning, stacklevel=2)
             log.warning(msg)
             meta_extra["warning"] = msg
-        delta.meta.update({**meta_extra, "layers": layers, "lam": hp.lam, "choice": hp.source,
+        delta.meta.update({**meta_extra, "layers": layers, "lam": hp.lam, "locus": hp.locus, "choice": hp.source,
                            "n_noop": len(noops), "success_rate": rate})
         n_prev = int(state.meta.get("n_edits", 0)) if state is not None else 0
-        meta = {"base_fingerprint": fp, "layers": layers, "lam": hp.lam, "source": hp.source,
+        meta = {"base_fingerprint": fp, "layers": layers, "lam": hp.lam, "locus": hp.locus, "source": hp.source,
                 "n_edits": n_prev + len(active), "hyperparameters": hp.to_dict(),
                 "context_templates": list(hp.value.context_templates)}
         if self._stateful():

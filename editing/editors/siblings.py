@@ -28,6 +28,7 @@ keys are then preserved like any other text's, which costs edit strength, not lo
 """
 from __future__ import annotations
 
+import random
 import re
 from dataclasses import replace
 from typing import Sequence
@@ -100,4 +101,19 @@ def sibling_requests(model: nn.Module, tokenizer, requests: Sequence, n: int, se
         for j, s in enumerate(sibling_subjects(model, tokenizer, r.subject, n, exclude=subjects, seed=seed + i)):
             out.append(replace(r, request_id=f"{r.request_id}~sibling{j}", subject=s, paraphrases=(),
                                neighbours=()))
+    return out
+
+
+def known_sibling_requests(requests: Sequence, known: Sequence[str], n: int, exclude: Sequence[str] = (),
+                           seed: int = 0) -> list:
+    """For each request, copies with up to ``n`` of the ``known`` subjects (those edited in earlier batches)
+    in the subject's place: a seeded sample, never a subject of this batch or one of ``exclude``. A model
+    that names no siblings (the fact world) still has entities the editor has seen."""
+    banned = {r.subject for r in requests} | set(exclude)
+    pool = sorted(s for s in known if s not in banned)
+    out = []
+    for i, r in enumerate(requests):
+        rng = random.Random(seed * 1_000_003 + i)
+        for j, s in enumerate(rng.sample(pool, min(n, len(pool)))):
+            out.append(replace(r, request_id=f"{r.request_id}~known{j}", subject=s, paraphrases=(), neighbours=()))
     return out

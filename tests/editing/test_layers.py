@@ -69,7 +69,7 @@ def test_generated_context_templates_are_the_models_own_and_carried_in_the_state
 
 
 def test_key_statistics_corpus_is_the_given_one_else_the_presets_else_the_default(tiny_llama, facts, tmp_path):
-    """SmolLM2's preset names `stdlib`; a model without a preset gets `samples:64`; an explicit corpus wins.
+    """SmolLM2's preset names `stdlib`; a model without a preset gets `samples:512`; an explicit corpus wins.
     The corpus actually used is recorded with the delta (what the registry stores with the version)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -81,7 +81,7 @@ def test_key_statistics_corpus_is_the_given_one_else_the_presets_else_the_defaul
     assert with_preset(EditHparams(), smol_shaped).corpus == "stdlib"
     assert with_corpus(EditHparams(corpus="samples:8"), smol_shaped).corpus == "samples:8"
     model, tok = tiny_llama
-    assert preset_for(model) is None and with_preset(EditHparams(), model).corpus == DEFAULT_CORPUS == "samples:64"
+    assert preset_for(model) is None and with_preset(EditHparams(), model).corpus == DEFAULT_CORPUS == "samples:512"
     # a state carrying layers/λ skips the preset, not the corpus decision
     ed = get_editor("nse", layers=[0], lam=30.0, stats_dir=str(tmp_path), corpus="samples:8", value={"steps": 5})
     with warnings.catch_warnings():

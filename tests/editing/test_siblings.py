@@ -51,3 +51,28 @@ def test_sibling_keys_are_held_in_place(tiny_llama, facts, tmp_path, monkeypatch
     # the sibling moment is accumulated with the edit keys for later batches
     c = next(k for k in held.state.tensors if k.endswith("::C_edits"))
     assert float(held.state.tensors[c].trace()) > float(plain.state.tensors[c].trace())
+
+
+def test_known_siblings_are_earlier_edited_subjects_never_this_batchs(tiny_llama, facts, tmp_path):
+    """``known_siblings``: subjects from the state's ledger, seeded, never a subject of the batch or excluded."""
+    import warnings
+
+    from editing.editors.siblings import known_sibling_requests
+
+    reqs = requests(facts, 6)
+    known = [r.subject for r in reqs[:4]]
+    sibs = known_sibling_requests(reqs[3:5], known, 2, exclude=[known[0]], seed=7)
+    batch = {r.subject for r in reqs[3:5]}
+    assert sibs and all(s.subject in known and s.subject not in batch and s.subject != known[0] for s in sibs)
+    assert all(s.prompt == r.prompt for s, r in zip(sibs, [q for q in reqs[3:5] for _ in range(2)]))
+    assert sibs == known_sibling_requests(reqs[3:5], known, 2, exclude=[known[0]], seed=7)
+    assert known_sibling_requests(reqs[:1], [], 3) == []
+    model, tok = tiny_llama
+    ed = get_editor("nse", siblings=0, known_siblings=2, **FAST, stats_dir=str(tmp_path), corpus="samples:8")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        first = ed.edit(model, tok, reqs[:2], None)
+        second = ed.edit(model, tok, reqs[2:4], first.state)
+    assert "siblings" not in first.delta.meta              # nothing edited before: nothing known
+    edited = set(first.state.meta["subject_prompts"]) - {r.subject for r in reqs[2:4]}
+    assert set(second.delta.meta["siblings"]["examples"]) <= edited and second.delta.meta["siblings"]["n"] > 0
