@@ -109,6 +109,8 @@ def test_edit_writes_hf_dir_deltas_state_and_summary(cli, tiny_fact_model, tmp_p
                               "--set", f"stats_dir={tmp_path / 'stats'}", "--no-progress"])
     assert res.exit_code == 0, res.output
     assert "2 batches of 2" in res.output and "efficacy" in res.output
+    if editor == "nse":   # the measured choice is shown with the batches
+        assert "locus" in res.output and "choice measured" in res.output.replace("\n", " ")
     summary = json.loads((out / "edit_summary.json").read_text())
     assert summary["n_requests"] == 4 and summary["editor"] == editor
     assert [d["request_id"] for d in summary["diagnostics"]] == [json.loads(line)["request_id"] for line in

@@ -1,8 +1,9 @@
 """MEMIT and the shared pipeline of the closed-form editors.
 
 One batch (``edit``):
-1. resolve layers and ``λ``: from the state (earlier batches), the hyperparameters,
-   a preset, or by measurement (causal trace + λ calibration) — recorded in the delta;
+1. resolve layers, ``λ`` and the locus (subject's or prompt's last token): from the state
+   (earlier batches), the hyperparameters, a preset, or by measurement (causal trace + λ
+   calibration, at each locus with ``locus="auto"``) — recorded in the delta;
 2. check requests (context length; no-ops: a request whose ``target_new`` is already
    the model's teacher-forced top-1 is reported as a no-op and not edited, or raises
    :class:`NoOpEditError` with ``on_noop="raise"``);

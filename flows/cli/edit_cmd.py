@@ -239,7 +239,10 @@ def save_model_dir(loaded, out_dir: Path, run, base_fp: str) -> None:
 def batch_table(run):
     from rich.table import Table
 
-    t = Table(title=f"{run.editor}: {run.n_requests} requests in {len(run.batches)} batches of {run.batch_size}")
+    meta = run.batches[0].result.delta.meta if run.batches else {}
+    where = ", ".join(f"{k} {meta[k]}" for k in ("layers", "lam", "locus", "choice") if meta.get(k) is not None)
+    t = Table(title=f"{run.editor}: {run.n_requests} requests in {len(run.batches)} batches of {run.batch_size}"
+              + (f" ({where})" if where else ""))
     for col in ("batch", "requests", "took", "mean value loss", "seconds"):
         t.add_column(col, justify="right")
     for b in run.batches:
