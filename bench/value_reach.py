@@ -16,6 +16,9 @@ the subject's other tokens), and the editors report their edits as not taken.
 
     .venv/bin/python bench/value_reach.py --model models/factworld-gpt2 --requests data/requests/factworld.jsonl
     .venv/bin/python bench/value_reach.py --model models/smollm2-135m --requests data/requests/countries.jsonl --layers 4,8
+
+``--locus last`` asks the same of the prompt's last token (the editors' ``locus="last"``); there
+every layer is listed, the last included.
 """
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n", type=int, default=10, help="requests (seeded shuffle of the file)")
     ap.add_argument("--layers", default=None, help="comma-separated layers (default: all but the last)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--locus", default="subject", choices=["subject", "last"], help="where δ is added")
     args = ap.parse_args(argv)
 
     import torch
@@ -54,15 +58,16 @@ def main(argv: list[str] | None = None) -> None:
     reqs = reqs[: args.n]
     lm = load(args.model)
     n_layers = lm.spec.num_layers(lm.model.config)
-    layers = [int(x) for x in args.layers.split(",")] if args.layers else list(range(max(1, n_layers - 1)))
-    print(f"{args.model}: {n_layers} layers, {len(reqs)} requests, NLL of target_new (mean token NLL)")
+    default = range(n_layers) if args.locus == "last" else range(max(1, n_layers - 1))
+    layers = [int(x) for x in args.layers.split(",")] if args.layers else list(default)
+    print(f"{args.model}: {n_layers} layers, {len(reqs)} requests, locus {args.locus}, NLL of target_new (mean token NLL)")
     print("| layer | NLL before | NLL, default δ | NLL < 0.5 (default) | NLL, unconstrained δ | NLL < 0.5 (unconstrained) |")
     print("|---|---|---|---|---|---|")
     for layer in layers:
         row = [str(layer)]
         for i, hp in enumerate([ValueHparams(context_templates=("{}",)),
                                 ValueHparams(context_templates=("{}",), **UNCONSTRAINED)]):
-            vr = compute_values(lm.model, lm.tokenizer, lm.spec, reqs, layer, hp)
+            vr = compute_values(lm.model, lm.tokenizer, lm.spec, reqs, layer, hp, locus=args.locus)
             if i == 0:
                 row.append(f"{sum(vr.nll_init) / len(reqs):.2f}")
             row += [f"{sum(vr.nll) / len(reqs):.2f}", f"{sum(x < 0.5 for x in vr.nll)}/{len(reqs)}"]
