@@ -63,6 +63,12 @@ def subject_last_token(tokenizer, prompt_template: str, subject: str) -> int:
     :class:`SubjectNotInPromptError` when it has no ``{}`` (and does not contain the
     subject) or the subject maps to no token.
     """
+    return _subject_and_prompt_end(tokenizer, prompt_template, subject)[0]
+
+
+def _subject_and_prompt_end(tokenizer, prompt_template: str, subject: str) -> tuple[int, int]:
+    """``(subject's last token, prompt's last token)`` in :func:`prompt_ids` of the filled prompt,
+    with :func:`subject_last_token`'s checks."""
     if not subject or not subject.strip():
         raise SubjectNotInPromptError("the subject is empty; give the entity the fact is about")
     if "{}" not in prompt_template:
@@ -83,12 +89,12 @@ def subject_last_token(tokenizer, prompt_template: str, subject: str) -> int:
             if e > s and s < end and e > start:
                 best = i
         if best is not None:
-            return best
+            return best, len(ids) - 1
     # slow tokenizers: the length of the encoded text up to the subject's end
     n = len(prompt_ids(tokenizer, text[:end]))
     if n == 0:
         raise SubjectNotInPromptError(f"subject {subject!r} maps to no token in {text!r}")
-    return n - 1
+    return n - 1, len(ids) - 1
 
 
 LOCI = ("subject", "last")
@@ -101,14 +107,11 @@ def edit_position(tokenizer, prompt_template: str, subject: str, locus: str = "s
     token with its attributes in early-middle MLPs). ``"last"``: the prompt's last token, where
     the answer is predicted (models that look a fact up there, from the subject tokens read by
     attention, as the project's small fact-world model does: bench/RESULTS.md "edit locus").
+    The subject is checked as by :func:`subject_last_token` at either locus.
     """
-    if locus == "subject":
-        return subject_last_token(tokenizer, prompt_template, subject)
-    if locus != "last":
+    if locus not in LOCI:
         raise HyperparameterError(f"unknown locus {locus!r}; use one of {LOCI}")
-    subject_last_token(tokenizer, prompt_template, subject)  # the same checks of the subject
-    template = prompt_template if "{}" in prompt_template else prompt_template.replace(subject, "{}", 1)
-    return len(prompt_ids(tokenizer, fill(template, subject))) - 1
+    return _subject_and_prompt_end(tokenizer, prompt_template, subject)[LOCI.index(locus)]
 
 
 def max_context(model: nn.Module) -> int | None:

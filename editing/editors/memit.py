@@ -358,6 +358,7 @@ class MemitEditor:
         saved = self._save(model, spec, layers)
         tensors = dict(state.tensors) if state is not None else {}
         held = {k: dict(v) for k, v in (state.meta.get("held_siblings", {}) if state is not None else {}).items()}
+        n_prev = int(state.meta.get("n_edits", 0)) if state is not None else 0
         factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         diag: dict[str, RequestDiagnostics] = {}
         meta_extra: dict[str, Any] = dict(self._notes)
@@ -399,7 +400,7 @@ class MemitEditor:
                     sibs = sibling_requests(model, tokenizer, active, hp.siblings, exclude=hp.sibling_exclude)
                 if hp.known_siblings:
                     sibs += known_sibling_requests(active, list(ledger), hp.known_siblings, hp.sibling_exclude,
-                                                   seed=int(state.meta.get("n_edits", 0)) if state else 0)
+                                                   seed=n_prev)
                 if sibs:
                     meta_extra["siblings"] = {"n": len(sibs), "examples": sorted({s.subject for s in sibs})[:12]}
                     if hp.accumulate:
@@ -466,7 +467,6 @@ class MemitEditor:
             meta_extra["warning"] = msg
         delta.meta.update({**meta_extra, "layers": layers, "lam": hp.lam, "locus": hp.locus, "choice": hp.source,
                            "n_noop": len(noops), "success_rate": rate})
-        n_prev = int(state.meta.get("n_edits", 0)) if state is not None else 0
         meta = {"base_fingerprint": fp, "layers": layers, "lam": hp.lam, "locus": hp.locus, "source": hp.source,
                 "n_edits": n_prev + len(active), "hyperparameters": hp.to_dict(),
                 "context_templates": list(hp.value.context_templates)}

@@ -99,9 +99,13 @@ def sibling_requests(model: nn.Module, tokenizer, requests: Sequence, n: int, se
     out = []
     for i, r in enumerate(requests):
         for j, s in enumerate(sibling_subjects(model, tokenizer, r.subject, n, exclude=subjects, seed=seed + i)):
-            out.append(replace(r, request_id=f"{r.request_id}~sibling{j}", subject=s, paraphrases=(),
-                               neighbours=()))
+            out.append(_in_place_of(r, s, f"sibling{j}"))
     return out
+
+
+def _in_place_of(request, subject: str, tag: str):
+    """``request`` about ``subject`` instead (id ``<request_id>~<tag>``, no probes of its own)."""
+    return replace(request, request_id=f"{request.request_id}~{tag}", subject=subject, paraphrases=(), neighbours=())
 
 
 def known_sibling_requests(requests: Sequence, known: Sequence[str], n: int, exclude: Sequence[str] = (),
@@ -115,5 +119,5 @@ def known_sibling_requests(requests: Sequence, known: Sequence[str], n: int, exc
     for i, r in enumerate(requests):
         rng = random.Random(seed * 1_000_003 + i)
         for j, s in enumerate(rng.sample(pool, min(n, len(pool)))):
-            out.append(replace(r, request_id=f"{r.request_id}~known{j}", subject=s, paraphrases=(), neighbours=()))
+            out.append(_in_place_of(r, s, f"known{j}"))
     return out
