@@ -67,6 +67,17 @@ MODELS = {
 CATALOG_NAMES = {"smollm2": "smollm2-135m", "factworld": "factworld-gpt2"}
 
 
+def _lookup(name: str) -> BenchModel:
+    """A model of :data:`MODELS`, or a directory laid out as :func:`editing.training.causal.build_fact_model`
+    writes it (``model/``, ``requests.jsonl``, ``heldout.txt``), named after the directory."""
+    if name in MODELS:
+        return _resolve(MODELS[name])
+    root = Path(name)
+    if (root / "model").is_dir():
+        return BenchModel(root.name, str(root / "model"), str(root / "requests.jsonl"), str(root / "heldout.txt"))
+    raise SystemExit(f"unknown model {name!r}: use one of {', '.join(MODELS)} or a build_fact_model directory")
+
+
 def _resolve(model: BenchModel) -> BenchModel:
     """Paths from the project catalog (:mod:`editing.catalog`) where it lists the model."""
     if model.name not in CATALOG_NAMES:
@@ -305,7 +316,8 @@ def _ensure_tiny(model: BenchModel) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", default="smollm2,factworld")
+    ap.add_argument("--models", default="smollm2,factworld",
+                    help="names of MODELS or build_fact_model directories (model/, requests.jsonl, heldout.txt)")
     ap.add_argument("--editors", default="nse,memit,ft")
     ap.add_argument("--batch-sizes", default="1,10,100")
     ap.add_argument("--limit", type=int, default=None, help="requests per model (factworld: at least 1000 for the Bar)")
@@ -341,7 +353,7 @@ def main(argv: list[str] | None = None) -> None:
 
         torch.set_num_threads(args.threads)
         name, editor, bs = args.single
-        model = _resolve(MODELS[name])
+        model = _lookup(name)
         limit = args.limit_smollm2 if name == "smollm2" and args.limit_smollm2 else args.limit
         result = run_one(model, editor, int(bs), limit, args.checkpoints, Path(args.cache_dir), hparams)
         Path(args.single_out).write_text(json.dumps(result, default=str))
@@ -354,7 +366,7 @@ def main(argv: list[str] | None = None) -> None:
         rows = json.loads(out.read_text())
     failures = []
     for name in args.models.split(","):
-        model = _resolve(MODELS[name])
+        model = _lookup(name)
         if name == "tiny":
             _ensure_tiny(model)
         if not Path(model.model_dir).is_dir():
@@ -365,7 +377,7 @@ def main(argv: list[str] | None = None) -> None:
                 # one file per invocation: concurrent bench runs must not read each other's results
                 runs_dir = Path(".editops/bench/runs")
                 runs_dir.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(prefix=f"{name}-{editor}-b{bs}-", suffix=".json", dir=runs_dir)
+                fd, tmp = tempfile.mkstemp(prefix=f"{model.name}-{editor}-b{bs}-", suffix=".json", dir=runs_dir)
                 os.close(fd)
                 single_out = Path(tmp)
                 single_out.unlink()

@@ -51,12 +51,13 @@ def build_tokenizer(texts: Sequence[str], vocab_size: int = 512, model_max_lengt
                                    pad_token=EOS, model_max_length=model_max_length)
 
 
-def gpt2_config(tokenizer, n_layer: int = 2, n_embd: int = 128, n_head: int = 4, n_positions: int = 64):
-    """A small ``GPT2Config`` for ``tokenizer`` (d_ff = 4·n_embd)."""
+def gpt2_config(tokenizer, n_layer: int = 2, n_embd: int = 128, n_head: int = 4, n_positions: int = 64,
+                n_inner: int | None = None):
+    """A small ``GPT2Config`` for ``tokenizer`` (d_ff = ``n_inner``, GPT-2's 4·n_embd when None)."""
     from transformers import GPT2Config
 
     return GPT2Config(vocab_size=len(tokenizer), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
-                      n_head=n_head, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                      n_head=n_head, n_inner=n_inner, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
                       pad_token_id=tokenizer.eos_token_id, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 
 
@@ -159,7 +160,8 @@ class FactModelPaths:
 
 
 def build_fact_model(out_dir: str | Path, *, seed: int = 0, n_entities: int = 40, n_relations: int = 12,
-                     n_layer: int = 2, n_embd: int = 128, n_head: int = 4, vocab_size: int = 512,
+                     n_layer: int = 2, n_embd: int = 128, n_head: int = 4, n_inner: int | None = None,
+                     vocab_size: int = 512,
                      steps: int = 1200, batch_size: int = 64, lr: float = 3e-3, n_filler: int = 400,
                      n_profile_lines: int = 0,
                      model_dir: str | Path | None = None, requests_path: str | Path | None = None,
@@ -185,7 +187,7 @@ def build_fact_model(out_dir: str | Path, *, seed: int = 0, n_entities: int = 40
     world = generate_world(seed, n_entities, n_relations, n_filler=n_filler, n_profile_lines=n_profile_lines)
     texts = world.training_texts()
     tokenizer = build_tokenizer(texts + world.heldout_filler, vocab_size=vocab_size)
-    config = gpt2_config(tokenizer, n_layer=n_layer, n_embd=n_embd, n_head=n_head)
+    config = gpt2_config(tokenizer, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_inner=n_inner)
     t1 = time.perf_counter()
     model, losses = train_causal_lm(texts, tokenizer, config, steps, batch_size=batch_size, lr=lr, seed=seed,
                                     log_every=log_every)
@@ -193,6 +195,7 @@ def build_fact_model(out_dir: str | Path, *, seed: int = 0, n_entities: int = 40
     metrics = {
         "seed": seed, "n_entities": n_entities, "n_relations": n_relations, "n_requests": len(world.requests),
         "n_train_sentences": len(texts), "n_profile_lines": n_profile_lines, "vocab_size": len(tokenizer), "n_layer": n_layer, "n_embd": n_embd,
+        "d_ff": config.n_inner or 4 * n_embd,
         "n_params": sum(p.numel() for p in model.parameters()), "steps": steps, "batch_size": batch_size,
         "final_loss": round(sum(losses[-20:]) / len(losses[-20:]), 4),
         "top1_train_templates": topk_accuracy(model, tokenizer, world.probes("train")),
