@@ -13,6 +13,9 @@ few checkpoints the requests edited so far are scored (efficacy, paraphrase,
 neighbourhood vs base, retention of the first batch); the last checkpoint adds
 perplexity drift and locality. Prints a table, writes ``bench/results/facts.json``
 and a plot of the metrics against the number of edits (``bench/facts.png``).
+``ft`` tunes the layers that the last ``nse`` run of this benchmark edited on the same
+model (recorded per base fingerprint under ``.editops/bench/nse-layers``), so run nse
+first or give ``--set layers=[...]``.
 
 ``--set blind_siblings=true`` is an ablation of the ``siblings`` option: no subject that
 a neighbour probe asks about may serve as a sibling (``sibling_exclude``), so any
@@ -127,13 +130,29 @@ def _base_outputs(model_name: str, loaded, reqs, held, cache_dir: Path):
     return base
 
 
-def _nse_layers(model_name: str) -> list[int] | None:
-    """The layers an earlier ``nse`` run of this benchmark edited on ``model_name`` (so ``ft`` tunes the same)."""
-    for path in sorted(Path(".editops/bench/runs").glob(f"{model_name}-nse-b*.json")):
-        layers = json.loads(path.read_text()).get("edited_layers")
-        if layers:
-            return [int(x) for x in layers]
-    return None
+NSE_LAYERS_DIR = Path(".editops/bench/nse-layers")
+
+
+def _nse_layers_path(model_name: str, fingerprint: str) -> Path:
+    return NSE_LAYERS_DIR / f"{model_name}-{fingerprint[:16]}.json"
+
+
+def _nse_layers(model_name: str, fingerprint: str) -> list[int] | None:
+    """The layers the last ``nse`` run of this benchmark edited on this model (name and base fingerprint, so a
+    rebuilt model never inherits another's layers), for ``ft`` to tune the same ones; None if none ran."""
+    path = _nse_layers_path(model_name, fingerprint)
+    if not path.is_file():
+        return None
+    return [int(x) for x in json.loads(path.read_text())["edited_layers"]]
+
+
+def _remember_nse_layers(model_name: str, fingerprint: str, layers: list[int]) -> None:
+    path = _nse_layers_path(model_name, fingerprint)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump({"edited_layers": [int(x) for x in layers]}, f)
+    os.replace(tmp, path)
 
 
 def _layers_of(loaded, run) -> list[int]:
@@ -176,9 +195,12 @@ def run_one(model: BenchModel, editor_name: str, batch_size: int, limit: int | N
     if hparams.pop("blind_siblings", False):  # ablation: no neighbour probe's subject may serve as a sibling
         hparams["sibling_exclude"] = sorted(_neighbour_subjects(reqs))
     if editor_name == "ft" and "layers" not in hparams:
-        layers = _nse_layers(model.name)  # fine-tune the layers the sequential editor edits
+        layers = _nse_layers(model.name, loaded.fingerprint)  # fine-tune the layers the sequential editor edits
         if layers:
             hparams["layers"] = layers
+        else:
+            print(f"  [{model.name} ft] no nse run of this benchmark recorded for this model: ft uses its own "
+                  "default layers (run nse first, or --set layers=[...])", flush=True)
     editor = get_editor(editor_name, **hparams)
     first = reqs[:batch_size]
     curve: list[dict] = []
@@ -209,6 +231,8 @@ def run_one(model: BenchModel, editor_name: str, batch_size: int, limit: int | N
                          base_fingerprint=loaded.fingerprint)
     final = curve[-1]
     edited_layers = (run.state.meta.get("layers") if run.state is not None else None) or _layers_of(loaded, run)
+    if editor_name == "nse" and edited_layers:
+        _remember_nse_layers(model.name, loaded.fingerprint, list(edited_layers))
     pre = base.base_scores(reqs).summary()
     return {
         "model": model.name, "editor": editor_name, "batch_size": batch_size, "n_requests": len(reqs),
