@@ -92,14 +92,12 @@ def test_project_factworld_params_give_at_least_1000_requests():
 def test_fact_model_mlp_width_is_a_parameter(tmp_path):
     """``n_inner`` sets the MLP width (the editors' key dimension); None keeps GPT-2's 4·n_embd."""
     from editing.models import load
-    from editing.training.causal import build_fact_model
+    from editing.training.causal import build_fact_model, build_tokenizer, gpt2_config
 
     paths = build_fact_model(tmp_path, n_entities=8, n_relations=2, n_layer=1, n_embd=32, n_head=2, n_inner=96,
                              vocab_size=400, steps=2, batch_size=4, n_filler=10)
     loaded = load(paths.model_dir)
     assert loaded.model.transformer.h[0].mlp.c_proj.weight.shape == (96, 32)  # Conv1D: (d_in, d_out)
     assert paths.metrics["d_ff"] == 96
-    from editing.training.causal import build_tokenizer, gpt2_config
-
     tok = build_tokenizer(["a b c"], vocab_size=300)
     assert gpt2_config(tok, n_embd=32, n_head=2).n_inner is None  # GPT-2 then uses 4 · n_embd
