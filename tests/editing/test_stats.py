@@ -58,3 +58,16 @@ def test_corpus_of_model_samples_is_built_once(tiny_gpt2, tmp_path):
     b = corpus_moments(model, tok, spec, [0, 2], "samples:8", tmp_path, "a" * 64, progress=False)
     assert set(a) == {0, 2} and all(torch.equal(a[l], b[l]) for l in a)
     assert float(a[2].trace()) > 0
+
+
+def test_corpus_texts_longer_than_the_context_are_truncated(tmp_path):
+    """A corpus of long texts (e.g. ``stdlib``) on a model with a short context: truncated, not an IndexError."""
+    from transformers import GPT2LMHeadModel
+
+    from editing.training.causal import build_tokenizer, gpt2_config
+
+    texts = [" ".join(FILLER) * 3] * 4  # each far longer than 16 tokens
+    tok = build_tokenizer(texts, vocab_size=300)
+    model = GPT2LMHeadModel(gpt2_config(tok, n_layer=1, n_embd=32, n_head=2, n_positions=16)).eval()
+    c0 = key_moment(model, tok, spec_for(model), 0, texts, "long", tmp_path, "c" * 64, progress=False)
+    assert c0.shape == (128, 128) and float(c0.trace()) > 0
