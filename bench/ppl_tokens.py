@@ -20,14 +20,19 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-def token_nll(model, tokenizer, texts) -> list[tuple[str, float]]:
-    """``(token read, NLL of the next token)`` for every position of every text."""
+def token_nll(model, tokenizer, texts, max_length: int = 256) -> list[tuple[str, float]]:
+    """``(token read, NLL of the next token)`` for every position of every text, each text truncated as
+    :func:`editing.metrics.text.perplexity` truncates it (and to the model's context)."""
     import torch
 
+    from editing.editors.keys import max_context
+
+    ctx = max_context(model)
+    max_length = min(max_length, ctx) if ctx else max_length
     out = []
     with torch.no_grad():
         for text in texts:
-            ids = tokenizer(text, return_tensors="pt")["input_ids"]
+            ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=max_length)["input_ids"]
             logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
             nll = -logp.gather(1, ids[0, 1:, None])[:, 0]
             toks = tokenizer.convert_ids_to_tokens(ids[0])
@@ -41,13 +46,15 @@ def main(argv=None) -> None:
     from editing.editors import get_editor
     from editing.env import configure_offline_defaults
     from editing.formats import read_requests
+    from editing.metrics.text import heldout_texts
     from editing.models import load
     from editing.runner import run_sequential
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True)
     ap.add_argument("--requests", required=True)
-    ap.add_argument("--heldout", required=True, help="a text file, one text per line")
+    ap.add_argument("--heldout", required=True, help="held-out texts as the benchmarks take them: a file "
+                    "(one text per line) or stdlib:N (editing.metrics.text.heldout_texts)")
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=10)
     ap.add_argument("--editor", default="nse")
@@ -57,7 +64,7 @@ def main(argv=None) -> None:
 
     loaded = load(args.model)
     model, tok = loaded.model, loaded.tokenizer
-    held = [line for line in Path(args.heldout).read_text(encoding="utf-8").splitlines() if line.strip()]
+    held = heldout_texts(args.heldout)
     reqs = list(read_requests(args.requests, kind="fact", limit=args.n))
     finals = collections.Counter(tok.convert_ids_to_tokens(tok(r.text)["input_ids"])[-1] for r in reqs)
     before = token_nll(model, tok, held)
