@@ -177,15 +177,22 @@ def _stdlib_docstrings(max_texts: int = 2000, min_words: int = 12) -> list[str]:
     return uniq[:max_texts]
 
 
-@torch.no_grad()
-def model_samples(model: nn.Module, tokenizer, n: int = 64, length: int = 48, seed: int = 0,
-                  batch_size: int = 16) -> list[str]:
-    """``n`` texts the model samples itself (temperature 1, top-k 50) from its BOS/EOS token, seeded."""
+SAMPLE_LENGTH = 48  # tokens per model sample (fewer where the model's context is shorter)
+
+
+def sample_length(model: nn.Module, length: int = SAMPLE_LENGTH) -> int:
+    """Tokens per sample of :func:`model_samples`: ``length``, at most the model's context minus its start token."""
     from editing.editors.keys import max_context
 
     limit = max_context(model)
-    if limit is not None:
-        length = max(1, min(length, limit - 1))
+    return max(1, min(length, limit - 1)) if limit is not None else length
+
+
+@torch.no_grad()
+def model_samples(model: nn.Module, tokenizer, n: int = 64, length: int = SAMPLE_LENGTH, seed: int = 0,
+                  batch_size: int = 16) -> list[str]:
+    """``n`` texts the model samples itself (temperature 1, top-k 50) from its BOS/EOS token, seeded."""
+    length = sample_length(model, length)
     g = torch.Generator().manual_seed(seed)
     start = getattr(tokenizer, "bos_token_id", None)
     if start is None:
@@ -365,7 +372,7 @@ def key_moment(model: nn.Module, tokenizer, spec: ArchSpec, layer: int, texts: S
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m editing.stats --model DIR --layers 3,4,5 --corpus samples:256 --out stats``."""
+    """``python -m editing.stats --model DIR --layers 3,4,5 [--corpus auto] --out stats``."""
     import argparse
 
     from editing.models import load
@@ -373,7 +380,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("--model", required=True)
     p.add_argument("--layers", default="auto", help="comma-separated layer indices, or 'auto' (the model's preset)")
-    p.add_argument("--corpus", default="samples:256")
+    p.add_argument("--corpus", default="auto",
+                   help="corpus name (samples:N, stdlib, file:PATH, joined with +), or 'auto': the one an edit of "
+                        "this model uses by default (editing.editors.hparams.corpus_for)")
     p.add_argument("--out", default="stats")
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--summary", default=None, help="also write the JSON summary to this file")
@@ -389,6 +398,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         layers = list(preset.layers)
     else:
         layers = [int(x) for x in args.layers.split(",")]
+    if args.corpus == "auto":
+        from editing.editors.hparams import corpus_for
+
+        args.corpus = corpus_for(lm.model)
     moments = corpus_moments(lm.model, lm.tokenizer, lm.spec, layers, args.corpus, args.out, lm.fingerprint,
                              max_length=args.max_length)
     summary = {lm.spec.mlp_out_name(l): {"trace": float(m.trace()), "shape": list(m.shape)} for l, m in moments.items()}

@@ -34,7 +34,7 @@ class EditHparams:
     # At "last" the subject-alone keys are off (subject_key_weight: keys of the subject's last token).
     locus: str = "auto"
     lam: float | None = None                 # weight of C0 in the regulariser (MEMIT's mom2_update_weight)
-    # key statistics corpus (editing.stats.corpus_texts); None: the model's preset corpus, else DEFAULT_CORPUS
+    # key statistics corpus (editing.stats.corpus_texts); None: the model's preset corpus, else default_corpus
     corpus: str | None = None
     stats_dir: str = field(default_factory=lambda: os.environ.get("EDITOPS_STATS_DIR", "stats"))
     value: ValueHparams = field(default_factory=ValueHparams)
@@ -102,10 +102,33 @@ class EditHparams:
         return cls(value=ValueHparams(**v), **{k: val for k, val in d.items() if k in known})
 
 
-# the model's own samples (exist for any model, whatever its vocabulary): 512 × 48 tokens. 64 samples
-# (3,072 tokens) estimated C0 too poorly: on the fact world (100 edits, batches of 10, prompt's-last-token
-# locus, layers 1–2) neighbourhood 0.82 × base and perplexity +23 % with 64, 0.91 × and +6.7 % with 512
+# The model's own samples (they exist for any model, whatever its vocabulary), at least 512 of them
+# (512 × 48 tokens) and at least SAMPLE_TOKENS_PER_KEY tokens per key dimension (d_ff), so that C0 is
+# estimated as well on a wide MLP as on a narrow one. Measured (bench/RESULTS.md): 64 samples (3,072
+# tokens) were too few on the fact world with d_ff 512 (100 edits, b10: neighbourhood 0.82 × base and
+# perplexity +23 % against 0.91 × and +6.7 % with 512); with d_ff 2,048 (1,000 edits, b10) 512 samples
+# (12 tokens per key dimension) gave 0.72 / 0.52 / 0.81 × base / +70 %, 2,048 samples (48) 0.74 / 0.51 /
+# 0.83 × / +46 %.
 DEFAULT_CORPUS = "samples:512"
+MIN_SAMPLES = 512
+SAMPLE_TOKENS_PER_KEY = 48
+
+
+def default_corpus(model: nn.Module) -> str:
+    """``samples:N`` with ``N = max(MIN_SAMPLES, ⌈SAMPLE_TOKENS_PER_KEY · d_ff / L⌉)``, ``d_ff`` the key
+    dimension of the model's MLP output projection and ``L`` the sample length in tokens
+    (:func:`editing.stats.sample_length`); :data:`DEFAULT_CORPUS` where the model has no known architecture."""
+    from editing.arch import get_module, in_out_features, spec_for
+    from editing.errors import UnsupportedArchitectureError
+    from editing.stats import sample_length
+
+    try:
+        spec = spec_for(model)
+        d_ff = in_out_features(get_module(model, spec.mlp_out_name(0)))[0]
+    except UnsupportedArchitectureError:
+        return DEFAULT_CORPUS
+    n = max(MIN_SAMPLES, -(-SAMPLE_TOKENS_PER_KEY * d_ff // sample_length(model)))
+    return f"samples:{n}"
 
 
 @dataclass(frozen=True)
@@ -114,7 +137,7 @@ class Preset:
     lam: float | None                # None: calibrated on the first batch (calibrate_lambda's criterion)
     clamp_norm_factor: float
     note: str
-    corpus: str | None = None        # None: DEFAULT_CORPUS
+    corpus: str | None = None        # None: default_corpus(model)
     locus: str = "subject"
 
 
@@ -147,12 +170,18 @@ def preset_for(model: nn.Module) -> Preset | None:
     return PRESETS.get((getattr(cfg, "model_type", ""), int(n or 0)))
 
 
+def corpus_for(model: nn.Module) -> str:
+    """The key-statistics corpus an edit of ``model`` uses unless told otherwise: the preset's, else
+    :func:`default_corpus`."""
+    p = preset_for(model)
+    return p.corpus if p is not None and p.corpus else default_corpus(model)
+
+
 def with_corpus(hp: EditHparams, model: nn.Module) -> EditHparams:
-    """``hp`` with its key-statistics corpus decided: as given, else the preset's, else :data:`DEFAULT_CORPUS`."""
+    """``hp`` with its key-statistics corpus decided: as given, else :func:`corpus_for` the model."""
     if hp.corpus is not None:
         return hp
-    p = preset_for(model)
-    return replace(hp, corpus=(p.corpus if p is not None and p.corpus else DEFAULT_CORPUS))
+    return replace(hp, corpus=corpus_for(model))
 
 
 def with_preset(hp: EditHparams, model: nn.Module) -> EditHparams:

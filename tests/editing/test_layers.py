@@ -69,7 +69,7 @@ def test_generated_context_templates_are_the_models_own_and_carried_in_the_state
 
 
 def test_key_statistics_corpus_is_the_given_one_else_the_presets_else_the_default(tiny_llama, facts, tmp_path):
-    """SmolLM2's preset names `stdlib`; a model without a preset gets `samples:512`; an explicit corpus wins.
+    """SmolLM2's preset names `stdlib`; a narrow model without a preset gets `samples:512`; an explicit corpus wins.
     The corpus actually used is recorded with the delta (what the registry stores with the version)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -81,6 +81,7 @@ def test_key_statistics_corpus_is_the_given_one_else_the_presets_else_the_defaul
     assert with_preset(EditHparams(), smol_shaped).corpus == "stdlib"
     assert with_corpus(EditHparams(corpus="samples:8"), smol_shaped).corpus == "samples:8"
     model, tok = tiny_llama
+    assert model.config.intermediate_size <= 512
     assert preset_for(model) is None and with_preset(EditHparams(), model).corpus == DEFAULT_CORPUS == "samples:512"
     # a state carrying layers/λ skips the preset, not the corpus decision
     ed = get_editor("nse", layers=[0], lam=30.0, stats_dir=str(tmp_path), corpus="samples:8", value={"steps": 5})
@@ -91,3 +92,23 @@ def test_key_statistics_corpus_is_the_given_one_else_the_presets_else_the_defaul
                                                                                    res.state)
     assert res.delta.hyperparameters["corpus"] == "samples:8"
     assert res2.delta.hyperparameters["corpus"] == DEFAULT_CORPUS
+
+
+def test_default_corpus_grows_with_the_key_dimension():
+    """Own samples, at least 512 and at least 48 tokens per key dimension: d_ff 2,048 with 48-token samples
+    needs 2,048 samples; a 17-token context gives 16-token samples, so d_ff 512 needs 1,536."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from editing.editors.hparams import MIN_SAMPLES, SAMPLE_TOKENS_PER_KEY, corpus_for, default_corpus
+    from editing.stats import sample_length
+
+    def gpt2(n_inner: int, n_positions: int = 64):
+        return GPT2LMHeadModel(GPT2Config(vocab_size=32, n_embd=8, n_layer=2, n_head=2, n_inner=n_inner,
+                                          n_positions=n_positions))
+
+    assert (MIN_SAMPLES, SAMPLE_TOKENS_PER_KEY) == (512, 48)
+    assert default_corpus(gpt2(64)) == "samples:512"
+    wide = gpt2(2048)
+    assert sample_length(wide) == 48 and default_corpus(wide) == corpus_for(wide) == "samples:2048"
+    short = gpt2(512, n_positions=17)
+    assert sample_length(short) == 16 and default_corpus(short) == "samples:1536"
