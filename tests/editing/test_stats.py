@@ -71,3 +71,29 @@ def test_corpus_texts_longer_than_the_context_are_truncated(tmp_path):
     model = GPT2LMHeadModel(gpt2_config(tok, n_layer=1, n_embd=32, n_head=2, n_positions=16)).eval()
     c0 = key_moment(model, tok, spec_for(model), 0, texts, "long", tmp_path, "c" * 64, progress=False)
     assert c0.shape == (128, 128) and float(c0.trace()) > 0
+
+
+def test_stats_command_with_corpus_auto_computes_what_an_edit_uses(tmp_path):
+    """``python -m editing.stats --corpus auto`` (the DVC stage's call) writes the file of the corpus an edit of
+    that model would use, named by that corpus."""
+    import json
+
+    from transformers import GPT2LMHeadModel
+
+    from editing.editors.hparams import corpus_for
+    from editing.models import load
+    from editing.stats import main
+    from editing.training.causal import build_tokenizer, gpt2_config
+
+    tok = build_tokenizer([" ".join(FILLER)] * 4, vocab_size=300)
+    model = GPT2LMHeadModel(gpt2_config(tok, n_layer=1, n_embd=16, n_head=2, n_positions=16)).eval()
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    expected = corpus_for(load(str(tmp_path / "m")).model)
+    assert expected.startswith("samples:")
+    main(["--model", str(tmp_path / "m"), "--layers", "0", "--out", str(tmp_path / "stats"),
+          "--summary", str(tmp_path / "summary.json")])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["corpus"] == expected
+    files = list((tmp_path / "stats").rglob("*.safetensors"))
+    assert len(files) == 1 and expected.replace(":", "-") in files[0].name
