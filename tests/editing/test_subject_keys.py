@@ -47,15 +47,15 @@ def test_subject_alone_keys_get_the_edit_and_the_rank_stays_the_batch_size(tiny_
 
 def test_siblings_are_held_in_the_subject_alone_frame_too(tiny_llama, facts, tmp_path, monkeypatch):
     """With subject keys on, sibling subjects are held in both frames: the accumulated moment is
-    ``KᵀK + w XᵀX + K_sᵀK_s + w X_sᵀX_s`` (without the sibling frame, 100 single SmolLM2 edits lost
+    ``KᵀK + w XᵀX + w_s (K_sᵀK_s + w X_sᵀX_s)`` (``w_s`` the sibling weight; without the sibling frame, 100 single SmolLM2 edits lost
     neighbours: bench/RESULTS.md)."""
     model, tok = tiny_llama
     spec = spec_for(model)
     reqs = requests(facts, 3)
     siblings_from_world(monkeypatch, reqs)
-    w = 3.0
-    res = get_editor("nse", **{**KW, "stats_dir": str(tmp_path), "subject_key_weight": w, "siblings": 2}).edit(
-        model, tok, reqs, None)
+    w, ws = 3.0, 0.5
+    res = get_editor("nse", **{**KW, "stats_dir": str(tmp_path), "subject_key_weight": w, "siblings": 2,
+                               "sibling_weight": ws}).edit(model, tok, reqs, None)
     assert all(not d.extra.get("no_op") for d in res.diagnostics)
     sibs = sibling_requests(model, tok, reqs, 2)
 
@@ -65,23 +65,24 @@ def test_siblings_are_held_in_the_subject_alone_frame_too(tiny_llama, facts, tmp
     alone = ("Note that {}",)
     K, X = keys(reqs, TEMPLATES), keys([replace(r, prompt="{}") for r in reqs], alone)
     Ks, Xs = keys(sibs, ("{}",)), keys([replace(s, prompt="{}") for s in sibs], alone)
-    expected = K.T @ K + w * X.T @ X + Ks.T @ Ks + w * Xs.T @ Xs
+    expected = K.T @ K + w * X.T @ X + ws * (Ks.T @ Ks + w * Xs.T @ Xs)
     got = res.state.tensors[spec.mlp_out_name(0) + "::C_edits"].double()
     assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
-    without_frame = expected - w * Xs.T @ Xs
+    without_frame = expected - ws * w * Xs.T @ Xs
     assert not torch.allclose(got, without_frame, rtol=1e-3, atol=1e-3 * float(expected.abs().max()))
 
 
 def test_subject_frame_batch_fits_the_same_update_but_keeps_only_the_prompt_keys(tiny_llama, facts, tmp_path,
                                                                                   monkeypatch):
     """``subject_frame="batch"``: the subject-alone keys (the edits' and the siblings') shape this batch's
-    solve exactly as with ``"kept"``, but only ``KᵀK + K_sᵀK_s`` is carried to later batches, so a later
+    solve exactly as with ``"kept"``, but only ``KᵀK + w_s K_sᵀK_s`` is carried to later batches, so a later
     edit of the same subject is not held back by its own earlier subject-alone key."""
     model, tok = tiny_llama
     spec = spec_for(model)
     reqs = requests(facts, 3)
     siblings_from_world(monkeypatch, reqs)
-    kw = {**KW, "stats_dir": str(tmp_path), "subject_key_weight": 3.0, "siblings": 2}
+    ws = 0.5
+    kw = {**KW, "stats_dir": str(tmp_path), "subject_key_weight": 3.0, "siblings": 2, "sibling_weight": ws}
     kept = get_editor("nse", **kw).edit(model, tok, reqs, None)
     batch = get_editor("nse", **kw, subject_frame="batch").edit(model, tok, reqs, None)
     name = spec.mlp_out_name(0)
@@ -89,7 +90,7 @@ def test_subject_frame_batch_fits_the_same_update_but_keeps_only_the_prompt_keys
     sibs = sibling_requests(model, tok, reqs, 2)
     K = compute_keys(model, tok, spec, reqs, 0, TEMPLATES).double()
     Ks = compute_keys(model, tok, spec, sibs, 0, ("{}",)).double()
-    expected = K.T @ K + Ks.T @ Ks
+    expected = K.T @ K + ws * Ks.T @ Ks
     got = batch.state.tensors[name + "::C_edits"].double()
     assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
     assert batch.delta.hyperparameters["subject_frame"] == "batch"
