@@ -22,13 +22,12 @@ if str(ROOT) not in sys.path:
 
 def token_nll(model, tokenizer, texts, max_length: int = 256) -> list[tuple[str, float]]:
     """``(token read, NLL of the next token)`` for every position of every text, each text truncated as
-    :func:`editing.metrics.text.perplexity` truncates it (and to the model's context)."""
+    :func:`editing.metrics.text.perplexity` truncates it (to ``max_length`` and to the model's context)."""
     import torch
 
-    from editing.editors.keys import max_context
+    from editing.editors.keys import within_context
 
-    ctx = max_context(model)
-    max_length = min(max_length, ctx) if ctx else max_length
+    max_length = within_context(model, max_length)
     out = []
     with torch.no_grad():
         for text in texts:

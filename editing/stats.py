@@ -345,11 +345,10 @@ def key_moments(model: nn.Module, tokenizer, spec: ArchSpec, layers: Sequence[in
             missing[name] = layer
     if missing:
         texts = texts() if callable(texts) else texts
-        from editing.editors.keys import max_context
+        from editing.editors.keys import within_context
 
         seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
-        ctx = max_context(model)
-        max_length = min(max_length, ctx) if ctx else max_length  # longer texts are truncated to the context
+        max_length = within_context(model, max_length)  # longer texts are truncated to the context
         batches = text_batches(tokenizer, texts, batch_size=batch_size, max_length=max_length, seq2seq=seq2seq)
         log.info("computing key statistics for %s over %d texts (%s)", list(missing), len(texts), corpus_name)
         moments = accumulate_key_moments(model, list(missing), batches, progress=progress, total=len(batches))

@@ -109,9 +109,9 @@ class EditHparams:
 # perplexity +23 % against 0.91 × and +6.7 % with 512); with d_ff 2,048 (1,000 edits, b10) 512 samples
 # (12 tokens per key dimension) gave 0.72 / 0.52 / 0.81 × base / +70 %, 2,048 samples (48) 0.74 / 0.51 /
 # 0.83 × / +46 %, 8,192 samples (192) 0.76 / 0.53 / 0.84 × / +46 %: the drift stops falling at 48.
-DEFAULT_CORPUS = "samples:512"
 MIN_SAMPLES = 512
 SAMPLE_TOKENS_PER_KEY = 48
+DEFAULT_CORPUS = f"samples:{MIN_SAMPLES}"   # where the key dimension cannot be read (no known architecture)
 
 
 def default_corpus(model: nn.Module) -> str:

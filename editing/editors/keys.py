@@ -124,6 +124,12 @@ def max_context(model: nn.Module) -> int | None:
     return None
 
 
+def within_context(model: nn.Module, max_length: int) -> int:
+    """``max_length`` capped at the model's context (:func:`max_context`), for truncating texts before a forward."""
+    limit = max_context(model)
+    return min(max_length, limit) if limit else max_length
+
+
 def check_length(model: nn.Module, tokenizer, request, context_templates: Sequence[str] = ("{}",)) -> None:
     """Raise :class:`PromptTooLongError` when prompt (with its longest prefix) plus target exceeds the context."""
     limit = max_context(model)

@@ -2,8 +2,8 @@
 
 - **Perplexity** is token-weighted over the whole held-out set:
   ``ppl = exp( Σ_texts Σ_t −log p(x_t | x_<t) / Σ_texts (len(text) − 1) )``
-  (each text truncated to ``max_length`` tokens; the first token of a text is
-  not predicted). Comparing it with the base model's gives the drift.
+  (each text truncated to ``max_length`` tokens and to the model's context; the first token of a
+  text is not predicted). Comparing it with the base model's gives the drift.
 - **Fluency** is the ROME/MEMIT definition: for each generation, the bigram and
   trigram entropies (bits) of its word n-gram frequency distribution, weighted
   2/3 and 4/3 and averaged; then averaged over generations. ROME tokenises words
@@ -59,7 +59,11 @@ def length_batches(lengths: Sequence[int], max_tokens_per_batch: int = 1024) -> 
 @torch.no_grad()
 def token_nll(model: nn.Module, tokenizer, texts: Sequence[str], max_length: int = 256,
               max_tokens_per_batch: int = 1024) -> tuple[float, int]:
-    """``(Σ −log p, number of predicted tokens)`` over ``texts`` (right-padded batches, no cache)."""
+    """``(Σ −log p, number of predicted tokens)`` over ``texts`` (right-padded batches, no cache), each text
+    truncated to ``max_length`` tokens and to the model's context."""
+    from editing.editors.keys import within_context
+
+    max_length = within_context(model, max_length)
     device = _device(model)
     encoded = [tokenizer(t, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"] for t in texts]
     encoded = [ids for ids in encoded if len(ids) >= 2]

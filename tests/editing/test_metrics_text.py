@@ -59,3 +59,19 @@ def test_greedy_generation_batched_equals_single(lm):
     together = greedy_generate(model, tok, prompts, max_new_tokens=5)
     alone = [greedy_generate(model, tok, [p], max_new_tokens=5)[0] for p in prompts]
     assert together == alone
+
+
+def test_perplexity_of_texts_longer_than_the_context_truncates_them():
+    """A held-out text longer than the model's context is scored on its first ``n_positions`` tokens (it
+    used to index past the position embeddings)."""
+    from transformers import GPT2LMHeadModel
+
+    from editing.training.causal import build_tokenizer, gpt2_config
+
+    long_text = " ".join(["the river runs past the old mill and the bridge"] * 8)
+    tok = build_tokenizer([long_text], vocab_size=300)
+    model = GPT2LMHeadModel(gpt2_config(tok, n_layer=1, n_embd=16, n_head=2, n_positions=16)).eval()
+    assert len(tok(long_text)["input_ids"]) > 16
+    total, count = token_nll(model, tok, [long_text])
+    assert count == 15 and math.isfinite(total)  # 16 tokens read, the first not predicted
+    assert math.isclose(perplexity(model, tok, [long_text]), math.exp(total / count))
