@@ -11,8 +11,11 @@ subprocess (so its peak memory is its own): the model is loaded, the requests
 are applied sequentially with :func:`editing.runner.run_sequential`, and at a
 few checkpoints the requests edited so far are scored (efficacy, paraphrase,
 neighbourhood vs base, retention of the first batch); the last checkpoint adds
-perplexity drift and locality. Prints a table, writes ``bench/results/facts.json``
-and a plot of the metrics against the number of edits (``bench/facts.png``).
+perplexity drift and locality, and splits the edits two ways: by checkpoint window (each
+window's edits scored right after they were made and again at the end, so edits that never
+took well are told from edits that later batches undid) and by request relation. Prints the
+tables, writes ``bench/results/facts.json`` and a plot of the metrics against the number of
+edits (``bench/facts.png``).
 ``ft`` tunes the layers that the last ``nse`` run of this benchmark edited on the same
 model (recorded per base fingerprint under ``.editops/bench/nse-layers``), so run nse
 first or give ``--set layers=[...]``.
@@ -173,6 +176,55 @@ def _neighbour_subjects(reqs) -> set[str]:
     return out
 
 
+def _slice_scores(scores, requests, base, edited) -> dict:
+    """Efficacy, paraphrase and neighbourhood × base of some requests' per-request outcomes."""
+    from editing.metrics.facts import aggregate, score_requests
+
+    m = aggregate(scores)
+    b = aggregate(score_requests(requests, base.scores, comparison=m.comparison, edited=edited))
+    ratio = m.neighbourhood / b.neighbourhood if m.neighbourhood is not None and b.neighbourhood else None
+    return {"n": len(scores), "efficacy": m.efficacy, "paraphrase": m.paraphrase, "neighbourhood_ratio": ratio}
+
+
+def slice_metrics(s, reqs, base, start: int, end: int) -> dict:
+    """Metrics of requests ``start..end`` (in edit order) within the checkpoint scores ``s`` (which cover
+    ``reqs[:n]`` in order). At the checkpoint right after they were edited this is how well those edits took
+    ("when edited"); at the last checkpoint, how well they survived every later batch ("at the end")."""
+    from editing.metrics.facts import edited_prompts
+
+    done = reqs[: len(s.per_request)]
+    return _slice_scores(s.per_request[start:end], reqs[start:end], base, edited_prompts(done))
+
+
+def relation_metrics(s, done, base) -> dict:
+    """:func:`slice_metrics` per request relation (``relation`` field; requests without one under ``"-"``)."""
+    from editing.metrics.facts import edited_prompts
+
+    edited = edited_prompts(done)
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(done):
+        groups.setdefault(r.relation or "-", []).append(i)
+    return {rel: _slice_scores([s.per_request[i] for i in ix], [done[i] for i in ix], base, edited)
+            for rel, ix in groups.items()}
+
+
+def window_table(row: dict) -> str:
+    """Markdown: each checkpoint window's edits when edited and at the end (efficacy / paraphrase / nbhd × base),
+    then the end metrics per relation. Tells edits that never took well from edits that later batches undid."""
+    final = row["curve"][-1]
+    if "windows_at_end" not in final:
+        return ""
+    f = lambda m: " / ".join(_fmt(m.get(k)) for k in ("efficacy", "paraphrase", "neighbourhood_ratio"))
+    fresh = {p["window"]["start"]: p["window"] for p in row["curve"] if "window" in p}
+    lines = ["| edits | when edited | at the end |", "|---|---|---|"]
+    for w in final["windows_at_end"]:
+        lines.append(f"| {w['start'] + 1}–{w['end']} | {f(fresh[w['start']]) if w['start'] in fresh else '-'} "
+                     f"| {f(w)} |")
+    lines += ["", "| relation | requests | at the end |", "|---|---|---|"]
+    lines += [f"| {rel} | {m['n']} | {f(m)} |" for rel, m in final.get("by_relation", {}).items()]
+    return "\n".join(lines)
+
+
 def run_one(model: BenchModel, editor_name: str, batch_size: int, limit: int | None, checkpoints: int,
             cache_dir: Path, hparams: dict) -> dict:
     """One configuration, in this process: load, edit sequentially, evaluate at checkpoints."""
@@ -217,6 +269,13 @@ def run_one(model: BenchModel, editor_name: str, batch_size: int, limit: int | N
                            heldout_texts=held if final else None)
         eval_seconds += time.perf_counter() - t0
         point = {"n_edits": len(done), **{k: v for k, v in s.summary().items() if k != "per_request"}}
+        start = curve[-1]["n_edits"] if curve else 0
+        point["window"] = {"start": start, **slice_metrics(s, reqs, base, start, len(done))}
+        if final:
+            bounds = [0] + [p["n_edits"] for p in curve] + [len(done)]
+            point["windows_at_end"] = [{"start": a, "end": b, **slice_metrics(s, reqs, base, a, b)}
+                                       for a, b in zip(bounds, bounds[1:])]
+            point["by_relation"] = relation_metrics(s, done, base)
         curve.append(point)
         print(f"  [{model.name} {editor_name} b={batch_size}] {len(done)} edits: efficacy {s.efficacy:.3f} "
               f"paraphrase {s.paraphrase if s.paraphrase is not None else float('nan'):.3f} "
@@ -239,6 +298,8 @@ def run_one(model: BenchModel, editor_name: str, batch_size: int, limit: int | N
         "date": time.strftime("%Y-%m-%d"), "requests_file": model.requests,
         "hyperparameters": getattr(editor, "hyperparameters", hparams), "edited_layers": edited_layers,
         "lam_used": run.state.meta.get("lam") if run.state is not None else None,  # λ after calibration
+        # every hyperparameter as the editor resolved it (corpus, layers, λ, locus), where it keeps them
+        "hyperparameters_resolved": run.state.meta.get("hyperparameters") if run.state is not None else None,
         "final": final, "curve": curve, "pre_edit": pre,
         "n_failed_diagnostics": len(run.failed),
         "seconds_per_edit": run.seconds_per_edit, "edit_seconds": run.edit_seconds,
@@ -364,13 +425,9 @@ def main(argv: list[str] | None = None) -> None:
     from editing.env import configure_offline_defaults
 
     configure_offline_defaults()
-    hparams = {}
-    for item in args.set:
-        k, v = item.split("=", 1)
-        try:
-            hparams[k] = json.loads(v)
-        except json.JSONDecodeError:
-            hparams[k] = v
+    from flows.cli.edit_cmd import parse_settings
+
+    hparams = parse_settings(args.set)  # as `editops edit --set` reads them
 
     if args.single:
         import torch
@@ -381,6 +438,7 @@ def main(argv: list[str] | None = None) -> None:
         limit = args.limit_smollm2 if name == "smollm2" and args.limit_smollm2 else args.limit
         result = run_one(model, editor, int(bs), limit, args.checkpoints, Path(args.cache_dir), hparams)
         Path(args.single_out).write_text(json.dumps(result, default=str))
+        print(window_table(result), flush=True)
         return
 
     rows: list[dict] = []
@@ -436,6 +494,9 @@ def main(argv: list[str] | None = None) -> None:
     print(base_table(rows))
     print()
     print(markdown_table(rows))
+    for r in rows:
+        if window_table(r):
+            print(f"\n{r['model']} / {r['editor']} / batch {r['batch_size']}:\n{window_table(r)}")
     if failures:
         print("\nfailed:", ", ".join(failures))
     plot(rows, Path(args.plot))

@@ -30,17 +30,6 @@ for p in (ROOT, ROOT / "bench"):
         sys.path.insert(0, str(p))
 
 
-def _parse_sets(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        k, v = item.split("=", 1)
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
-    return out
-
-
 def run_model(model, editors: list[str], limit: int, batch_size: int, sets: dict[str, dict], cache_dir: Path,
               n_fire_texts: int) -> list[dict]:
     import torch
@@ -121,10 +110,11 @@ def main(argv: list[str] | None = None) -> None:
 
     from bench_facts import MODELS, _resolve
     from editing.env import configure_offline_defaults
+    from flows.cli.edit_cmd import parse_settings
 
     configure_offline_defaults()
     torch.set_num_threads(args.threads)
-    sets = {"hook": _parse_sets(args.hook_set), "nse": _parse_sets(args.nse_set)}
+    sets = {"hook": parse_settings(args.hook_set), "nse": parse_settings(args.nse_set)}
     rows: list[dict] = []
     for key in args.models.split(","):
         model = _resolve(MODELS[key])
