@@ -176,36 +176,32 @@ def _neighbour_subjects(reqs) -> set[str]:
     return out
 
 
-def _slice_scores(scores, requests, base, edited) -> dict:
-    """Efficacy, paraphrase and neighbourhood × base of some requests' per-request outcomes."""
-    from editing.metrics.facts import aggregate, score_requests
+def _slice_scores(rows, base_rows) -> dict:
+    """Efficacy, paraphrase and neighbourhood × base of some requests' per-request outcomes (``rows``) and
+    the same requests' outcomes on the base model (``base_rows``)."""
+    from editing.metrics.facts import aggregate
 
-    m = aggregate(scores)
-    b = aggregate(score_requests(requests, base.scores, comparison=m.comparison, edited=edited))
+    m, b = aggregate(rows), aggregate(base_rows)
     ratio = m.neighbourhood / b.neighbourhood if m.neighbourhood is not None and b.neighbourhood else None
-    return {"n": len(scores), "efficacy": m.efficacy, "paraphrase": m.paraphrase, "neighbourhood_ratio": ratio}
+    return {"n": len(rows), "efficacy": m.efficacy, "paraphrase": m.paraphrase, "neighbourhood_ratio": ratio}
 
 
-def slice_metrics(s, reqs, base, start: int, end: int) -> dict:
-    """Metrics of requests ``start..end`` (in edit order) within the checkpoint scores ``s`` (which cover
-    ``reqs[:n]`` in order). At the checkpoint right after they were edited this is how well those edits took
+def split_metrics(s, done, base, windows: list[tuple[int, int]], by_relation: bool) -> tuple[list[dict], dict]:
+    """Metrics of slices of the checkpoint scores ``s`` (which cover ``done`` in edit order): each window
+    ``(start, end)`` of edits, and with ``by_relation`` each request relation (``relation`` field; requests
+    without one under ``"-"``). Scored right after a window was edited this is how well those edits took
     ("when edited"); at the last checkpoint, how well they survived every later batch ("at the end")."""
-    from editing.metrics.facts import edited_prompts
+    from editing.metrics.facts import edited_prompts, score_requests
 
-    done = reqs[: len(s.per_request)]
-    return _slice_scores(s.per_request[start:end], reqs[start:end], base, edited_prompts(done))
-
-
-def relation_metrics(s, done, base) -> dict:
-    """:func:`slice_metrics` per request relation (``relation`` field; requests without one under ``"-"``)."""
-    from editing.metrics.facts import edited_prompts
-
-    edited = edited_prompts(done)
+    base_rows = score_requests(done, base.scores, comparison=s.comparison, edited=edited_prompts(done))
+    rows = s.per_request
+    out_windows = [{"start": a, "end": b, **_slice_scores(rows[a:b], base_rows[a:b])} for a, b in windows]
     groups: dict[str, list[int]] = {}
-    for i, r in enumerate(done):
+    for i, r in enumerate(done if by_relation else ()):
         groups.setdefault(r.relation or "-", []).append(i)
-    return {rel: _slice_scores([s.per_request[i] for i in ix], [done[i] for i in ix], base, edited)
-            for rel, ix in groups.items()}
+    out_relations = {rel: _slice_scores([rows[i] for i in ix], [base_rows[i] for i in ix])
+                     for rel, ix in groups.items()}
+    return out_windows, out_relations
 
 
 def window_table(row: dict) -> str:
@@ -269,13 +265,12 @@ def run_one(model: BenchModel, editor_name: str, batch_size: int, limit: int | N
                            heldout_texts=held if final else None)
         eval_seconds += time.perf_counter() - t0
         point = {"n_edits": len(done), **{k: v for k, v in s.summary().items() if k != "per_request"}}
-        start = curve[-1]["n_edits"] if curve else 0
-        point["window"] = {"start": start, **slice_metrics(s, reqs, base, start, len(done))}
+        bounds = [0] + [p["n_edits"] for p in curve] + [len(done)]
+        spans = list(zip(bounds, bounds[1:]))
+        windows, relations = split_metrics(s, done, base, spans if final else spans[-1:], by_relation=final)
+        point["window"] = windows[-1]   # the edits since the last checkpoint, when edited
         if final:
-            bounds = [0] + [p["n_edits"] for p in curve] + [len(done)]
-            point["windows_at_end"] = [{"start": a, "end": b, **slice_metrics(s, reqs, base, a, b)}
-                                       for a, b in zip(bounds, bounds[1:])]
-            point["by_relation"] = relation_metrics(s, done, base)
+            point["windows_at_end"], point["by_relation"] = windows, relations
         curve.append(point)
         print(f"  [{model.name} {editor_name} b={batch_size}] {len(done)} edits: efficacy {s.efficacy:.3f} "
               f"paraphrase {s.paraphrase if s.paraphrase is not None else float('nan'):.3f} "

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     from editing.arch import get_module
-    from editing.editors.keys import fill, prompt_ids, target_ids
+    from editing.editors.keys import fill, prompt_ids, subject_positions, target_ids
     from editing.formats import read_requests
     from editing.models import load
 
@@ -57,17 +57,9 @@ def main(argv: list[str] | None = None) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
 
-    def subject_span(text: str, subject: str) -> tuple[list[int], list[int]]:
-        """Prompt ids and the positions of the subject's tokens (fast tokenizer offsets)."""
-        start = text.index(subject)
-        end = start + len(subject)
-        ids = prompt_ids(tok, text)
-        offsets = tok(text, add_special_tokens=True, return_offsets_mapping=True)["offset_mapping"][: len(ids)]
-        return ids, [i for i, (s, e) in enumerate(offsets) if e > s and s < end and e > start]
-
     def target_nll(text: str, subject: str, target: str, layer: int, delta, locus: str, grad: bool = False):
         """Mean token NLL of ``target`` after ``text`` with ``delta`` added at the locus, and its top-1."""
-        ids, span = subject_span(text, subject)
+        ids, span = prompt_ids(tok, text), subject_positions(tok, text, subject)
         t = target_ids(tok, target)
         pos = {"last": [len(ids) - 1], "subject": [span[-1]], "span": span, "span-free": span}[locus]
 
@@ -110,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
             for r in reqs:
                 text = fill(r.prompt, r.subject)
                 h = block_output(text, layer)
-                n = len(subject_span(text, r.subject)[1]) if locus == "span-free" else 1
+                n = len(subject_positions(tok, text, r.subject)) if locus == "span-free" else 1
                 delta = torch.zeros((n, h.shape[1]), requires_grad=True)
                 opt = torch.optim.Adam([delta], lr=0.1)
                 limit = 4 * h.norm(dim=1).mean()

@@ -63,12 +63,21 @@ def subject_last_token(tokenizer, prompt_template: str, subject: str) -> int:
     :class:`SubjectNotInPromptError` when it has no ``{}`` (and does not contain the
     subject) or the subject maps to no token.
     """
-    return _subject_and_prompt_end(tokenizer, prompt_template, subject)[0]
+    return _subject_span(tokenizer, prompt_template, subject)[0][-1]
 
 
-def _subject_and_prompt_end(tokenizer, prompt_template: str, subject: str) -> tuple[int, int]:
-    """``(subject's last token, prompt's last token)`` in :func:`prompt_ids` of the filled prompt,
-    with :func:`subject_last_token`'s checks."""
+def subject_positions(tokenizer, prompt_template: str, subject: str) -> list[int]:
+    """Indices (in :func:`prompt_ids` of the filled prompt) of every token of the subject, in order; the last
+    is :func:`subject_last_token`. Same checks. A template without ``{}`` that contains the subject (a
+    paraphrase as written) is read with the subject's first occurrence as the slot."""
+    return _subject_span(tokenizer, prompt_template, subject)[0]
+
+
+def _subject_span(tokenizer, prompt_template: str, subject: str) -> tuple[list[int], int]:
+    """``(the subject's token indices, prompt's last token)`` in :func:`prompt_ids` of the filled prompt,
+    with :func:`subject_last_token`'s checks. Fast tokenizers: the tokens whose character offsets overlap
+    the subject. Slow tokenizers: from the length of the encoded text up to the subject's start to the
+    length up to its end."""
     if not subject or not subject.strip():
         raise SubjectNotInPromptError("the subject is empty; give the entity the fact is about")
     if "{}" not in prompt_template:
@@ -84,17 +93,14 @@ def _subject_and_prompt_end(tokenizer, prompt_template: str, subject: str) -> tu
     ids = prompt_ids(tokenizer, text)
     if getattr(tokenizer, "is_fast", False):
         enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
-        best = None
-        for i, (s, e) in enumerate(enc["offset_mapping"][: len(ids)]):
-            if e > s and s < end and e > start:
-                best = i
-        if best is not None:
-            return best, len(ids) - 1
-    # slow tokenizers: the length of the encoded text up to the subject's end
+        span = [i for i, (s, e) in enumerate(enc["offset_mapping"][: len(ids)]) if e > s and s < end and e > start]
+        if span:
+            return span, len(ids) - 1
     n = len(prompt_ids(tokenizer, text[:end]))
     if n == 0:
         raise SubjectNotInPromptError(f"subject {subject!r} maps to no token in {text!r}")
-    return n - 1, len(ids) - 1
+    first = min(len(prompt_ids(tokenizer, text[:start])) if start else 0, n - 1)
+    return list(range(first, n)), len(ids) - 1
 
 
 LOCI = ("subject", "last")
@@ -111,7 +117,8 @@ def edit_position(tokenizer, prompt_template: str, subject: str, locus: str = "s
     """
     if locus not in LOCI:
         raise HyperparameterError(f"unknown locus {locus!r}; use one of {LOCI}")
-    return _subject_and_prompt_end(tokenizer, prompt_template, subject)[LOCI.index(locus)]
+    span, last = _subject_span(tokenizer, prompt_template, subject)
+    return span[-1] if locus == "subject" else last
 
 
 def max_context(model: nn.Module) -> int | None:

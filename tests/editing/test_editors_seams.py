@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from editing.arch import get_module, spec_for, weight_view
-from editing.editors.keys import compute_keys, subject_last_token, prompt_ids
+from editing.editors.keys import compute_keys, prompt_ids, subject_last_token, subject_positions
 from editing.editors.solve import alphaedit_factors, memit_factors, nullspace_projector, residual_norms, \
     responsible_neurons
 from editing.editors.values import ValueHparams, compute_values
@@ -23,6 +23,19 @@ def test_subject_last_token(tiny_gpt2):
     assert tok.convert_ids_to_tokens(prompt_ids(tok, "Here is a fact. Bira Tun works as a")[j]) == "Tun"
     with pytest.raises(SubjectNotInPromptError):
         subject_last_token(tok, "lives in the city of", "Abo Kel")
+
+
+@pytest.mark.parametrize("which", ["tiny_gpt2", "tiny_llama"])
+def test_subject_positions_cover_the_subject_and_end_at_its_last_token(which, request):
+    _, tok = request.getfixturevalue(which)
+    for template, text in [("Here is a fact. {} works as a", "Here is a fact. Bira Tun works as a"),
+                           ("Everyone knows that Abo Kel comes from", "Everyone knows that Abo Kel comes from")]:
+        subject = "Bira Tun" if "Bira" in text else "Abo Kel"
+        pos = subject_positions(tok, template, subject)
+        ids = prompt_ids(tok, text)
+        assert pos == list(range(pos[0], pos[-1] + 1)) and len(pos) >= 2
+        assert pos[-1] == subject_last_token(tok, template, subject)
+        assert tok.decode(ids[pos[0]: pos[-1] + 1]).strip() == subject
 
 
 @pytest.mark.parametrize("which", ["tiny_gpt2", "tiny_llama"])
