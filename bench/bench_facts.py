@@ -150,12 +150,10 @@ def _nse_layers(model_name: str, fingerprint: str) -> list[int] | None:
 
 
 def _remember_nse_layers(model_name: str, fingerprint: str, layers: list[int]) -> None:
+    from editing.atomic import write_text_atomic
+
     path = _nse_layers_path(model_name, fingerprint)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump({"edited_layers": [int(x) for x in layers]}, f)
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps({"edited_layers": [int(x) for x in layers]}))
 
 
 def _layers_of(loaded, run) -> list[int]:

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from editing.arch import ArchSpec, get_module
+from editing.atomic import replace_atomically
 from editing.errors import EditopsError
 
 log = logging.getLogger(__name__)
@@ -355,10 +356,10 @@ def key_moments(model: nn.Module, tokenizer, spec: ArchSpec, layers: Sequence[in
         for name, layer in missing.items():
             km = moments[name]
             path = _cache_path(cache_dir, fingerprint, name, corpus_name, chash)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_file({"moment": km.moment.contiguous()}, str(path), metadata={
-                "fingerprint": fingerprint, "module": name, "corpus": corpus_name, "corpus_sha256": chash,
-                "count": str(km.count), "n_texts": str(len(texts)), "max_length": str(max_length)})
+            meta = {"fingerprint": fingerprint, "module": name, "corpus": corpus_name, "corpus_sha256": chash,
+                    "count": str(km.count), "n_texts": str(len(texts)), "max_length": str(max_length)}
+            replace_atomically(path, lambda tmp, m=km.moment.contiguous(), meta=meta: save_file(
+                {"moment": m}, str(tmp), metadata=meta))
             out[layer] = km.moment
     return out
 

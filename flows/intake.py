@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from editing.atomic import write_text_atomic
 from flows.config import ProjectConfig
 from flows.ledger import Ledger, TicketRow, _holder_dead, holder_id
 from flows.schemas import InvalidRow, validate_records
@@ -145,12 +146,8 @@ def _safe_name(s: str) -> str:
 
 def write_outbox(row: TicketRow, outbox: Path) -> Path:
     """``outbox/<id>.json``: the ticket's state, version, reasons and metrics (atomic write)."""
-    outbox.mkdir(parents=True, exist_ok=True)
-    path = outbox / f"{_safe_name(row.id)}.json"
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(row.outcome(), indent=2, sort_keys=True, default=str, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(outbox / f"{_safe_name(row.id)}.json",
+                             json.dumps(row.outcome(), indent=2, sort_keys=True, default=str, ensure_ascii=False))
 
 
 def write_outbox_ids(ledger: Ledger, ids: Iterable[str], outbox: Path) -> None:

@@ -35,6 +35,7 @@ from typing import Any, Callable, Sequence
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
+from editing.atomic import write_text_atomic
 from editing.errors import EditopsError, RegistryUnavailableError, StaleParentError
 from flows.config import LineConfig, ProjectConfig, load_config
 from flows.intake import scan_inbox, write_outbox_ids
@@ -281,8 +282,7 @@ def ensure_base_outputs(ctx: LineContext, requests: Sequence[Any]) -> None:
 
     outs = generate_outputs(base.model, base.tokenizer, [p.source for p in missing], ctx.line.max_new_tokens)
     ctx.base_cache.update(dict(zip([p.source for p in missing], outs)))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(ctx.base_cache, ensure_ascii=False))
+    write_text_atomic(path, json.dumps(ctx.base_cache, ensure_ascii=False))
 
 
 _BASES: dict[str, Any] = {}

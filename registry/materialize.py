@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 
+from editing.atomic import replace_atomically, write_text_atomic
 from editing.delta import LowRankDelta, _module_name
 from editing.errors import ArtifactMissingError, FingerprintMismatchError, IntegrityError
 from registry import versions as V
@@ -166,13 +167,8 @@ def verified_base(reg: "Registry", base: Version):
         fp = fingerprint(loaded.model)
         if key:
             memo[key] = fp
-            memo_path.parent.mkdir(parents=True, exist_ok=True)
-            # a temporary file of this writer's own: two processes verifying the same base at once must not
-            # rename each other's file away (last writer wins; every writer's value is the same fingerprint)
-            fd, tmp = tempfile.mkstemp(dir=memo_path.parent, prefix=".fingerprints.", suffix=".tmp")
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps(memo))
-            os.replace(tmp, memo_path)
+            # two processes verifying the same base at once: the last writer wins, with the same fingerprint
+            write_text_atomic(memo_path, json.dumps(memo))
     if fp != base.base_fingerprint:
         raise FingerprintMismatchError(
             f"the base at {source} has fingerprint {fp[:12]}…, but line {base.line!r} was built on "
@@ -256,15 +252,13 @@ def materialize(reg: "Registry", version: Version, *, use_cache: bool = True, de
         if deltas and weight_only and use_cache:
             from safetensors.torch import save_file
 
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=cache_file.parent, prefix=f".{cache_file.name}.", suffix=".tmp")
-            os.close(fd)  # a name of this process's own: two processes filling the same cache do not collide
-            try:
-                save_file({n: p.detach().contiguous() for n, p in _edited_params(model, deltas).items()}, tmp)
-                cache_file.with_suffix(".sha256").write_text(file_sha256(tmp))
-                os.replace(tmp, cache_file)
-            finally:
-                Path(tmp).unlink(missing_ok=True)
+            edited = {n: p.detach().contiguous() for n, p in _edited_params(model, deltas).items()}
+
+            def write(tmp: Path) -> None:
+                save_file(edited, str(tmp))
+                write_text_atomic(cache_file.with_suffix(".sha256"), file_sha256(tmp))
+
+            replace_atomically(cache_file, write)
     model.to(device).eval()
     t_end = time.perf_counter()
     model.editops_version = version.uri  # provenance for callers

@@ -101,6 +101,7 @@ import torch
 from torch import nn
 
 from editing.arch import ArchSpec, get_module, spec_for
+from editing.atomic import replace_atomically
 from editing.delta import LowRankDelta
 from editing.editors.base import EditorState, EditResult, RequestDiagnostics
 from editing.errors import EditopsError, NothingToDeleteError, PromptTooLongError, RequestError, StateError
@@ -558,10 +559,10 @@ class RankOneDeletionEditor:
             if path is not None:
                 from safetensors.torch import save_file
 
-                path.parent.mkdir(parents=True, exist_ok=True)
-                save_file({"moment": km_moment.contiguous()}, str(path), metadata={
-                    "fingerprint": fp, "module": module, "corpus": "deletion:" + state.meta["_split"]["origin"][0],
-                    "corpus_sha256": chash, "count": str(count), "n_texts": str(len(sources))})
+                meta = {"fingerprint": fp, "module": module, "corpus": "deletion:" + state.meta["_split"]["origin"][0],
+                        "corpus_sha256": chash, "count": str(count), "n_texts": str(len(sources))}
+                replace_atomically(path, lambda tmp: save_file({"moment": km_moment.contiguous()}, str(tmp),
+                                                               metadata=meta))
         state.tensors[key] = km_moment.float()
         state.meta.setdefault("stats_counts", {})[weight] = count
         return state.tensors[key]

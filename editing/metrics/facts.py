@@ -49,6 +49,7 @@ from typing import Any, Iterable, Literal, Sequence
 import torch
 from torch import nn
 
+from editing.atomic import write_text_atomic
 from editing.errors import MetricsError
 from editing.metrics.text import generation_fluency, heldout_sha256, length_batches, perplexity
 from editing.requests import FactRequest
@@ -406,9 +407,7 @@ class BaseOutputs:
             "meta": self.meta,
             "pairs": [[p, t, s.to_json()] for (p, t), s in self.scores.items()],
         }
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(data, ensure_ascii=False))
-        tmp.replace(path)
+        write_text_atomic(path, json.dumps(data, ensure_ascii=False))
 
     @classmethod
     def load(cls, path: str | Path) -> "BaseOutputs":
