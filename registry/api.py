@@ -33,6 +33,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 import uuid
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -50,7 +51,8 @@ from editing.errors import (
 )
 from registry import versions as V
 from registry.diffs import DiffReport
-from registry.store import RetryPolicy, StoreConfig, call, configure_http_defaults, error_code, resolve
+from registry.store import (RetryPolicy, StoreConfig, call, configure_http_defaults, error_code,
+                            open_client, resolve)
 from registry.versions import Version, file_sha256, write_json
 
 _LINE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -101,11 +103,9 @@ class Registry:
 
         configure_offline_defaults()
         configure_http_defaults()
-        from mlflow import MlflowClient
-
         self.config: StoreConfig = resolve(tracking_uri, registry_uri, artifact_root, home)
-        self.client = MlflowClient(tracking_uri=self.config.tracking_uri, registry_uri=self.config.registry_uri)
         self.retry = retry or RetryPolicy.from_env()
+        self.client = self._call("open the store", open_client, self.config)
         self.cache_dir = Path(cache_dir).resolve() if cache_dir else self.config.home / "cache"
 
     def __repr__(self) -> str:
@@ -170,7 +170,14 @@ class Registry:
             fingerprint = fingerprint or loaded.fingerprint
             model_kind = model_kind or loaded.kind
         if self.line_exists(name):
-            base_v = self.base_version(name)
+            base_v = self._await_base(name)
+            if base_v is None:  # its creator stopped between creating the line and publishing the base
+                tagged = self._call(f"get line {name}", self.client.get_registered_model, name).tags.get(V.BASE_FP)
+                if tagged not in (None, fingerprint):
+                    raise FingerprintMismatchError(
+                        f"line {name!r} was created for base {tagged[:12]}…, not {fingerprint[:12]}… ({source}), "
+                        "and its base version was never published; choose another line name for this base")
+                return self._publish_base(name, source, fingerprint, model_kind, probes, who)
             if base_v.base_fingerprint != fingerprint:
                 raise FingerprintMismatchError(
                     f"line {name!r} is built on base {base_v.base_fingerprint[:12]}… ({base_v.base_source}), "
@@ -184,7 +191,25 @@ class Registry:
         except Exception as exc:
             if error_code(exc) != "RESOURCE_ALREADY_EXISTS":
                 raise
-            return self.ensure_line(name, source, fingerprint=fingerprint, model_kind=model_kind, who=who)
+            # created concurrently: wait for the other process's base version (checked as above)
+            return self.ensure_line(name, source, fingerprint=fingerprint, model_kind=model_kind, probes=probes,
+                                    who=who)
+        return self._publish_base(name, source, fingerprint, model_kind, probes, who)
+
+    def _await_base(self, line: str) -> Version | None:
+        """The line's base version; while it has none, wait up to ``EDITOPS_LINE_BASE_WAIT`` seconds
+        (default 60) for the process that created the line to publish it; ``None`` if none came."""
+        deadline = time.monotonic() + float(os.environ.get("EDITOPS_LINE_BASE_WAIT", "60"))
+        while True:
+            bases = [v for v in self.versions(line) if v.is_base]
+            if bases:
+                return bases[0]
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.25)
+
+    def _publish_base(self, name: str, source: str, fingerprint: str, model_kind: str,
+                      probes: Iterable[Any] | None, who: str | None) -> Version:
         from registry.diffs import normalise_probes
 
         with tempfile.TemporaryDirectory(prefix="editops-base-") as tmp:

@@ -102,6 +102,46 @@ def resolve(tracking_uri: str | None = None, registry_uri: str | None = None,
     return StoreConfig(tracking, registry, root, home_path)
 
 
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (``None`` for any other store or an in-memory one)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///"):].split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+def open_client(config: StoreConfig) -> Any:
+    """An ``MlflowClient`` for ``config``; a sqlite database is created once, under a file lock beside it.
+
+    MLflow creates and migrates a sqlite store when a client is first built on it, without
+    coordination: processes opening a fresh file at once (two workers, a schedule and an on-demand
+    run) fail with "duplicate column name" or "Online migration expected to match one row"
+    (measured: 3 processes on a fresh file, a failure in each of 3 trials). Under ``<db>.init.lock``
+    the first process creates and migrates; the others wait, then find a current schema.
+    """
+    from contextlib import ExitStack
+
+    from filelock import FileLock, Timeout
+    from mlflow import MlflowClient
+
+    dbs = sorted({db for db in (sqlite_path(config.tracking_uri), sqlite_path(config.registry_uri)) if db})
+    wait = float(os.environ.get("EDITOPS_STORE_INIT_TIMEOUT", "300"))
+    with ExitStack() as held:
+        for db in dbs:  # sorted: two processes take the locks in the same order
+            db.parent.mkdir(parents=True, exist_ok=True)
+            lock = str(db) + ".init.lock"
+            try:
+                held.enter_context(FileLock(lock, timeout=wait))
+            except Timeout as exc:
+                raise RegistryUnavailableError(
+                    f"another process held {lock} for {wait:.0f} s while creating the MLflow store {db}; wait "
+                    "for it to finish (or stop it) and retry, or raise EDITOPS_STORE_INIT_TIMEOUT") from exc
+        client = MlflowClient(tracking_uri=config.tracking_uri, registry_uri=config.registry_uri)
+        if sqlite_path(config.registry_uri):
+            client.search_registered_models(max_results=1)  # the registry store is built on first use
+    return client
+
+
 def configure_http_defaults() -> None:
     """Lower MLflow's own HTTP retries/timeouts so :func:`call` owns the retry policy."""
     for key, value in MLFLOW_HTTP_DEFAULTS.items():
