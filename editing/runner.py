@@ -110,6 +110,13 @@ class RunResult:
         }
 
 
+# An editor that measures its layers and λ (``calibration_requests``, empty: its first batch) is lent the
+# run's first requests when a run starts without state: the causal trace reads up to 8, the λ calibration 4
+# (editing.editors.memit), so batch size 1 measures on the same requests as batch sizes ≥ 8 instead of on one
+# (SmolLM2, 217 edits at batch size 1: λ 1e4 from one request against 3e3 at batch size 100, 2026-12-02).
+CALIBRATION_REQUESTS = 8
+
+
 def batches_of(items: Sequence, batch_size: int) -> list[list]:
     """Consecutive slices of ``batch_size`` items (the last may be shorter)."""
     if batch_size < 1:
@@ -128,13 +135,17 @@ def run_sequential(model: nn.Module, tokenizer, requests: Sequence, editor: Edit
                    check_contract: bool = True) -> RunResult:
     """Edit ``model`` in place with ``requests``, ``batch_size`` at a time (see module docstring).
 
-    ``state`` continues an earlier run; ``on_batch`` is called after each batch is
+    ``state`` continues an earlier run (else an editor with empty ``calibration_requests`` is lent the
+    first :data:`CALIBRATION_REQUESTS` requests for the run); ``on_batch`` is called after each batch is
     applied (evaluate, save, log); ``base_fingerprint`` is stamped on deltas that
     carry none. Returns a :class:`RunResult` whose ``state`` continues the run.
     Raises :class:`EditopsError` when an editor changed the model itself (contract).
     """
     run = RunResult(editor=getattr(editor, "name", type(editor).__name__), batch_size=batch_size, state=state)
     chunks = batches_of(list(requests), batch_size)
+    lent = state is None and hasattr(editor, "calibration_requests") and not editor.calibration_requests
+    if lent:  # measured on the run's first requests, whatever the batch size (restored below)
+        editor.calibration_requests = list(requests)[:CALIBRATION_REQUESTS]
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -172,6 +183,8 @@ def run_sequential(model: nn.Module, tokenizer, requests: Sequence, editor: Edit
             if on_batch is not None:
                 on_batch(record)
     finally:
+        if lent:
+            editor.calibration_requests = []
         run.seconds = time.perf_counter() - t_run
         if bar is not None:
             bar.close()

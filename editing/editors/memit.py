@@ -198,8 +198,9 @@ class MemitEditor:
             notes["trace_effects"] = [round(e, 4) for e in tr.effects]
         rate = 1.0
         if hp.lam is None:
-            lam, trials = self._calibrate(model, tokenizer, spec, (self.calibration_requests or list(requests))[:4],
-                                          hp, fp)
+            reqs = (self.calibration_requests or list(requests))[:4]
+            lam, trials = self._calibrate(model, tokenizer, spec, reqs, hp, fp)
+            notes["calibration_requests"] = [r.request_id for r in reqs]
             hp = replace(hp, lam=lam, source="measured" if hp.source in ("default", "measured")
                          else f"{hp.source}; λ measured")
             notes["lambda_trials"] = trials

@@ -132,3 +132,21 @@ def test_real_editor_deltas_account_for_every_weight_change(tiny_fact_model, tmp
         else:
             assert torch.equal(change, torch.zeros_like(change)), name
     assert run.state is not None and run.state.editor == "nse"
+
+
+def test_a_run_at_batch_size_one_measures_lambda_on_its_first_requests(tiny_fact_model, tmp_path):
+    """An editor that calibrates λ on its first batch would see one request at batch size 1; the runner
+    lends it the run's first requests (CALIBRATION_REQUESTS), for that run only."""
+    from editing.editors import get_editor
+    from editing.formats import read_requests
+    from editing.models import load
+
+    loaded = load(tiny_fact_model.model_dir)
+    reqs = read_requests(tiny_fact_model.requests_path, limit=5)
+    editor = get_editor("nse", stats_dir=str(tmp_path / "stats"), siblings=0, value={"steps": 10})
+    run = run_sequential(loaded.model, loaded.tokenizer, reqs, editor, 1, progress=False)
+    first = run.batches[0].result.delta.meta
+    assert first["calibration_requests"] == [r.request_id for r in reqs[:4]]
+    assert len(first["lambda_trials"]) >= 1 and first["lam"] in [t["lam"] for t in first["lambda_trials"]]
+    assert all("calibration_requests" not in b.result.delta.meta for b in run.batches[1:])  # λ from the state
+    assert editor.calibration_requests == []  # lent for the run only
