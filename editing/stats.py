@@ -405,7 +405,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     moments = corpus_moments(lm.model, lm.tokenizer, lm.spec, layers, args.corpus, args.out, lm.fingerprint,
                              max_length=args.max_length)
     summary = {lm.spec.mlp_out_name(l): {"trace": float(m.trace()), "shape": list(m.shape)} for l, m in moments.items()}
-    text = json.dumps({"model": lm.source, "fingerprint": lm.fingerprint, "corpus": args.corpus,
+    # the model as given (a relative path stays relative: the summary is a DVC output compared across machines)
+    text = json.dumps({"model": args.model, "fingerprint": lm.fingerprint, "corpus": args.corpus,
                        "layers": summary}, indent=1)
     if args.summary:
         Path(args.summary).parent.mkdir(parents=True, exist_ok=True)
