@@ -254,9 +254,8 @@ def ingest_file(path: Path, cfg: ProjectConfig, ledger: Ledger, *, source_name: 
         report.invalid.append(entry)
         quarantine_lines.append(json.dumps(entry, default=str, ensure_ascii=True))
     if quarantine_lines:
-        cfg.quarantine.mkdir(parents=True, exist_ok=True)
-        qf = cfg.quarantine / f"{_safe_name(Path(name).stem)}.{sha}.invalid.jsonl"
-        qf.write_text("\n".join(quarantine_lines) + "\n", encoding="utf-8")
+        qf = write_text_atomic(cfg.quarantine / f"{_safe_name(Path(name).stem)}.{sha}.invalid.jsonl",
+                               "\n".join(quarantine_lines) + "\n")
         report.quarantine_file = str(qf)
     write_outbox_ids(ledger, outcomes, cfg.outbox)
     return report
