@@ -358,8 +358,7 @@ def key_moments(model: nn.Module, tokenizer, spec: ArchSpec, layers: Sequence[in
             path = _cache_path(cache_dir, fingerprint, name, corpus_name, chash)
             meta = {"fingerprint": fingerprint, "module": name, "corpus": corpus_name, "corpus_sha256": chash,
                     "count": str(km.count), "n_texts": str(len(texts)), "max_length": str(max_length)}
-            replace_atomically(path, lambda tmp, m=km.moment.contiguous(), meta=meta: save_file(
-                {"moment": m}, str(tmp), metadata=meta))
+            replace_atomically(path, lambda tmp: save_file({"moment": km.moment.contiguous()}, str(tmp), metadata=meta))
             out[layer] = km.moment
     return out
 

@@ -201,11 +201,11 @@ class Registry:
         (default 60) for the process that created the line to publish it; ``None`` if none came."""
         deadline = time.monotonic() + float(os.environ.get("EDITOPS_LINE_BASE_WAIT", "60"))
         while True:
-            bases = [v for v in self.versions(line) if v.is_base]
-            if bases:
-                return bases[0]
-            if time.monotonic() >= deadline:
-                return None
+            try:
+                return self.base_version(line)
+            except MissingParentError:
+                if time.monotonic() >= deadline:
+                    return None
             time.sleep(0.25)
 
     def _publish_base(self, name: str, source: str, fingerprint: str, model_kind: str,
