@@ -66,6 +66,9 @@ class EditHparams:
     # per request, a second key: the subject alone after the context prefixes (no prompt words), fitted
     # to the same residual with this weight, so the edit follows the subject, not the prompt's wording
     subject_key_weight: float = 0.0
+    # with subject_key_weight: also the subject as the text's first word (tokenized without a leading
+    # space), so wordings that open with the subject get the edit
+    subject_start: bool = False
     # "batch": the subject-alone keys (the edits' and the siblings') act in their own batch's solve only;
     # "kept": their moments are accumulated into C_edits like the prompt keys
     subject_frame: str = "kept"
@@ -77,10 +80,15 @@ class EditHparams:
     _CHOICES = {"context": ("generated", "fixed"), "subject_frame": ("kept", "batch"), "on_noop": ("report", "raise"),
                 "locus": ("auto", "subject", "last")}
 
+    _FLAGS = ("accumulate", "rewind", "nullspace", "sibling_contexts", "release_siblings", "subject_start")
+
     def __post_init__(self) -> None:
         for name, allowed in self._CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise HyperparameterError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        for name in self._FLAGS:  # "False" from a command line would otherwise count as on
+            if not isinstance(getattr(self, name), bool):
+                raise HyperparameterError(f"{name}={getattr(self, name)!r} must be true or false")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

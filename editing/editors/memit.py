@@ -133,12 +133,21 @@ class MemitEditor:
         """Templates of the sibling keys: the edit keys' context templates with ``sibling_contexts``, else bare."""
         return self._key_templates(hp) if hp.sibling_contexts else ("{}",)
 
-    def _subject_alone_keys(self, model, tokenizer, spec, reqs, layer: int, hp: EditHparams) -> torch.Tensor:
-        """Keys of the requests' subjects alone (no prompt words) after the key templates that put a prefix
-        before them (alone at the start of the text, a subject's last token can sit at position 0, whose
-        activations are atypical), or the bare subject where no template has a prefix."""
+    def _subject_alone_keys(self, model, tokenizer, spec, reqs, layer: int, hp: EditHparams) -> list[torch.Tensor]:
+        """Keys of the requests' subjects alone (no prompt words), one ``(n, d_in)`` set per frame.
+
+        Always: after the key templates that put a prefix before the subject (alone at the start of
+        the text, a subject's last token can sit at position 0, whose activations are atypical), or
+        the bare subject where no template has a prefix. With ``hp.subject_start`` also the subject as
+        the text's first word: byte-level tokenizers spell a text-initial word without its leading
+        space ("Argentina" → ``Ar gent ina`` against `` Argentina`` mid-sentence), so wordings that
+        open with the subject ("Argentina shares a border with") reach neither of the other keys."""
+        alone = [replace(r, prompt="{}") for r in reqs]
         templates = tuple(t for t in self._key_templates(hp) if t.strip() != "{}") or ("{}",)
-        return compute_keys(model, tokenizer, spec, [replace(r, prompt="{}") for r in reqs], layer, templates).double()
+        sets = [compute_keys(model, tokenizer, spec, alone, layer, templates).double()]
+        if hp.subject_start and templates != ("{}",):
+            sets.append(compute_keys(model, tokenizer, spec, alone, layer, ("{}",)).double())
+        return sets
 
     def _c0(self, model, tokenizer, spec, layers, hp: EditHparams, fp: str) -> dict[int, torch.Tensor]:
         from editing.stats import corpus_moments
@@ -314,7 +323,7 @@ class MemitEditor:
             if hp.subject_key_weight:
                 Kx = self._subject_alone_keys(model, tokenizer, spec, reqs, l, hp)
                 if keep_frame:
-                    moments[l] = moments[l] + hp.subject_key_weight * (Kx.T @ Kx)
+                    moments[l] = moments[l] + hp.subject_key_weight * sum(X.T @ X for X in Kx)
             if siblings:
                 Ks = compute_keys(model, tokenizer, spec, siblings, l, self._sibling_templates(hp),
                                   locus=hp.locus).double()
@@ -322,7 +331,7 @@ class MemitEditor:
                 moments[l] = moments[l] + ks
                 if hp.subject_key_weight:  # held in the subject-alone frame too, as the edit is fitted there
                     Xs = self._subject_alone_keys(model, tokenizer, spec, siblings, l, hp)
-                    xs = hp.sibling_weight * hp.subject_key_weight * (Xs.T @ Xs)
+                    xs = hp.sibling_weight * hp.subject_key_weight * sum(X.T @ X for X in Xs)
                     ks = ks + xs
                     if keep_frame:
                         moments[l] = moments[l] + xs

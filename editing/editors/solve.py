@@ -15,13 +15,19 @@ orientation, so the rank is at most the batch size ``n``. Computed in float64.
 - Extra keys (``K_x``, weight ``w``): a second key per request fitted to the same residual,
   ``min Σ‖ΔW k_i − r_i‖² + w Σ‖ΔW x_i − r_i‖² + tr(ΔW (λC0 + C_edits) ΔWᵀ)``, gives
   ``ΔW = Rᵀ (K + w K_x) (λ C0 + C_edits + KᵀK + w K_xᵀK_x)⁻¹``: still ``U = Rᵀ``, rank ≤ ``n``.
+  Several sets ``K_x1, K_x2, …`` (each one row per request) enter as ``Σ_j K_xj`` and ``Σ_j K_xjᵀK_xj``.
 - Neuron restriction (NSE): only the columns ``S`` of ``W_out`` (the neurons with the
   largest ``Σ|k|`` over the batch) are updated: the solve above is done on the
   ``S × S`` blocks of every matrix and ``V`` is zero outside ``S``.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
+
+# extra keys per request fitted to the same residual: one (n, d_in) tensor, or several (summed in the solve)
+ExtraKeys = torch.Tensor | Sequence[torch.Tensor] | None
 
 
 def _sym_solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -38,21 +44,25 @@ def _sym_solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.linalg.lstsq(a, b).solution
 
 
-def _with_extra(Ks: torch.Tensor, K_extra: torch.Tensor | None, idx, w: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(KᵀK + w K_xᵀK_x, (K + w K_x)ᵀ)`` on the selected columns (``K_x`` absent: ``(KᵀK, Kᵀ)``)."""
+def _with_extra(Ks: torch.Tensor, K_extra: ExtraKeys, idx, w: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(KᵀK + w Σ_j X_jᵀX_j, (K + w Σ_j X_j)ᵀ)`` on the selected columns (no extra keys: ``(KᵀK, Kᵀ)``)."""
     if K_extra is None or not w:
         return Ks.T @ Ks, Ks.T
-    X = K_extra.double()
-    X = X[:, idx] if idx is not None else X
-    return Ks.T @ Ks + w * (X.T @ X), (Ks + w * X).T
+    a, rhs = Ks.T @ Ks, Ks.clone()
+    for X in ([K_extra] if isinstance(K_extra, torch.Tensor) else K_extra):
+        X = X.double()
+        X = X[:, idx] if idx is not None else X
+        a = a + w * (X.T @ X)
+        rhs = rhs + w * X
+    return a, rhs.T
 
 
 def memit_factors(K: torch.Tensor, R: torch.Tensor, C0: torch.Tensor | None, lam: float,
                   C_edits: torch.Tensor | None = None, neurons: torch.Tensor | None = None,
-                  ridge: float = 1e-6, K_extra: torch.Tensor | None = None,
+                  ridge: float = 1e-6, K_extra: ExtraKeys = None,
                   extra_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """MEMIT's ``ΔW = Rᵀ K (λ C0 + C_edits + KᵀK)⁻¹`` as ``(U, V)``; ``neurons`` restricts to columns ``S``;
-    ``K_extra`` (one row per request) adds a second key per request with weight ``extra_weight``.
+    ``K_extra`` (one row per request, or several such sets) adds keys per request with weight ``extra_weight``.
 
     ``ridge`` (relative to the mean diagonal) keeps ``A`` invertible when ``C0`` is
     rank-deficient.
@@ -99,7 +109,7 @@ def nullspace_projector(C0: torch.Tensor, threshold: float = 2e-2, relative: boo
 
 
 def alphaedit_factors(K: torch.Tensor, R: torch.Tensor, P: torch.Tensor, C_edits: torch.Tensor | None = None,
-                      alpha: float = 1.0, neurons: torch.Tensor | None = None, K_extra: torch.Tensor | None = None,
+                      alpha: float = 1.0, neurons: torch.Tensor | None = None, K_extra: ExtraKeys = None,
                       extra_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """AlphaEdit's null-space-projected update ``ΔW = Rᵀ K P M⁻ᵀ``, ``M = P(KᵀK + C_edits) + αI``
     (with ``K_extra``: ``K → K + w K_x`` on the right, ``KᵀK → KᵀK + w K_xᵀK_x`` in ``M``)."""

@@ -125,6 +125,12 @@ def test_extra_keys_solve_the_stacked_least_squares_problem_at_rank_n():
     # the extra keys get closer to their residual than without them
     u0, v0 = memit_factors(K, R, C0, lam=lam, ridge=0.0)
     assert float(residual_norms(X, R, u, v).norm()) < float(residual_norms(X, R, u0, v0).norm())
+    # several sets of extra keys (the subject after a prefix, and opening the text) enter as sums
+    X0 = K + 0.5 * torch.randn(n, d_in, generator=g, dtype=torch.float64)
+    u2, v2 = memit_factors(K, R, C0, lam=lam, ridge=0.0, K_extra=[X, X0], extra_weight=w)
+    a2 = K.T @ K + w * (X.T @ X + X0.T @ X0) + lam * C0
+    expected2 = torch.linalg.solve(a2, (R.T @ (K + w * (X + X0))).T).T
+    assert v2.shape == (d_in, n) and torch.allclose(u2 @ v2.T, expected2, atol=1e-9)
     # AlphaEdit with extra keys: still zero on C0's span
     low = torch.randn(d_in, 8, generator=g, dtype=torch.float64)
     P, _ = nullspace_projector(low @ low.T, threshold=1e-8)

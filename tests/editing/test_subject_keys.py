@@ -62,14 +62,46 @@ def test_siblings_are_held_in_the_subject_alone_frame_too(tiny_llama, facts, tmp
     def keys(rs, templates):  # layer 0 is the only edited layer: its keys do not depend on the update
         return compute_keys(model, tok, spec, rs, 0, templates).double()
 
-    alone = ("Note that {}",)
-    K, X = keys(reqs, TEMPLATES), keys([replace(r, prompt="{}") for r in reqs], alone)
-    Ks, Xs = keys(sibs, ("{}",)), keys([replace(s, prompt="{}") for s in sibs], alone)
-    expected = K.T @ K + w * X.T @ X + ws * (Ks.T @ Ks + w * Xs.T @ Xs)
+    def frames(rs):  # the subject after the prefix, and the subject opening the text (subject_start)
+        alone = [replace(r, prompt="{}") for r in rs]
+        X, X0 = keys(alone, ("Note that {}",)), keys(alone, ("{}",))
+        return X.T @ X + X0.T @ X0
+
+    K, Ks = keys(reqs, TEMPLATES), keys(sibs, ("{}",))
+    sib_frames = frames(sibs)
+    expected = K.T @ K + w * frames(reqs) + ws * (Ks.T @ Ks + w * sib_frames)
     got = res.state.tensors[spec.mlp_out_name(0) + "::C_edits"].double()
     assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
-    without_frame = expected - ws * w * Xs.T @ Xs
+    without_frame = expected - ws * w * sib_frames
     assert not torch.allclose(got, without_frame, rtol=1e-3, atol=1e-3 * float(expected.abs().max()))
+
+
+def test_subject_start_keys_give_wordings_that_open_with_the_subject_the_edit(tiny_llama, facts, tmp_path):
+    """``subject_start``: the subject as the text's first word is a third key per request, fitted to the
+    same residual (``ΔW = Rᵀ(K + w(X + X₀))(λC0 + KᵀK + w(XᵀX + X₀ᵀX₀))⁻¹``, rank still ≤ n), so a
+    wording that opens with the subject gets more of the edit than without it."""
+    model, tok = tiny_llama
+    spec = spec_for(model)
+    reqs = requests(facts, 3)
+    kw = {**KW, "stats_dir": str(tmp_path), "subject_key_weight": 3.0}
+    off = get_editor("nse", **kw, subject_start=False).edit(model, tok, reqs, None)
+    on = get_editor("nse", **kw).edit(model, tok, reqs, None)
+    assert on.delta.hyperparameters["subject_start"] is True and off.delta.hyperparameters["subject_start"] is False
+    name = spec.mlp_out_name(0)
+    assert on.delta.factors[name + ".weight"][0].shape[1] <= len(reqs)
+    alone = [replace(r, prompt="{}") for r in reqs]
+    K = compute_keys(model, tok, spec, reqs, 0, TEMPLATES).double()
+    X, X0 = (compute_keys(model, tok, spec, alone, 0, t).double() for t in (("Note that {}",), ("{}",)))
+
+    def gap(res):  # how far the subject opening a text is from getting what the edit prompt's key gets
+        dw = res.delta.dense(name + ".weight").double()
+        return float(((X0 - K) @ dw.T).norm() / (K @ dw.T).norm())
+
+    assert gap(on) < 0.85 * gap(off), (gap(on), gap(off))
+    w = 3.0
+    expected = K.T @ K + w * (X.T @ X + X0.T @ X0)
+    got = on.state.tensors[name + "::C_edits"].double()
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
 
 
 def test_subject_frame_batch_fits_the_same_update_but_keeps_only_the_prompt_keys(tiny_llama, facts, tmp_path,
@@ -94,6 +126,12 @@ def test_subject_frame_batch_fits_the_same_update_but_keeps_only_the_prompt_keys
     got = batch.state.tensors[name + "::C_edits"].double()
     assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
     assert batch.delta.hyperparameters["subject_frame"] == "batch"
+
+
+def test_a_flag_given_as_text_is_a_typed_error():
+    """``--set subject_start=False`` (not JSON ``false``) reaches the editor as the string "False"."""
+    with pytest.raises(HyperparameterError, match="subject_start='False' must be true or false"):
+        get_editor("nse", subject_start="False")
 
 
 def test_an_unknown_subject_frame_is_a_typed_error():
