@@ -33,8 +33,8 @@ Same pipeline as MEMIT (:mod:`editing.editors.memit`) with sequential choices, e
   word. Byte-level tokenizers spell it differently there (SmolLM2: "Argentina" opening a text is
   ``Ar gent ina``, `` Argentina`` elsewhere), so wordings that open with the subject ("Argentina shares a
   border with") reached neither key. On 20 SmolLM2 "border" edits in batches of 10 (λ 3e3) paraphrase
-  rose from 0.68 to 0.88 (those wordings 0.45 → 0.80 and 0.60 → 0.85), efficacy and neighbourhood
-  unchanged (1.00, 1.00 × base), bench/RESULTS.md session 13;
+  rose from 0.68 to 0.88 (those wordings 0.45 → 0.80 and 0.60 → 0.85), on 20 "official language" edits
+  from 0.83 to 0.92, efficacy and neighbourhood unchanged (1.00, 1.00 × base), bench/RESULTS.md session 13;
 - ``subject_frame`` (default ``"kept"``): ``"batch"`` applies the subject-alone keys (the edits' and
   the siblings') in their own batch's solve only, carrying just the prompt keys to later batches; on 42
   requests that edit subjects again (continent after capital/language) it was worse on every measure
@@ -71,5 +71,6 @@ class SequentialEditor(MemitEditor):
 
     name = "nse"
     defaults: dict[str, Any] = {"accumulate": True, "rewind": False, "nullspace": False, "neuron_share": None,
-                                "repasses": 1, "siblings": 8, "sibling_weight": 0.25, "subject_key_weight": 3.0, "subject_start": True,
+                                "repasses": 1, "siblings": 8, "sibling_weight": 0.25, "subject_key_weight": 3.0,
+                                "subject_start": True,
                                 "value": {"loss_stop": 0.01, "keep_weight": 1.0}}
