@@ -15,7 +15,7 @@ often wins, the subject's on a tie (``MemitEditor._resolve``).
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from torch import nn
@@ -80,15 +80,13 @@ class EditHparams:
     _CHOICES = {"context": ("generated", "fixed"), "subject_frame": ("kept", "batch"), "on_noop": ("report", "raise"),
                 "locus": ("auto", "subject", "last")}
 
-    _FLAGS = ("accumulate", "rewind", "nullspace", "sibling_contexts", "release_siblings", "subject_start")
-
     def __post_init__(self) -> None:
         for name, allowed in self._CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise HyperparameterError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
-        for name in self._FLAGS:  # "False" from a command line would otherwise count as on
-            if not isinstance(getattr(self, name), bool):
-                raise HyperparameterError(f"{name}={getattr(self, name)!r} must be true or false")
+        for f in fields(self):  # the on/off fields: "False" from a command line would otherwise count as on
+            if f.type == "bool" and not isinstance(getattr(self, f.name), bool):
+                raise HyperparameterError(f"{f.name}={getattr(self, f.name)!r} must be true or false")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
