@@ -59,6 +59,11 @@ class EditHparams:
     # per request, up to this many subjects edited in earlier batches (the state's subject ledger), held as
     # siblings in the request's prompt like the model's own list (for models that do not continue lists)
     known_siblings: int = 0
+    # per request, up to this many other edit prompts seen so far (this batch's and the state's ledger)
+    # with the request's own subject, held at ΔW k ≈ 0 with other_prompts_weight: the subject's other
+    # facts (its capital while its language is edited) stay (editing.editors.siblings.other_prompt_requests)
+    other_prompts: int = 0
+    other_prompts_weight: float = 1.0
     sibling_contexts: bool = False           # sibling keys averaged over the edit keys' context templates (else bare)
     # a subject held as a sibling in a prompt and later edited in that prompt: its held key is taken out of
     # C_edits first (the state lists held (subject, prompt) pairs), so the old answer no longer resists the edit

@@ -39,7 +39,7 @@ from editing.editors.keys import LOCI, block_outputs_at, check_length, compute_k
     edit_position, pad_id_of, prompt_ids, generated_context_templates, score_targets
 from editing.editors.solve import alphaedit_factors, memit_factors, nullspace_projector, responsible_neurons
 from editing.editors.keys import DEFAULT_CONTEXT_TEMPLATES
-from editing.editors.siblings import known_sibling_requests, sibling_requests
+from editing.editors.siblings import known_sibling_requests, other_prompt_requests, sibling_requests
 from editing.editors.values import ValueHparams, compute_values
 from editing.errors import NoOpEditError, StateError
 from editing.models import fingerprint
@@ -71,6 +71,15 @@ def _subject_ledger(ledger: dict[str, list[str]], edited: Sequence) -> dict[str,
         prompts = out.setdefault(r.subject, [])
         if r.prompt not in prompts:
             prompts.append(r.prompt)
+    return out
+
+
+def _prompt_relations(seen: dict[str, str | None], edited: Sequence) -> dict[str, str | None]:
+    """``prompt template → relation`` (``None`` where unknown) of every edit so far, ``edited`` added;
+    one entry per distinct prompt (the pool of :func:`other_prompt_requests`)."""
+    out = dict(seen)
+    for r in edited:
+        out.setdefault(r.prompt, getattr(r, "relation", None))
     return out
 
 
@@ -305,9 +314,11 @@ class MemitEditor:
 
     @torch.no_grad()
     def _spread(self, model, tokenizer, spec, reqs, layers, z, C0, C_edits, P, hp: EditHparams,
-                siblings: Sequence = ()):
+                siblings: Sequence = (), holds: Sequence = ()):
         """Write the update layer by layer into ``model`` (in place); returns factors and the moment
-        to accumulate per layer (``KᵀK`` of the edit keys, plus ``w K_sᵀK_s`` of the sibling keys)."""
+        to accumulate per layer (``KᵀK`` of the edit keys, plus ``w K_sᵀK_s`` of the sibling keys and
+        ``w_o K_oᵀK_o`` of the held other prompts, :func:`other_prompt_requests`; these are prompt keys only,
+        as the subject-alone key of a held prompt is the edit's own)."""
         rows, pos = self._bare_rows(tokenizer, reqs, hp.locus)
         factors, moments = {}, {}
         keep_frame = hp.subject_frame == "kept"
@@ -336,6 +347,11 @@ class MemitEditor:
                     if keep_frame:
                         moments[l] = moments[l] + xs
                 ce = ks if ce is None else ce + ks
+            if holds:
+                Ko = compute_keys(model, tokenizer, spec, holds, l, self._sibling_templates(hp), locus=hp.locus).double()
+                ko = hp.other_prompts_weight * (Ko.T @ Ko)
+                moments[l] = moments[l] + ko
+                ce = ko if ce is None else ce + ko
             if hp.nullspace:
                 u, v = alphaedit_factors(K, R, P[l], ce, hp.alpha, neurons, Kx, hp.subject_key_weight)
             else:
@@ -398,6 +414,7 @@ class MemitEditor:
                         add_to_weight(get_module(model, n),
                                       tensors[f"{n}::W0"].to(saved[n].dtype) - weight_view(get_module(model, n)))
                 ledger = state.meta.get("subject_prompts", {}) if state is not None else {}
+                seen_prompts = state.meta.get("prompt_relations", {}) if state is not None else {}
                 keep = [[t for t in ledger.get(r.subject, []) if t != r.prompt] for r in active]
                 vr = compute_values(model, tokenizer, spec, active, layers[-1], hp.value, keep_prompts=keep,
                                     locus=hp.locus)
@@ -411,13 +428,23 @@ class MemitEditor:
                 if hp.known_siblings:
                     sibs += known_sibling_requests(active, list(ledger), hp.known_siblings, hp.sibling_exclude,
                                                    seed=n_prev)
+                holds = []
+                if hp.other_prompts:
+                    holds = other_prompt_requests(active, _prompt_relations(seen_prompts, active), hp.other_prompts,
+                                                  seed=n_prev, locus=hp.locus)
+                    meta_extra["other_prompts"] = len(holds)
+                    if hp.accumulate:
+                        for o in holds:
+                            prompts = held.setdefault(o.subject, {})
+                            prompts[o.prompt] = prompts.get(o.prompt, 0.0) + hp.other_prompts_weight
                 if sibs:
                     meta_extra["siblings"] = {"n": len(sibs), "examples": sorted({s.subject for s in sibs})[:12]}
                     if hp.accumulate:
                         for s in sibs:
                             prompts = held.setdefault(s.subject, {})
                             prompts[s.prompt] = prompts.get(s.prompt, 0.0) + hp.sibling_weight
-                factors, moments = self._spread(model, tokenizer, spec, active, layers, z, C0, C_edits, P, hp, sibs)
+                factors, moments = self._spread(model, tokenizer, spec, active, layers, z, C0, C_edits, P, hp, sibs,
+                                                holds)
                 for p in range(hp.repasses):
                     h = block_outputs_at(model, spec, layers[-1], rows, pos, pad_id_of(tokenizer)).double()
                     ratio = (z - h).norm(dim=1) / (z - h0).norm(dim=1).clamp(min=1e-12)
@@ -425,7 +452,8 @@ class MemitEditor:
                     if not redo:
                         break
                     sub = [active[i] for i in redo]
-                    f2, _ = self._spread(model, tokenizer, spec, sub, layers, z[redo], C0, C_edits, P, hp, sibs)
+                    f2, _ = self._spread(model, tokenizer, spec, sub, layers, z[redo], C0, C_edits, P, hp, sibs,
+                                         holds)
                     merged = LowRankDelta(factors).compose(LowRankDelta(f2)).compact(rank=len(active))
                     factors = merged.factors
                     meta_extra.setdefault("repassed", []).append([active[i].request_id for i in redo])
@@ -483,6 +511,8 @@ class MemitEditor:
         if self._stateful():
             meta["subject_prompts"] = _subject_ledger(state.meta.get("subject_prompts", {}) if state else {}, active)
             meta["held_siblings"] = held
+            meta["prompt_relations"] = _prompt_relations(state.meta.get("prompt_relations", {}) if state else {},
+                                                         active)
         new_state = EditorState(editor=self.name, tensors=tensors if self._stateful() else {}, meta=meta)
         return EditResult(delta=delta, state=new_state, diagnostics=diagnostics)
 

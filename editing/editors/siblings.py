@@ -31,7 +31,7 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import replace
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -120,4 +120,35 @@ def known_sibling_requests(requests: Sequence, known: Sequence[str], n: int, exc
         rng = random.Random(seed * 1_000_003 + i)
         for j, s in enumerate(rng.sample(pool, min(n, len(pool)))):
             out.append(_in_place_of(r, s, f"known{j}"))
+    return out
+
+
+def other_prompt_requests(requests: Sequence, prompts: Mapping[str, str | None], n: int, seed: int = 0,
+                          locus: str = "subject") -> list:
+    """For each request, copies with its own subject in up to ``n`` of ``prompts`` (a seeded sample):
+    the subject's other facts ("The capital of {}" while "The official language of {}" is edited),
+    held at ``ΔW k ≈ 0`` so the edit does not carry to them. ``prompts`` maps each prompt to its
+    relation (``None``: unknown).
+
+    Left out, as they would hold the edit's own key or wording: a prompt of the request's relation, and
+    a prompt whose key is the request's own or the subject-alone key the edit is fitted to. At the
+    subject's last token (``locus="subject"``) a key sees only the words before the subject, so these
+    are a prompt with the same words before ``{}`` as the request's or with none (it opens with the
+    subject); at the prompt's last token (``"last"``) the same prompt. A prompt this batch edits for the
+    same subject is left out too, and prompts with the same key count once."""
+    def key_of(prompt: str) -> str:
+        return prompt.split("{}", 1)[0].strip() if locus == "subject" else prompt
+
+    edited = {(r.subject, key_of(r.prompt)) for r in requests}
+    out = []
+    for i, r in enumerate(requests):
+        by_key: dict[str, str] = {}    # prompts with the same key are one fact to hold: the first in order
+        for p, rel in sorted(prompts.items()):
+            if key_of(p) and key_of(p) != key_of(r.prompt) and (r.subject, key_of(p)) not in edited \
+                    and (rel is None or rel != r.relation):
+                by_key.setdefault(key_of(p), p)
+        pool = sorted(by_key.values())
+        rng = random.Random(seed * 1_000_003 + i)
+        for j, p in enumerate(rng.sample(pool, min(n, len(pool)))):
+            out.append(replace(r, request_id=f"{r.request_id}~prompt{j}", prompt=p, paraphrases=(), neighbours=()))
     return out

@@ -1,0 +1,85 @@
+"""``other_prompts``: an edit of one fact of a subject holds the subject's other facts (other edit prompts)."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from editing.arch import spec_for
+from editing.editors import get_editor
+from editing.editors.keys import compute_keys
+from editing.editors.siblings import other_prompt_requests
+from editing.models import fingerprint
+from tinyworld import facts, requests, tiny_llama  # noqa: F401  (fixtures)
+
+KW = {"layers": [0], "lam": 30.0, "siblings": 0, "subject_key_weight": 0.0, "corpus": "samples:8",
+      "accumulate": True, "value": {"context_templates": ("{}",), "steps": 15}}
+
+
+PREFIX = {"city": "Note that ", "job": "As everyone knows, ", "lang": "Here is a fact. "}
+
+
+def one_per_relation(facts) -> list:
+    """Three requests of three relations, each relation's prompt with its own words before the subject."""
+    seen, out = set(), []
+    for r in requests(facts, 36):
+        if r.relation not in seen:
+            seen.add(r.relation)
+            out.append(replace(r, prompt=PREFIX[r.relation] + r.prompt))
+    return out
+
+
+def test_other_prompts_are_the_subjects_other_prompts_never_its_own_or_one_opening_with_it(facts):
+    reqs = one_per_relation(facts)
+    prompts = {r.prompt: r.relation for r in reqs}
+    left_out = {"{} is a person": None,                             # opens with the subject: its subject-alone key
+                "Note that {} has a home in the city of": None,     # the same words before the subject as city's
+                "Here is a fact. I read this today. {} works as a": "job"}  # job's relation: a paraphrase
+    held = other_prompt_requests(reqs, {**prompts, **left_out}, 5, seed=3)
+    city, job, lang = (next(r for r in reqs if r.relation == rel) for rel in ("city", "job", "lang"))
+    expect = {  # prompts with the same words before the subject are one key: the first in order is held
+        city.request_id: {job.prompt, lang.prompt, "Here is a fact. I read this today. {} works as a"},
+        job.request_id: {"Note that {} has a home in the city of", lang.prompt},
+        lang.request_id: {"Note that {} has a home in the city of", job.prompt,
+                          "Here is a fact. I read this today. {} works as a"}}
+    for r in reqs:
+        assert {h.prompt for h in held if h.request_id.startswith(r.request_id + "~prompt")} == expect[r.request_id]
+    assert len(held) == 8
+    assert all(not h.paraphrases and not h.neighbours and h.subject == h.request_id.split("~")[0].split("-", 1)[1]
+               .replace("_", " ") for h in held)
+    assert held == other_prompt_requests(reqs, {**prompts, **left_out}, 5, seed=3)  # seeded
+    assert len(other_prompt_requests(reqs, prompts, 1)) == 3          # at most n per request
+    # a prompt the batch edits for the same subject is an edit, not a fact to hold
+    twin = replace(reqs[1], request_id="twin", subject=reqs[0].subject)
+    assert all(h.prompt != twin.prompt for h in other_prompt_requests([reqs[0], twin], prompts, 5)
+               if h.subject == reqs[0].subject)
+    # at the prompt's last token the whole prompt is the key: only the same prompt is left out
+    last = other_prompt_requests(reqs[:1], {**prompts, **left_out}, 9, locus="last")
+    assert {h.prompt for h in last} == set(prompts) - {reqs[0].prompt} | {p for p, rel in left_out.items()
+                                                                         if rel != reqs[0].relation}
+
+
+def test_held_other_prompts_barely_move_and_enter_the_accumulated_moment(tiny_llama, facts, tmp_path):
+    model, tok = tiny_llama
+    spec = spec_for(model)
+    reqs = one_per_relation(facts)
+    fp = fingerprint(model)
+    plain = get_editor("nse", stats_dir=str(tmp_path), **KW).edit(model, tok, reqs, None)
+    held = get_editor("nse", stats_dir=str(tmp_path), other_prompts=2, other_prompts_weight=1.0,
+                      **KW).edit(model, tok, reqs, None)
+    assert fingerprint(model) == fp
+    holds = other_prompt_requests(reqs, {r.prompt: r.relation for r in reqs}, 2, seed=0)
+    assert held.delta.meta["other_prompts"] == len(holds) == 6
+    ko = compute_keys(model, tok, spec, holds, 0, ("{}",))
+    name = spec.mlp_out_name(0)
+
+    def moved(res):  # ‖ΔW k_o‖ / ‖ΔW‖: how far the held prompts' keys move per unit of update
+        dw = res.delta.dense(name + ".weight").float()
+        return float((ko @ dw.T).norm() / dw.norm())
+
+    assert moved(held) < 0.5 * moved(plain), (moved(held), moved(plain))
+    got = held.state.tensors[name + "::C_edits"].double()
+    expected = plain.state.tensors[name + "::C_edits"].double() + ko.double().T @ ko.double()
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+    # recorded for a later batch that edits one of them (release_siblings)
+    assert {p for h in holds for p in held.state.meta["held_siblings"][h.subject]} >= {holds[0].prompt}
