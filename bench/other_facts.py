@@ -18,9 +18,7 @@ with ``nse`` (λ fixed, no calibration) and prints one JSON line:
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import random
 import sys
 import time
@@ -30,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.para_slice import parse_sets  # noqa: E402
+from bench.para_slice import load_offline, parse_sets, probe_parser  # noqa: E402
 
 
 def known_facts(requests) -> dict[str, dict[str, str]]:
@@ -62,27 +60,16 @@ def other_facts_of(request, facts, edited: set[tuple[str, str]]) -> list[tuple[s
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="models/smollm2-135m")
-    ap.add_argument("--requests", default="data/requests/countries.jsonl")
+    ap = probe_parser(__doc__, 3000.0, "SmolLM2's calibration chooses 3e3")
     ap.add_argument("--n", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--batch-size", type=int, default=10)
-    ap.add_argument("--lam", type=float, default=3000.0, help="fixed λ (SmolLM2's calibration chooses 3e3)")
-    ap.add_argument("--set", action="append", default=[], help="nse hyperparameter key=value")
     args = ap.parse_args(argv)
-    os.chdir(ROOT)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
-
+    loaded = load_offline(args.model)
     from editing.editors import get_editor
     from editing.formats import read_requests
     from editing.metrics.facts import BaseOutputs, evaluate_facts, score_pairs
-    from editing.models import load
     from editing.runner import run_sequential
 
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    loaded = load(args.model)
     every = read_requests(args.requests, kind="fact")
     facts = known_facts(every)
     eligible = [r for r in every if other_facts_of(r, facts, set())]

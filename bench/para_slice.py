@@ -41,28 +41,40 @@ def parse_sets(items: list[str]) -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def probe_parser(doc: str, lam: float, lam_note: str) -> argparse.ArgumentParser:
+    """The arguments every editor probe here takes: model, request file, batch size, fixed λ, ``--set``."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--model", default="models/smollm2-135m")
     ap.add_argument("--requests", default="data/requests/countries.jsonl")
-    ap.add_argument("--start", type=int, default=40)
-    ap.add_argument("--n", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=10)
-    ap.add_argument("--lam", type=float, default=1000.0, help="fixed λ (SmolLM2's calibration chose 1e3)")
+    ap.add_argument("--lam", type=float, default=lam, help=f"fixed λ ({lam_note})")
     ap.add_argument("--set", action="append", default=[], help="nse hyperparameter key=value")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def load_offline(model: str):
+    """The model loaded from the repository root, hub offline, ``OMP_NUM_THREADS`` torch threads."""
     os.chdir(ROOT)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
+    from editing.models import load
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    return load(model)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = probe_parser(__doc__, 1000.0, "SmolLM2's calibration chose 1e3")
+    ap.add_argument("--start", type=int, default=40)
+    ap.add_argument("--n", type=int, default=20)
+    args = ap.parse_args(argv)
+    loaded = load_offline(args.model)
     from editing.editors import get_editor
     from editing.formats import read_requests
     from editing.metrics.facts import BaseOutputs, evaluate_facts, request_pairs, score_pairs
-    from editing.models import load
     from editing.runner import run_sequential
 
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    loaded = load(args.model)
     reqs = read_requests(args.requests, kind="fact")[args.start:args.start + args.n]
     base = BaseOutputs.compute(loaded.model, loaded.tokenizer, reqs)
     editor = get_editor("nse", **{"lam": args.lam, **parse_sets(args.set)})

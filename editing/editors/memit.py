@@ -83,6 +83,14 @@ def _prompt_relations(seen: dict[str, str | None], edited: Sequence) -> dict[str
     return out
 
 
+def _record_held(held: dict[str, dict[str, float]], requests: Sequence, weight: float) -> None:
+    """Add ``weight`` to ``held[subject][prompt]`` for each held request (what ``release_siblings`` takes out
+    of ``C_edits`` when that fact is later edited on purpose)."""
+    for r in requests:
+        prompts = held.setdefault(r.subject, {})
+        prompts[r.prompt] = prompts.get(r.prompt, 0.0) + weight
+
+
 def _at_locus(hp: EditHparams) -> EditHparams:
     """``hp`` with the subject-alone keys (``subject_key_weight``) switched off at a locus other than the
     subject's last token: they are keys of that token."""
@@ -385,6 +393,8 @@ class MemitEditor:
         tensors = dict(state.tensors) if state is not None else {}
         held = {k: dict(v) for k, v in (state.meta.get("held_siblings", {}) if state is not None else {}).items()}
         n_prev = int(state.meta.get("n_edits", 0)) if state is not None else 0
+        prompt_relations = _prompt_relations(state.meta.get("prompt_relations", {}) if state is not None else {},
+                                             active)
         factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         diag: dict[str, RequestDiagnostics] = {}
         meta_extra: dict[str, Any] = dict(self._notes)
@@ -414,7 +424,6 @@ class MemitEditor:
                         add_to_weight(get_module(model, n),
                                       tensors[f"{n}::W0"].to(saved[n].dtype) - weight_view(get_module(model, n)))
                 ledger = state.meta.get("subject_prompts", {}) if state is not None else {}
-                seen_prompts = state.meta.get("prompt_relations", {}) if state is not None else {}
                 keep = [[t for t in ledger.get(r.subject, []) if t != r.prompt] for r in active]
                 vr = compute_values(model, tokenizer, spec, active, layers[-1], hp.value, keep_prompts=keep,
                                     locus=hp.locus)
@@ -430,19 +439,15 @@ class MemitEditor:
                                                    seed=n_prev)
                 holds = []
                 if hp.other_prompts:
-                    holds = other_prompt_requests(active, _prompt_relations(seen_prompts, active), hp.other_prompts,
-                                                  seed=n_prev, locus=hp.locus)
+                    holds = other_prompt_requests(active, prompt_relations, hp.other_prompts, seed=n_prev,
+                                                  locus=hp.locus)
                     meta_extra["other_prompts"] = len(holds)
                     if hp.accumulate:
-                        for o in holds:
-                            prompts = held.setdefault(o.subject, {})
-                            prompts[o.prompt] = prompts.get(o.prompt, 0.0) + hp.other_prompts_weight
+                        _record_held(held, holds, hp.other_prompts_weight)
                 if sibs:
                     meta_extra["siblings"] = {"n": len(sibs), "examples": sorted({s.subject for s in sibs})[:12]}
                     if hp.accumulate:
-                        for s in sibs:
-                            prompts = held.setdefault(s.subject, {})
-                            prompts[s.prompt] = prompts.get(s.prompt, 0.0) + hp.sibling_weight
+                        _record_held(held, sibs, hp.sibling_weight)
                 factors, moments = self._spread(model, tokenizer, spec, active, layers, z, C0, C_edits, P, hp, sibs,
                                                 holds)
                 for p in range(hp.repasses):
@@ -511,8 +516,7 @@ class MemitEditor:
         if self._stateful():
             meta["subject_prompts"] = _subject_ledger(state.meta.get("subject_prompts", {}) if state else {}, active)
             meta["held_siblings"] = held
-            meta["prompt_relations"] = _prompt_relations(state.meta.get("prompt_relations", {}) if state else {},
-                                                         active)
+            meta["prompt_relations"] = prompt_relations
         new_state = EditorState(editor=self.name, tensors=tensors if self._stateful() else {}, meta=meta)
         return EditResult(delta=delta, state=new_state, diagnostics=diagnostics)
 

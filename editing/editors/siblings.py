@@ -99,13 +99,14 @@ def sibling_requests(model: nn.Module, tokenizer, requests: Sequence, n: int, se
     out = []
     for i, r in enumerate(requests):
         for j, s in enumerate(sibling_subjects(model, tokenizer, r.subject, n, exclude=subjects, seed=seed + i)):
-            out.append(_in_place_of(r, s, f"sibling{j}"))
+            out.append(_in_place_of(r, f"sibling{j}", subject=s))
     return out
 
 
-def _in_place_of(request, subject: str, tag: str):
-    """``request`` about ``subject`` instead (id ``<request_id>~<tag>``, no probes of its own)."""
-    return replace(request, request_id=f"{request.request_id}~{tag}", subject=subject, paraphrases=(), neighbours=())
+def _in_place_of(request, tag: str, **fields):
+    """``request`` with ``fields`` changed (another subject, another prompt): id ``<request_id>~<tag>``,
+    no probes of its own."""
+    return replace(request, request_id=f"{request.request_id}~{tag}", paraphrases=(), neighbours=(), **fields)
 
 
 def known_sibling_requests(requests: Sequence, known: Sequence[str], n: int, exclude: Sequence[str] = (),
@@ -119,7 +120,7 @@ def known_sibling_requests(requests: Sequence, known: Sequence[str], n: int, exc
     for i, r in enumerate(requests):
         rng = random.Random(seed * 1_000_003 + i)
         for j, s in enumerate(rng.sample(pool, min(n, len(pool)))):
-            out.append(_in_place_of(r, s, f"known{j}"))
+            out.append(_in_place_of(r, f"known{j}", subject=s))
     return out
 
 
@@ -150,5 +151,5 @@ def other_prompt_requests(requests: Sequence, prompts: Mapping[str, str | None],
         pool = sorted(by_key.values())
         rng = random.Random(seed * 1_000_003 + i)
         for j, p in enumerate(rng.sample(pool, min(n, len(pool)))):
-            out.append(replace(r, request_id=f"{r.request_id}~prompt{j}", prompt=p, paraphrases=(), neighbours=()))
+            out.append(_in_place_of(r, f"prompt{j}", prompt=p))
     return out
