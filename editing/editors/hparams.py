@@ -64,6 +64,9 @@ class EditHparams:
     # facts (its capital while its language is edited) stay (editing.editors.siblings.other_prompt_requests)
     other_prompts: int = 0
     other_prompts_weight: float = 1.0
+    # with other_prompts: the held prompts also join the value optimisation's keep prompts (a KL term each,
+    # weight value.keep_weight), so the value δ itself leaves those facts' answers as the model has them
+    other_prompts_kl: bool = False
     sibling_contexts: bool = False           # sibling keys averaged over the edit keys' context templates (else bare)
     # a subject held as a sibling in a prompt and later edited in that prompt: its held key is taken out of
     # C_edits first (the state lists held (subject, prompt) pairs), so the old answer no longer resists the edit

@@ -74,6 +74,15 @@ def _subject_ledger(ledger: dict[str, list[str]], edited: Sequence) -> dict[str,
     return out
 
 
+def _with_held_prompts(keep: list[list[str]], requests: Sequence, holds: Sequence) -> list[list[str]]:
+    """``keep`` (per request, prompts whose answers its value must leave) plus the prompts held for it
+    (``holds``: :func:`other_prompt_requests`' copies, ids ``<request_id>~<tag>``), each once."""
+    held: dict[str, list[str]] = {}
+    for h in holds:
+        held.setdefault(h.request_id.rsplit("~", 1)[0], []).append(h.prompt)
+    return [k + [p for p in held.get(r.request_id, []) if p not in k] for k, r in zip(keep, requests)]
+
+
 def _prompt_relations(seen: dict[str, str | None], edited: Sequence) -> dict[str, str | None]:
     """``prompt template → relation`` (``None`` where unknown) of every edit so far, ``edited`` added;
     one entry per distinct prompt (the pool of :func:`other_prompt_requests`)."""
@@ -425,6 +434,12 @@ class MemitEditor:
                                       tensors[f"{n}::W0"].to(saved[n].dtype) - weight_view(get_module(model, n)))
                 ledger = state.meta.get("subject_prompts", {}) if state is not None else {}
                 keep = [[t for t in ledger.get(r.subject, []) if t != r.prompt] for r in active]
+                holds = []
+                if hp.other_prompts:
+                    holds = other_prompt_requests(active, prompt_relations, hp.other_prompts, seed=n_prev,
+                                                  locus=hp.locus)
+                    if hp.other_prompts_kl:
+                        keep = _with_held_prompts(keep, active, holds)
                 vr = compute_values(model, tokenizer, spec, active, layers[-1], hp.value, keep_prompts=keep,
                                     locus=hp.locus)
                 self._restore(model, saved)
@@ -437,10 +452,7 @@ class MemitEditor:
                 if hp.known_siblings:
                     sibs += known_sibling_requests(active, list(ledger), hp.known_siblings, hp.sibling_exclude,
                                                    seed=n_prev)
-                holds = []
-                if hp.other_prompts:
-                    holds = other_prompt_requests(active, prompt_relations, hp.other_prompts, seed=n_prev,
-                                                  locus=hp.locus)
+                if holds:
                     meta_extra["other_prompts"] = len(holds)
                     if hp.accumulate:
                         _record_held(held, holds, hp.other_prompts_weight)

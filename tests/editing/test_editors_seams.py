@@ -136,3 +136,24 @@ def test_extra_keys_solve_the_stacked_least_squares_problem_at_rank_n():
     P, _ = nullspace_projector(low @ low.T, threshold=1e-8)
     ua, va = alphaedit_factors(K, R, P, alpha=1e-6, K_extra=X, extra_weight=w)
     assert float((low.T @ va).abs().max()) < 1e-6 and va.shape == (d_in, n)
+
+
+def test_a_slow_tokenizer_finds_the_subject_tokens_from_encoded_lengths():
+    """A slow (Python) tokenizer gives no character offsets: the subject's span is read from the encoded
+    lengths of the text up to the subject's start and end. ByT5's byte tokenizer (one token per byte, no
+    files to load) makes the expected span the subject's characters."""
+    from transformers import ByT5Tokenizer
+
+    tok = ByT5Tokenizer()
+    assert not tok.is_fast
+    cases = [("The capital of {} is", "Azerbaijan"), ("{} shares a border with", "Argentina"),
+             ("The official language of {} is", "Bosnia and Herzegovina"),
+             ("Everyone knows that Abo Kel comes from", "Abo Kel")]   # a paraphrase as written: no slot
+    for template, subject in cases:
+        text = template.format(subject) if "{}" in template else template
+        start = text.index(subject)
+        assert subject_positions(tok, template, subject) == list(range(start, start + len(subject)))
+        assert subject_last_token(tok, template, subject) == start + len(subject) - 1
+        assert len(prompt_ids(tok, text)) == len(text)        # ByT5's trailing EOS is not part of the prompt
+    with pytest.raises(SubjectNotInPromptError):
+        subject_positions(tok, "The capital of France is", "Azerbaijan")

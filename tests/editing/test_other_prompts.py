@@ -83,3 +83,32 @@ def test_held_other_prompts_barely_move_and_enter_the_accumulated_moment(tiny_ll
     assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
     # recorded for a later batch that edits one of them (release_siblings)
     assert {p for h in holds for p in held.state.meta["held_siblings"][h.subject]} >= {holds[0].prompt}
+
+
+def test_other_prompts_kl_changes_the_value_only_when_asked(tiny_llama, facts, tmp_path):
+    """``other_prompts_kl`` puts the held prompts into the value optimisation (KL, ``value.keep_weight``):
+    the edit differs from the one without it, and with ``keep_weight`` 0 it is the same edit. (Its effect on
+    the held facts is measured on SmolLM2, bench/RESULTS.md session 15: the tiny models show none.)"""
+    model, tok = tiny_llama
+    reqs = one_per_relation(facts)
+    name = spec_for(model).mlp_out_name(0) + ".weight"
+
+    def dense(kl: bool, keep_weight: float) -> torch.Tensor:
+        kw = {**KW, "value": {**KW["value"], "keep_weight": keep_weight}}
+        res = get_editor("nse", stats_dir=str(tmp_path), other_prompts=2, other_prompts_kl=kl,
+                         **kw).edit(model, tok, reqs, None)
+        return res.delta.dense(name).float()
+
+    assert not torch.allclose(dense(True, 4.0), dense(False, 4.0), atol=1e-6)
+    assert torch.allclose(dense(True, 0.0), dense(False, 0.0), atol=1e-6)
+
+def test_held_prompts_join_each_requests_keep_list_once(facts):
+    from editing.editors.memit import _with_held_prompts
+
+    reqs = [replace(r, request_id=f"cf~{i}") for i, r in enumerate(one_per_relation(facts))]
+    holds = other_prompt_requests(reqs, {r.prompt: r.relation for r in reqs}, 2, seed=0)
+    earlier = [[reqs[1].prompt], [], []]          # request 0 already keeps one of the prompts it holds
+    keep = _with_held_prompts(earlier, reqs, holds)
+    for r, k, e in zip(reqs, keep, earlier):
+        mine = [h.prompt for h in holds if h.request_id.rsplit("~", 1)[0] == r.request_id]
+        assert len(mine) == 2 and k[:len(e)] == e and set(k) == set(e) | set(mine) and len(k) == len(set(k))
