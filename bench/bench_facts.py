@@ -10,8 +10,8 @@ computed once and cached. Each (model, editor, batch size) runs in a fresh
 subprocess (so its peak memory is its own): the model is loaded, the requests
 are applied sequentially with :func:`editing.runner.run_sequential`, and at a
 few checkpoints the requests edited so far are scored (efficacy, paraphrase,
-neighbourhood vs base, retention of the first batch); the last checkpoint adds
-perplexity drift and locality, and splits the edits two ways: by checkpoint window (each
+neighbourhood vs base, retention of the first batch, held-out perplexity drift); the last
+checkpoint splits the edits two ways: by checkpoint window (each
 window's edits scored right after they were made and again at the end, so edits that never
 took well are told from edits that later batches undid) and by request relation. Prints the
 tables, writes ``bench/results/facts.json`` and a plot of the metrics against the number of
@@ -263,8 +263,7 @@ def run_one(model: BenchModel, editor_name: str, batch_size: int, limit: int | N
         t0 = time.perf_counter()
         done = reqs[: min(len(reqs), record.index * batch_size)]
         final = record.index == n_batches
-        s = evaluate_facts(loaded.model, loaded.tokenizer, done, base=base, earlier=first,
-                           heldout_texts=held if final else None)
+        s = evaluate_facts(loaded.model, loaded.tokenizer, done, base=base, earlier=first, heldout_texts=held)
         eval_seconds += time.perf_counter() - t0
         point = {"n_edits": len(done), **{k: v for k, v in s.summary().items() if k != "per_request"}}
         bounds = [0] + [p["n_edits"] for p in curve] + [len(done)]
@@ -277,7 +276,9 @@ def run_one(model: BenchModel, editor_name: str, batch_size: int, limit: int | N
         print(f"  [{model.name} {editor_name} b={batch_size}] {len(done)} edits: efficacy {s.efficacy:.3f} "
               f"paraphrase {s.paraphrase if s.paraphrase is not None else float('nan'):.3f} "
               f"neighbourhood {s.neighbourhood if s.neighbourhood is not None else float('nan'):.3f} "
-              f"retention {s.retention if s.retention is not None else float('nan'):.3f}", flush=True)
+              f"retention {s.retention if s.retention is not None else float('nan'):.3f} "
+              f"ppl drift {point['perplexity_drift'] if point.get('perplexity_drift') is not None else float('nan'):+.2%}",
+              flush=True)
 
     rss_loaded = _rss_mb("VmRSS")
     reset = _reset_peak_rss()

@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import nn
 
-from editing.editors.values import ValueHparams
+from editing.editors.values import DEFAULT_CLAMP_NORM_FACTOR, ValueHparams
 from editing.errors import HyperparameterError
 
 
@@ -67,6 +67,11 @@ class EditHparams:
     # with other_prompts: the held prompts also join the value optimisation's keep prompts (a KL term each,
     # weight value.keep_weight), so the value δ itself leaves those facts' answers as the model has them
     other_prompts_kl: bool = False
+    # keys at every token of each request's own text but the edit locus (the prompt's other tokens; the prompt
+    # followed by its target_true and by its target_new, at each answer token), held at ΔW k ≈ 0 with this
+    # weight: the value δ is fitted as if the update acted at the locus only, and without them it also acts
+    # on the relation's words and the answers of every prompt that shares them (bench/neighbour_positions.py)
+    text_key_weight: float = 0.0
     sibling_contexts: bool = False           # sibling keys averaged over the edit keys' context templates (else bare)
     # a subject held as a sibling in a prompt and later edited in that prompt: its held key is taken out of
     # C_edits first (the state lists held (subject, prompt) pairs), so the old answer no longer resists the edit
@@ -191,16 +196,23 @@ def corpus_for(model: nn.Module) -> str:
     return p.corpus if p is not None and p.corpus else default_corpus(model)
 
 
-def with_corpus(hp: EditHparams, model: nn.Module) -> EditHparams:
-    """``hp`` with its key-statistics corpus decided: as given, else :func:`corpus_for` the model."""
-    if hp.corpus is not None:
-        return hp
-    return replace(hp, corpus=corpus_for(model))
+def with_model_defaults(hp: EditHparams, model: nn.Module) -> EditHparams:
+    """``hp`` with what the model decides when the user did not: the key-statistics corpus
+    (:func:`corpus_for`) and the value clamp (the preset's, else :data:`DEFAULT_CLAMP_NORM_FACTOR`).
+    A value the user gave is kept."""
+    if hp.corpus is None:
+        hp = replace(hp, corpus=corpus_for(model))
+    if hp.value.clamp_norm_factor is None:
+        p = preset_for(model)
+        hp = replace(hp, value=replace(hp.value, clamp_norm_factor=p.clamp_norm_factor if p is not None
+                                       else DEFAULT_CLAMP_NORM_FACTOR))
+    return hp
 
 
 def with_preset(hp: EditHparams, model: nn.Module) -> EditHparams:
-    """``hp`` with unset layers/λ/corpus/locus filled from the model's preset (``source="preset"``), if it has one."""
-    hp = with_corpus(hp, model)
+    """``hp`` with unset layers/λ/corpus/locus/clamp filled from the model's preset (``source="preset"``), if
+    it has one."""
+    hp = with_model_defaults(hp, model)
     p = preset_for(model)
     if p is None:
         return hp
@@ -209,10 +221,9 @@ def with_preset(hp: EditHparams, model: nn.Module) -> EditHparams:
     if hp.layers is not None and hp.lam is not None:
         return hp
     if p.lam is None and hp.lam is None:   # layers from the preset, λ still to be measured
-        return replace(hp, layers=hp.layers or p.layers,
-                       value=replace(hp.value, clamp_norm_factor=p.clamp_norm_factor), source=f"preset: {p.note}")
+        return replace(hp, layers=hp.layers or p.layers, source=f"preset: {p.note}")
     return replace(hp, layers=hp.layers or p.layers, lam=hp.lam if hp.lam is not None else p.lam,
-                   value=replace(hp.value, clamp_norm_factor=p.clamp_norm_factor), source=f"preset: {p.note}")
+                   source=f"preset: {p.note}")
 
 
 DEFAULT_LAMBDA_GRID = (1e4, 3e3, 1e3, 3e2, 1e2, 30.0, 10.0, 3.0, 1.0, 0.3, 0.1)

@@ -214,6 +214,41 @@ def key_rows(tokenizer, requests: Sequence, context_templates: Sequence[str],
     return rows, positions
 
 
+def text_key_rows(tokenizer, requests: Sequence, context_templates: Sequence[str] = ("{}",),
+                  locus: str = "subject") -> tuple[list[list[int]], list[int]]:
+    """Token rows and positions of every token of each request's own text but the edit locus: for each
+    request and template, the filled prompt's tokens other than the locus (:func:`edit_position`), then the
+    prompt followed by its ``target_true`` (where known) and by its ``target_new`` (:func:`target_ids`) at
+    each answer token. One row per position."""
+    rows, positions = [], []
+    for r in requests:
+        for ctx in context_templates:
+            template = fill(ctx, r.prompt)
+            p = prompt_ids(tokenizer, fill(template, r.subject))
+            at = edit_position(tokenizer, template, r.subject, locus)
+            for i in range(len(p)):
+                if i != at:
+                    rows.append(p)
+                    positions.append(i)
+            for target in (r.target_true, r.target_new):
+                if not target:
+                    continue
+                t = target_ids(tokenizer, target)
+                for j in range(len(t)):
+                    rows.append(p + t)
+                    positions.append(len(p) + j)
+    return rows, positions
+
+
+def compute_text_keys(model: nn.Module, tokenizer, spec: ArchSpec, requests: Sequence, layer: int,
+                      context_templates: Sequence[str] = ("{}",), locus: str = "subject",
+                      stack: str | None = None) -> torch.Tensor:
+    """Keys ``(m, d_in)`` of layer ``layer``'s ``W_out`` at every position of :func:`text_key_rows`."""
+    rows, positions = text_key_rows(tokenizer, requests, context_templates, locus)
+    name = spec.mlp_out_name(layer, stack)
+    return module_inputs_at(model, [name], rows, positions, pad_id=pad_id_of(tokenizer))[name]
+
+
 def compute_keys_multi(model: nn.Module, tokenizer, spec: ArchSpec, requests: Sequence, layers: Sequence[int],
                        context_templates: Sequence[str] = DEFAULT_CONTEXT_TEMPLATES,
                        stack: str | None = None, locus: str = "subject") -> dict[int, torch.Tensor]:

@@ -34,9 +34,9 @@ from torch import nn
 from editing.arch import add_to_weight, get_module, spec_for, weight_view
 from editing.delta import LowRankDelta
 from editing.editors.base import EditorState, EditResult, RequestDiagnostics
-from editing.editors.hparams import DEFAULT_LAMBDA_GRID, EditHparams, with_corpus, with_preset
+from editing.editors.hparams import DEFAULT_LAMBDA_GRID, EditHparams, with_model_defaults, with_preset
 from editing.editors.keys import LOCI, block_outputs_at, check_length, compute_keys, compute_keys_multi, \
-    edit_position, pad_id_of, prompt_ids, generated_context_templates, score_targets
+    compute_text_keys, edit_position, generated_context_templates, pad_id_of, prompt_ids, score_targets
 from editing.editors.solve import alphaedit_factors, memit_factors, nullspace_projector, responsible_neurons
 from editing.editors.keys import DEFAULT_CONTEXT_TEMPLATES
 from editing.editors.siblings import known_sibling_requests, other_prompt_requests, sibling_requests
@@ -197,7 +197,7 @@ class MemitEditor:
         the hyperparameters and the model's preset, else measured (:meth:`_measure`). With ``locus="auto"``
         and λ to calibrate, both loci are measured and the one whose calibration edits take more often is
         kept (the subject's on a tie, and without trying the other once the subject's all take)."""
-        hp = with_corpus(self._with_context(model, tokenizer, self.hp, state), model)
+        hp = with_model_defaults(self._with_context(model, tokenizer, self.hp, state), model)
         if state is not None and state.meta.get("layers"):
             return _at_locus(replace(hp, layers=tuple(state.meta["layers"]), lam=state.meta.get("lam", hp.lam),
                                      source=state.meta.get("source", hp.source),
@@ -335,7 +335,8 @@ class MemitEditor:
         """Write the update layer by layer into ``model`` (in place); returns factors and the moment
         to accumulate per layer (``KᵀK`` of the edit keys, plus ``w K_sᵀK_s`` of the sibling keys and
         ``w_o K_oᵀK_o`` of the held other prompts, :func:`other_prompt_requests`; these are prompt keys only,
-        as the subject-alone key of a held prompt is the edit's own)."""
+        as the subject-alone key of a held prompt is the edit's own; and ``w_t K_tᵀK_t`` of the keys of the
+        requests' own text outside the edit, :func:`compute_text_keys`)."""
         rows, pos = self._bare_rows(tokenizer, reqs, hp.locus)
         factors, moments = {}, {}
         keep_frame = hp.subject_frame == "kept"
@@ -369,6 +370,11 @@ class MemitEditor:
                 ko = hp.other_prompts_weight * (Ko.T @ Ko)
                 moments[l] = moments[l] + ko
                 ce = ko if ce is None else ce + ko
+            if hp.text_key_weight:
+                Ka = compute_text_keys(model, tokenizer, spec, reqs, l, self._sibling_templates(hp), hp.locus).double()
+                ka = hp.text_key_weight * (Ka.T @ Ka)
+                moments[l] = moments[l] + ka
+                ce = ka if ce is None else ce + ka
             if hp.nullspace:
                 u, v = alphaedit_factors(K, R, P[l], ce, hp.alpha, neurons, Kx, hp.subject_key_weight)
             else:
@@ -500,6 +506,7 @@ class MemitEditor:
                         message="" if top1[i] else "edit did not take: target_new is not the top prediction",
                         extra={"beats_true": beats, "logp_new": lp_new[i], "value_nll": float(vr.nll[i]),
                                "value_nll_init": float(vr.nll_init[i]),
+                               "delta_ratio": float(vr.delta[i].norm() / vr.h[i].norm().clamp(min=1e-12)),
                                "relative_residual": res / max(float((z[i] - h0[i]).norm()), 1e-12)})
             else:
                 delta = LowRankDelta(factors={}, base_fingerprint=fp, editor=self.name,

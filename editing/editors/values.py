@@ -32,6 +32,9 @@ from editing.editors.keys import DEFAULT_CONTEXT_TEMPLATES, edit_position, fill,
     prompt_ids, target_ids
 
 
+DEFAULT_CLAMP_NORM_FACTOR = 4.0   # ROME's bound on ‖δ‖ / ‖h‖, where no preset gives one
+
+
 @dataclass
 class ValueHparams:
     """Hyperparameters of the value optimisation (MEMIT defaults)."""
@@ -40,7 +43,7 @@ class ValueHparams:
     lr: float = 0.5
     kl_weight: float = 0.0625
     weight_decay: float = 0.5
-    clamp_norm_factor: float = 4.0
+    clamp_norm_factor: float | None = None   # None: the model's preset (hparams.with_model_defaults), else 4
     loss_stop: float = 0.05
     kl_prompt: str = "{} is a"
     keep_weight: float = 0.0   # weight of the KL on the caller's keep prompts (0: not used)
@@ -108,6 +111,7 @@ def compute_values(model: nn.Module, tokenizer, spec: ArchSpec, requests: Sequen
     they act as a general regulariser of ``δ`` (measured on the fact world, 100 edits: neighbourhood
     0.82 × base with them, 0.71 × without; bench/RESULTS.md "edit locus")."""
     hp = hp or ValueHparams()
+    clamp = hp.clamp_norm_factor if hp.clamp_norm_factor is not None else DEFAULT_CLAMP_NORM_FACTOR
     templates = list(hp.context_templates) or ["{}"]
     if templates[0] != "{}":
         templates = ["{}", *templates]
@@ -280,7 +284,7 @@ def compute_values(model: nn.Module, tokenizer, spec: ArchSpec, requests: Sequen
             with torch.no_grad():
                 delta[frozen] = keep[frozen]
             with torch.no_grad():
-                limit = hp.clamp_norm_factor * h.norm(dim=1, keepdim=True)
+                limit = clamp * h.norm(dim=1, keepdim=True)
                 norm = delta.norm(dim=1, keepdim=True).clamp(min=1e-12)
                 delta.mul_(torch.clamp(limit / norm, max=1.0))
     finally:

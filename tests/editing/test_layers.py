@@ -73,13 +73,13 @@ def test_key_statistics_corpus_is_the_given_one_else_the_presets_else_the_defaul
     The corpus actually used is recorded with the delta (what the registry stores with the version)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from editing.editors.hparams import DEFAULT_CORPUS, EditHparams, with_corpus, with_preset
+    from editing.editors.hparams import DEFAULT_CORPUS, EditHparams, with_model_defaults, with_preset
 
     smol_shaped = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=30,
                                                num_attention_heads=2, num_key_value_heads=1))
     assert preset_for(smol_shaped).corpus == "stdlib"
     assert with_preset(EditHparams(), smol_shaped).corpus == "stdlib"
-    assert with_corpus(EditHparams(corpus="samples:8"), smol_shaped).corpus == "samples:8"
+    assert with_model_defaults(EditHparams(corpus="samples:8"), smol_shaped).corpus == "samples:8"
     model, tok = tiny_llama
     assert model.config.intermediate_size <= 512
     assert preset_for(model) is None and with_preset(EditHparams(), model).corpus == DEFAULT_CORPUS == "samples:512"
@@ -112,3 +112,28 @@ def test_default_corpus_grows_with_the_key_dimension():
     assert sample_length(wide) == 48 and default_corpus(wide) == corpus_for(wide) == "samples:2048"
     short = gpt2(512, n_positions=17)
     assert sample_length(short) == 16 and default_corpus(short) == "samples:1536"
+
+
+def test_value_clamp_is_the_users_else_the_presets_in_every_batch(tiny_llama, facts, tmp_path, monkeypatch):
+    """The bound on ‖δ‖ / ‖h‖ comes from the preset only where the user gave none, and a later batch
+    (which takes layers and λ from the state) uses the same one as the first; without a preset it is 4."""
+    from editing.editors import hparams as hparams_mod
+    from editing.editors.values import DEFAULT_CLAMP_NORM_FACTOR
+
+    model, tok = tiny_llama
+    assert preset_for(model) is None
+    assert hparams_mod.with_model_defaults(hparams_mod.EditHparams(), model).value.clamp_norm_factor \
+        == DEFAULT_CLAMP_NORM_FACTOR == 4.0
+    key = (model.config.model_type, model.config.num_hidden_layers)
+    monkeypatch.setitem(hparams_mod.PRESETS, key, hparams_mod.Preset((0,), 30.0, 1.5, "test preset", corpus="samples:8"))
+
+    def clamps(**value) -> list[float]:
+        kw = {"stats_dir": str(tmp_path), "value": {"steps": 3, **value}}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            first = get_editor("nse", **kw).edit(model, tok, requests(facts, 1), None)
+            second = get_editor("nse", **kw).edit(model, tok, requests(facts, 2)[1:], first.state)
+        return [r.delta.hyperparameters["value"]["clamp_norm_factor"] for r in (first, second)]
+
+    assert clamps() == [1.5, 1.5]
+    assert clamps(clamp_norm_factor=2.0) == [2.0, 2.0]
