@@ -58,9 +58,7 @@ def position_classes(tokenizer, template: str, subject: str, target: str) -> tup
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = probe_parser(__doc__, 3000.0, "SmolLM2's calibration chooses 3e3")
-    ap.add_argument("--start", type=int, default=0)
-    ap.add_argument("--n", type=int, default=20)
+    ap = probe_parser(__doc__, 3000.0, "SmolLM2's calibration chooses 3e3", start=0)
     args = ap.parse_args(argv)
     loaded = load_offline(args.model)
     import torch

@@ -41,9 +41,13 @@ def parse_sets(items: list[str]) -> dict:
     return out
 
 
-def probe_parser(doc: str, lam: float, lam_note: str) -> argparse.ArgumentParser:
-    """The arguments every editor probe here takes: model, request file, batch size, fixed λ, ``--set``."""
+def probe_parser(doc: str, lam: float, lam_note: str, start: int | None = None) -> argparse.ArgumentParser:
+    """The arguments every editor probe here takes: model, request file, batch size, fixed λ, ``--set``; with
+    ``start``, also the slice of requests it edits (``--start``, default ``start``; ``--n``, default 20)."""
     ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    if start is not None:
+        ap.add_argument("--start", type=int, default=start)
+        ap.add_argument("--n", type=int, default=20)
     ap.add_argument("--model", default="models/smollm2-135m")
     ap.add_argument("--requests", default="data/requests/countries.jsonl")
     ap.add_argument("--batch-size", type=int, default=10)
@@ -65,9 +69,7 @@ def load_offline(model: str):
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = probe_parser(__doc__, 1000.0, "SmolLM2's calibration chose 1e3")
-    ap.add_argument("--start", type=int, default=40)
-    ap.add_argument("--n", type=int, default=20)
+    ap = probe_parser(__doc__, 1000.0, "SmolLM2's calibration chose 1e3", start=40)
     args = ap.parse_args(argv)
     loaded = load_offline(args.model)
     from editing.editors import get_editor

@@ -124,6 +124,20 @@ def top1(model, tok, prompt: str, target: str) -> bool:
     return pred == t
 
 
+def assert_held(plain, held, keys: torch.Tensor, name: str) -> None:
+    """``held`` (an edit that holds ``keys`` at ΔW k ≈ 0 in the weight of module ``name``) moves them less than
+    half as far per unit of update as ``plain`` (the same edit without), and adds ``keysᵀ keys`` to the
+    accumulated ``C_edits``."""
+    def moved(res):  # ‖ΔW k‖ / ‖ΔW‖
+        dw = res.delta.dense(name + ".weight").float()
+        return float((keys.float() @ dw.T).norm() / dw.norm())
+
+    assert moved(held) < 0.5 * moved(plain), (moved(held), moved(plain))
+    got = held.state.tensors[name + "::C_edits"].double()
+    expected = plain.state.tensors[name + "::C_edits"].double() + keys.double().T @ keys.double()
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+
+
 @pytest.fixture(scope="session")
 def facts():
     return world(0)
