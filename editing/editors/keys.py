@@ -173,16 +173,23 @@ def pad_id_of(tokenizer) -> int:
 @torch.no_grad()
 def module_inputs_at(model: nn.Module, module_names: Sequence[str], rows: Sequence[Sequence[int]],
                      positions: Sequence[int], pad_id: int = 0, chunk: int = 32) -> dict[str, torch.Tensor]:
-    """Input of each module at ``positions[i]`` of ``rows[i]``: ``{name: (len(rows), d_in)}`` (float32)."""
+    """Input of each module at ``positions[i]`` of ``rows[i]``: ``{name: (len(rows), d_in)}`` (float32).
+    Equal rows run through the model once, whatever positions are read from them."""
     names = list(module_names)
     order = {n: i for i, n in enumerate(dict(model.named_modules()))}
     last = max(names, key=lambda n: order.get(n, 0))
+    unique: dict[tuple[int, ...], int] = {}
+    row_of = [unique.setdefault(tuple(r), len(unique)) for r in rows]
+    distinct = [list(r) for r in unique]
     out: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    taken: list[int] = []   # which request each gathered input answers, in gathering order
     device = next(model.parameters()).device
-    for c in range(0, len(rows), chunk):
-        ids, mask = pad_right(rows[c:c + chunk], pad_id)
-        pos = torch.tensor(list(positions[c:c + chunk]), device=device)
-        ar = torch.arange(len(pos), device=device)
+    for c in range(0, len(distinct), chunk):
+        wanted = [i for i, u in enumerate(row_of) if c <= u < c + chunk]
+        taken.extend(wanted)
+        ids, mask = pad_right(distinct[c:c + chunk], pad_id)
+        ar = torch.tensor([row_of[i] - c for i in wanted], device=device)
+        pos = torch.tensor([positions[i] for i in wanted], device=device)
 
         def make_hook(name):
             def hook(_m, args):
@@ -199,7 +206,8 @@ def module_inputs_at(model: nn.Module, module_names: Sequence[str], rows: Sequen
         finally:
             for h in handles:
                 h.remove()
-    return {n: torch.cat(v) for n, v in out.items()}
+    back = torch.argsort(torch.tensor(taken)) if taken else torch.zeros(0, dtype=torch.long)
+    return {n: torch.cat(v)[back] for n, v in out.items()}
 
 
 def key_rows(tokenizer, requests: Sequence, context_templates: Sequence[str],

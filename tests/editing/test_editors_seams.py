@@ -157,3 +157,28 @@ def test_a_slow_tokenizer_finds_the_subject_tokens_from_encoded_lengths():
         assert len(prompt_ids(tok, text)) == len(text)        # ByT5's trailing EOS is not part of the prompt
     with pytest.raises(SubjectNotInPromptError):
         subject_positions(tok, "The capital of France is", "Azerbaijan")
+
+
+def test_module_inputs_read_once_per_distinct_row_match_one_forward_per_row():
+    """Equal rows are run once and every position asked of them is read from that run: the inputs equal a
+    separate forward per (row, position), in the order asked, across chunk borders and right padding."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from editing.editors.keys import module_inputs_at
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1)).eval()
+    rows = [[1, 2, 3, 4], [5, 6, 7], [1, 2, 3, 4], [8, 9], [5, 6, 7], [1, 2, 3, 4]]
+    positions = [0, 2, 3, 1, 1, 2]
+    name = "model.layers.1.mlp.down_proj"
+    got = module_inputs_at(model, [name, "model.layers.0.mlp.down_proj"], rows, positions, chunk=2)[name]
+    seen = {}
+    handle = model.get_submodule(name).register_forward_pre_hook(lambda _m, args: seen.update(x=args[0]))
+    with torch.no_grad():
+        expected = []
+        for r, p in zip(rows, positions):
+            model(input_ids=torch.tensor([r]))
+            expected.append(seen["x"][0, p])
+    handle.remove()
+    assert got.shape == (6, 32) and torch.allclose(got, torch.stack(expected), atol=1e-5)
