@@ -14,8 +14,8 @@ neighbourhood vs base, retention of the first batch, held-out perplexity drift);
 checkpoint splits the edits two ways: by checkpoint window (each
 window's edits scored right after they were made and again at the end, so edits that never
 took well are told from edits that later batches undid) and by request relation. Prints the
-tables, writes ``bench/results/facts.json`` and a plot of the metrics against the number of
-edits (``bench/facts.png``).
+tables, writes ``bench/results/facts.json`` (``--out``) and, beside it with the suffix ``.png``
+(``bench/results/facts.png``), a plot of the metrics against the number of edits; ``--plot`` puts it elsewhere.
 ``ft`` tunes the layers that the last ``nse`` run of this benchmark edited on the same
 model (recorded per base fingerprint under ``.editops/bench/nse-layers``), so run nse
 first or give ``--set layers=[...]``.
@@ -410,7 +410,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--set", action="append", default=[], help="editor hyperparameter key=value (all editors)")
     ap.add_argument("--out", default="bench/results/facts.json")
-    ap.add_argument("--plot", default="bench/facts.png")
+    ap.add_argument("--plot", default=None, help="the plot's path (default: --out with the suffix .png)")
     ap.add_argument("--cache-dir", default=".editops/bench/base-outputs")
     ap.add_argument("--append", action="store_true", help="add to the rows already in --out (e.g. batch size 1 "
                     "measured with a smaller --limit in a second command)")
@@ -498,8 +498,9 @@ def main(argv: list[str] | None = None) -> None:
             print(f"\n{r['model']} / {r['editor']} / batch {r['batch_size']}:\n{window_table(r)}")
     if failures:
         print("\nfailed:", ", ".join(failures))
-    plot(rows, Path(args.plot))
-    print(f"\nwrote {out} and {args.plot}")
+    plot_path = Path(args.plot) if args.plot else Path(out).with_suffix(".png")
+    plot(rows, plot_path)
+    print(f"\nwrote {out} and {plot_path}")
 
 
 if __name__ == "__main__":
