@@ -224,7 +224,7 @@ def window_table(row: dict) -> str:
 
 
 def run_one(model: BenchModel, editor_name: str, batch_size: int, limit: int | None, checkpoints: int,
-            cache_dir: Path, hparams: dict) -> dict:
+            cache_dir: Path, hparams: dict, heldout: str | None = None) -> dict:
     """One configuration, in this process: load, edit sequentially, evaluate at checkpoints."""
     import torch
 
@@ -237,7 +237,8 @@ def run_one(model: BenchModel, editor_name: str, batch_size: int, limit: int | N
 
     loaded = load(model.model_dir)
     reqs = read_requests(model.requests, kind="fact", limit=limit or model.default_limit)
-    held = heldout_texts(model.heldout)
+    heldout = heldout or model.heldout
+    held = heldout_texts(heldout, model=loaded.model, tokenizer=loaded.tokenizer)   # samples:N: the base's own
     base = _base_outputs(model.name, loaded, reqs, held, cache_dir)
     n_batches = -(-len(reqs) // batch_size)
     marks = sorted({max(1, round(n_batches * (i + 1) / checkpoints)) for i in range(checkpoints)})
@@ -293,7 +294,7 @@ def run_one(model: BenchModel, editor_name: str, batch_size: int, limit: int | N
     pre = base.base_scores(reqs).summary()
     return {
         "model": model.name, "editor": editor_name, "batch_size": batch_size, "n_requests": len(reqs),
-        "date": time.strftime("%Y-%m-%d"), "requests_file": model.requests,
+        "date": time.strftime("%Y-%m-%d"), "requests_file": model.requests, "heldout": heldout,
         "hyperparameters": getattr(editor, "hyperparameters", hparams), "edited_layers": edited_layers,
         "lam_used": run.state.meta.get("lam") if run.state is not None else None,  # λ after calibration
         # every hyperparameter as the editor resolved it (corpus, layers, λ, locus), where it keeps them
@@ -408,6 +409,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--limit-smollm2", type=int, default=None, help="override --limit for smollm2")
     ap.add_argument("--checkpoints", type=int, default=4, help="evaluation points per run (for the plot)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--heldout", default=None, help="held-out text for the perplexity drift instead of the model's "
+                    "(a file, stdlib:N, or samples:N: N texts the unedited model samples itself)")
     ap.add_argument("--set", action="append", default=[], help="editor hyperparameter key=value (all editors)")
     ap.add_argument("--out", default="bench/results/facts.json")
     ap.add_argument("--plot", default=None, help="the plot's path (default: --out with the suffix .png)")
@@ -435,7 +438,8 @@ def main(argv: list[str] | None = None) -> None:
         name, editor, bs = args.single
         model = _lookup(name)
         limit = args.limit_smollm2 if name == "smollm2" and args.limit_smollm2 else args.limit
-        result = run_one(model, editor, int(bs), limit, args.checkpoints, Path(args.cache_dir), hparams)
+        result = run_one(model, editor, int(bs), limit, args.checkpoints, Path(args.cache_dir), hparams,
+                         heldout=args.heldout)
         Path(args.single_out).write_text(json.dumps(result, default=str))
         print(window_table(result), flush=True)
         return
@@ -471,6 +475,8 @@ def main(argv: list[str] | None = None) -> None:
                     cmd += ["--limit-smollm2", str(args.limit_smollm2)]
                 for item in args.set:
                     cmd += ["--set", item]
+                if args.heldout:
+                    cmd += ["--heldout", args.heldout]
                 print(f"== {name} / {editor} / batch {bs}", flush=True)
                 t0 = time.perf_counter()
                 try:

@@ -55,7 +55,7 @@ class LineConfig:
     allowed_requesters: list[str] = field(default_factory=lambda: ["*"])
     promotion: str = "auto"
     gates: GateThresholds = field(default_factory=GateThresholds)
-    heldout: str | None = None  # held-out text for perplexity: a file (one text per line) or stdlib:N
+    heldout: str | None = None  # held-out text for perplexity: a file (one text per line), stdlib:N or samples:N
     max_new_tokens: int = 40    # deletion lines: generation length for the gates
 
     def __post_init__(self) -> None:

@@ -259,15 +259,24 @@ def ensure_base_outputs(ctx: LineContext, requests: Sequence[Any]) -> None:
 
         if ctx.base_cache is None and path.is_file():
             ctx.base_cache = BaseOutputs.load(path)
-        needs_ppl = ctx.heldout and (ctx.base_cache is None or ctx.base_cache.perplexity is None)
+        from editing.metrics.text import heldout_sha256
+
+        # the base perplexity is of this line's held-out text (a line whose `heldout` changed measures it again)
+        needs_ppl = bool(ctx.heldout) and ctx.base_cache is not None and (
+            ctx.base_cache.perplexity is None or ctx.base_cache.heldout_sha256 != heldout_sha256(ctx.heldout))
         if ctx.base_cache is not None and not ctx.base_cache.missing(requests) and not needs_ppl:
             return
         base = _load_base(ctx)
-        if ctx.base_cache is None or needs_ppl:
+        if ctx.base_cache is None:
             ctx.base_cache = BaseOutputs.compute(base.model, base.tokenizer, requests, heldout_texts=ctx.heldout,
                                                  model_fingerprint=base_fp)
         else:
             ctx.base_cache.extend(base.model, base.tokenizer, requests)
+            if needs_ppl:
+                from editing.metrics.text import perplexity
+
+                ctx.base_cache.perplexity = perplexity(base.model, base.tokenizer, ctx.heldout)
+                ctx.base_cache.heldout_sha256 = heldout_sha256(ctx.heldout)
         ctx.base_cache.save(path)
         return
     from editing.metrics.deletion import cache_base_outputs, unrelated_probes
@@ -459,7 +468,8 @@ def process_line(cfg: ProjectConfig, ledger: Ledger, registry, line: LineConfig,
         if line.heldout and line.kind == "fact":
             from editing.metrics.text import heldout_texts
 
-            ctx.heldout = heldout_texts(line.heldout)
+            base = _load_base(ctx) if line.heldout.startswith("samples") else None   # the line's base samples itself
+            ctx.heldout = heldout_texts(line.heldout, model=base and base.model, tokenizer=base and base.tokenizer)
         for attempt in range(5):
             moved = list(reconcile(ledger, registry, line.name))
             if moved:

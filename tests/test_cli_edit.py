@@ -79,6 +79,22 @@ def test_eval_against_base_caches_base_outputs(cli, random_model_dir, tmp_path):
     assert cached.stat().st_mtime_ns == mtime  # second run reuses the cache unchanged
 
 
+def test_eval_heldout_samples_come_from_the_base(cli, random_model_dir, tmp_path):
+    """``--heldout samples:N`` samples the held-out text from ``--base`` (the unedited model); without a base
+    the command stops with a typed error that names the fix (`main` prints it as one line)."""
+    from editing.errors import EditopsError
+
+    runner, app = cli
+    model, reqs = str(random_model_dir / "model"), str(random_model_dir / "requests.jsonl")
+    res = runner.invoke(app, ["eval", "--model", model, "--requests", reqs, "--base", model, "--heldout", "samples:4",
+                              "--cache-dir", str(tmp_path / "cache"), "--json", str(tmp_path / "m.json")])
+    assert res.exit_code == 0, res.output
+    data = json.loads((tmp_path / "m.json").read_text())
+    assert data["perplexity"] > 1.0 and abs(data["perplexity_drift"]) < 1e-6   # the model is its own base
+    res = runner.invoke(app, ["eval", "--model", model, "--requests", reqs, "--heldout", "samples:4"])
+    assert res.exit_code != 0 and isinstance(res.exception, EditopsError) and "--base" in str(res.exception)
+
+
 def test_cli_errors_are_one_red_line(random_model_dir, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"requested_rewrite": {"prompt": "{} is", "subject": "x"}}) + "\n")

@@ -146,20 +146,35 @@ def generation_fluency(model: nn.Module, tokenizer, prompts: Sequence[str], max_
     return fluency([p + g for p, g in zip(prompts, gens)])
 
 
-def heldout_texts(spec: str, max_length_chars: int = 2000) -> list[str]:
+HELDOUT_SAMPLE_SEED = 1   # the key statistics' ``samples:N`` corpus uses seed 0
+
+
+def heldout_texts(spec: str, max_length_chars: int = 2000, model: nn.Module | None = None,
+                  tokenizer=None) -> list[str]:
     """Held-out general text for perplexity.
 
     ``spec`` is a file path (or ``file:PATH``; one text per line, ``{"text": ...}``
-    JSONL lines accepted) or ``stdlib:N``: N paragraphs of Python standard-library
+    JSONL lines accepted), ``stdlib:N``: N paragraphs of Python standard-library
     docstrings taken *after* the first 2,000 that the ``stdlib`` key-statistics
     corpus (:mod:`editing.stats`) uses, so perplexity is never measured on text the
-    key statistics were computed from.
+    key statistics were computed from, or ``samples:N``: N texts ``model`` (the UNEDITED
+    model) samples itself with seed :data:`HELDOUT_SAMPLE_SEED`, not the key statistics'
+    seed 0; they exist for any model and are text of the kind it was trained on, where
+    the standard library's docstrings are one narrow kind.
     """
     import json
     from pathlib import Path
 
     from editing.errors import EditopsError
 
+    if spec.startswith("samples"):
+        from editing.stats import model_samples
+
+        if model is None or tokenizer is None:
+            raise EditopsError(f"held-out text {spec!r} is sampled from the unedited model; give that model "
+                               "(with `editops eval`, --base) or use a file or stdlib:N")
+        n = int(spec.split(":", 1)[1]) if ":" in spec else 200
+        return [t[:max_length_chars] for t in model_samples(model, tokenizer, n=n, seed=HELDOUT_SAMPLE_SEED)]
     if spec.startswith("stdlib"):
         from editing.stats import _stdlib_docstrings
 
@@ -170,7 +185,8 @@ def heldout_texts(spec: str, max_length_chars: int = 2000) -> list[str]:
         return [t[:max_length_chars] for t in texts]
     path = Path(spec[5:] if spec.startswith("file:") else spec)
     if not path.is_file():
-        raise EditopsError(f"held-out text file {path} does not exist; give a text file (one text per line) or stdlib:N")
+        raise EditopsError(f"held-out text file {path} does not exist; give a text file (one text per line), "
+                           "stdlib:N or samples:N")
     texts = []
     for line in path.read_text(encoding="utf-8").splitlines():
         line = line.strip()

@@ -85,10 +85,15 @@ def build_editor(name: str, hyperparameters: dict[str, Any]):
         raise EditopsError(f"editor {name!r} rejected the hyperparameters {sorted(hyperparameters)}: {exc}") from exc
 
 
-def load_heldout(spec: str | None) -> list[str] | None:
+HELDOUT_HELP = ("held-out text for perplexity: a file (one text per line), stdlib:N, or samples:N (N texts the "
+                "unedited model samples itself)")
+
+
+def load_heldout(spec: str | None, model=None, tokenizer=None) -> list[str] | None:
+    """The held-out texts of ``spec`` (``samples:N`` are sampled from ``model``, which must be the unedited one)."""
     from editing.metrics.text import heldout_texts
 
-    return heldout_texts(spec) if spec else None
+    return heldout_texts(spec, model=model, tokenizer=tokenizer) if spec else None
 
 
 def default_out(model: str, editor: str) -> Path:
@@ -101,14 +106,16 @@ def _console():
     return Console()
 
 
-def base_outputs_for(base_dir: str, requests, heldout: list[str] | None, cache_dir: Path,
+def base_outputs_for(base_dir: str, requests, heldout_spec: str | None, cache_dir: Path,
                      mlp_out_template: str | None = None):
-    """The base model's :class:`BaseOutputs`, cached per base fingerprint and extended with missing pairs."""
+    """The base model's :class:`BaseOutputs` (cached per base fingerprint and extended with missing pairs)
+    and the held-out texts of ``heldout_spec`` (``samples:N`` sampled from that base model)."""
     from editing.metrics.facts import BaseOutputs
     from editing.metrics.text import heldout_sha256
     from editing.models import load
 
     loaded = load(base_dir, mlp_out_template=mlp_out_template)
+    heldout = load_heldout(heldout_spec, loaded.model, loaded.tokenizer)
     fp = loaded.fingerprint
     path = cache_dir / f"{fp[:16]}.json"
     if path.is_file():
@@ -124,7 +131,7 @@ def base_outputs_for(base_dir: str, requests, heldout: list[str] | None, cache_d
         changed = True
     if changed:
         base.save(path)
-    return base
+    return base, heldout
 
 
 @app.command("edit")
@@ -140,7 +147,7 @@ def edit(
     settings: Optional[list[str]] = typer.Option(None, "--set", help="editor hyperparameter key=value (repeatable)"),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="only the first N requests"),
     evaluate: bool = typer.Option(True, "--eval/--no-eval", help="score fact requests before and after (base outputs saved)"),
-    heldout: Optional[str] = typer.Option(None, "--heldout", help="held-out text for perplexity: a file (one text per line) or stdlib:N"),
+    heldout: Optional[str] = typer.Option(None, "--heldout", help=HELDOUT_HELP),
     state: Optional[Path] = typer.Option(None, "--state", help="continue from a saved editor state"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
@@ -165,7 +172,7 @@ def edit(
     base_fp = loaded.fingerprint
     console.print(f"[bold]{len(reqs)}[/] {req_kind} requests from {requests} → {loaded.source} "
                   f"({loaded.spec.model_type}, base {base_fp[:12]}…), editor [bold]{editor_name}[/], batch size {batch_size}")
-    held = load_heldout(heldout)
+    held = load_heldout(heldout, loaded.model, loaded.tokenizer)   # before any edit: the base's own samples
     base = base_deletions = None
     if evaluate and req_kind == "fact":
         base = BaseOutputs.compute(loaded.model, loaded.tokenizer, reqs, heldout_texts=held, model_fingerprint=base_fp,
@@ -259,7 +266,7 @@ def eval_(
     requests: Path = typer.Option(..., "--requests", "-r", help="request file (any supported format)"),
     kind: Optional[str] = typer.Option(None, "--kind", help=KIND_HELP),
     base: Optional[str] = typer.Option(None, "--base", help="base model directory: locality, neighbourhood ratio and perplexity drift against it"),
-    heldout: Optional[str] = typer.Option(None, "--heldout", help="held-out text for perplexity: a file (one text per line) or stdlib:N"),
+    heldout: Optional[str] = typer.Option(None, "--heldout", help=HELDOUT_HELP),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="only the first N requests"),
     fluency_n: int = typer.Option(0, "--fluency", min=0, help="also score fluency of greedy generations from N edit prompts"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the metrics as JSON here"),
@@ -282,14 +289,14 @@ def eval_(
         from editing.editors.hook import load_hooks
 
         load_hooks(loaded.model, model)
-    held = load_heldout(heldout)
     if req_kind == "deletion":
         _eval_deletions(console, loaded, reqs, base, json_out)
         return
     base_outputs = None
     origin = "none: the model is scored on its own (base metrics)"
+    held = None if base else load_heldout(heldout)   # samples:N needs --base: they are the unedited model's
     if base:
-        base_outputs = base_outputs_for(base, reqs, held, cache_dir, mlp_out_template=mlp_out_template)
+        base_outputs, held = base_outputs_for(base, reqs, heldout, cache_dir, mlp_out_template=mlp_out_template)
         origin = f"base model {base}"
     elif (Path(model) / "base_outputs.json").is_file():
         base_outputs = BaseOutputs.load(Path(model) / "base_outputs.json")

@@ -75,3 +75,19 @@ def test_perplexity_of_texts_longer_than_the_context_truncates_them():
     total, count = token_nll(model, tok, [long_text])
     assert count == 15 and math.isfinite(total)  # 16 tokens read, the first not predicted
     assert math.isclose(perplexity(model, tok, [long_text]), math.exp(total / count))
+
+
+def test_heldout_samples_are_the_models_own_and_not_the_key_statistics_texts(lm):
+    """``samples:N``: N texts the given (unedited) model samples, the same every call, and other texts than
+    the ``samples:N`` key-statistics corpus draws (seed 0); without a model it says which model to give."""
+    from editing.errors import EditopsError
+    from editing.metrics.text import heldout_texts
+    from editing.stats import corpus_texts
+
+    model, tok, _ = lm
+    held = heldout_texts("samples:6", model=model, tokenizer=tok)
+    assert len(held) == 6 and held == heldout_texts("samples:6", model=model, tokenizer=tok)
+    assert not set(held) & set(corpus_texts("samples:6", model, tok))
+    assert perplexity(model, tok, held) > 1.0
+    with pytest.raises(EditopsError, match="unedited model"):
+        heldout_texts("samples:6")

@@ -16,9 +16,10 @@ from flowkit import FAST_NSE, OPEN_GATES, fact_tickets, make_project
 from flows.ledger import Ledger
 
 
-@pytest.fixture
-def edited_line(tmp_path, tiny_model_dir):
-    """Two fact tickets, one per batch, through the pipeline: versions 2 and 3 of ``facts``."""
+@pytest.fixture(params=["file", "samples:4"])
+def edited_line(request, tmp_path, tiny_model_dir):
+    """Two fact tickets, one per batch, through the pipeline: versions 2 and 3 of ``facts``; the perplexity
+    gate reads a held-out file, or texts the line's base model samples itself (``samples:4``)."""
     from tinyworld import FILLER
 
     from flows.pipeline import open_registry, run_once
@@ -28,7 +29,7 @@ def edited_line(tmp_path, tiny_model_dir):
     heldout.write_text("\n".join(FILLER) + "\n")
     cfg = make_project(tmp_path / "proj", base_model=str(model_dir), batch_size=1, promotion="auto",
                        hyperparameters={**FAST_NSE, "stats_dir": str(tmp_path / "stats")}, gates=OPEN_GATES,
-                       heldout=str(heldout))
+                       heldout=str(heldout) if request.param == "file" else request.param)
     (cfg.inbox / "t.json").write_text(json.dumps(fact_tickets(reqs[:2])))
     report = run_once(cfg, engine="local", say=lambda *_: None)
     return cfg, open_registry(cfg), [r.request_id for r in reqs[:2]], report
@@ -132,3 +133,32 @@ def test_gate_figures_aggregate_deletion_gates():
     assert figs["unrelated_unchanged"].value == 0.95 and figs["unrelated_unchanged"].verdict == "pass"
     assert figs["retention"].value is None and figs["retention"].verdict == "skipped"
     assert gone.short() == "deletion_gone 0.67 ✗" and figs["retention"].short() == "retention –"
+
+
+def test_a_line_whose_heldout_text_changed_measures_the_base_perplexity_again(tmp_path, tiny_model_dir):
+    """The base outputs cached for a line keep its earlier tickets' scores; when the line's ``heldout`` names
+    other text, the base perplexity (the drift gate's reference) is measured on the new text, not reused."""
+    from tinyworld import FILLER
+
+    from editing.metrics.facts import BaseOutputs
+    from editing.metrics.text import heldout_sha256, heldout_texts, perplexity
+    from editing.models import load
+    from flows.pipeline import run_once
+
+    model_dir, reqs = tiny_model_dir
+    first, second = tmp_path / "a.txt", tmp_path / "b.txt"
+    first.write_text("\n".join(FILLER[:4]) + "\n")
+    second.write_text("\n".join(reversed(FILLER)) + "\n")
+    kw = dict(base_model=str(model_dir), batch_size=1, promotion="auto", gates=OPEN_GATES,
+              hyperparameters={**FAST_NSE, "stats_dir": str(tmp_path / "stats")})
+    for held, ticket in ((first, reqs[:1]), (second, reqs[1:2])):
+        cfg = make_project(tmp_path / "proj", heldout=str(held), **kw)
+        (cfg.inbox / f"{held.stem}.json").write_text(json.dumps(fact_tickets(ticket)))
+        run_once(cfg, engine="local", say=lambda *_: None)
+    (cached,) = (cfg.workdir / "base-outputs").glob("facts-*.json")
+    base_outputs = BaseOutputs.load(cached)
+    texts = heldout_texts(str(second))
+    loaded = load(str(model_dir))
+    assert base_outputs.heldout_sha256 == heldout_sha256(texts)
+    assert base_outputs.perplexity == pytest.approx(perplexity(loaded.model, loaded.tokenizer, texts), rel=1e-6)
+    assert not base_outputs.missing(reqs[:2])   # the first ticket's base scores are still there
