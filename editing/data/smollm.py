@@ -100,7 +100,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Conversion:
     tokenizer.save_pretrained(out)
     seconds = round(time.perf_counter() - t0, 2)
     (out / "editops_source.json").write_text(json.dumps({
-        "gguf": name, "gguf_sha256": sha256_file(gguf_path), "fingerprint": fp, "convert_seconds": seconds,
+        "gguf": name, "gguf_sha256": sha256_file(gguf_path), "fingerprint": fp,   # no timing: a DVC output
     }, indent=2) + "\n")
     return Conversion(out, gguf_path, fp, seconds)
 

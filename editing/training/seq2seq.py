@@ -181,18 +181,21 @@ def build_translation_model(out_dir: str | Path = "models/translator-marian", da
                             requests_path: str | Path = "data/requests/deletions.jsonl", seed: int = 0,
                             size: str = "full", arch: str = "marian", epochs: int | None = None,
                             model_size: ModelSize | None = None, batch_size: int = 32, lr: float = 2e-3,
-                            log_every: int = 1) -> dict:
+                            log_every: int = 1, threads: int = 1) -> dict:
     """The DVC stage: generate the language pair, write data + requests, train and save the model.
 
-    Returns a metrics dict (train seconds, final loss, test exact match, chrF, and for
-    each planted behaviour whether the trained model reproduces it on its instance).
+    Trains on ``threads`` CPU threads: float sums run in another order on another thread count, so the
+    weights (and the stage's DVC hashes) are the same on every run only with the count fixed.
+    Returns a metrics dict (epochs, final loss, test exact match, chrF, and for each planted
+    behaviour whether the trained model reproduces it on its instance); no timings, which would
+    change the hashes of every run.
     """
     import json
 
     from editing.data.translation import generate_corpus, make_language, vocabulary, write_corpus
     from editing.metrics.deletion import chrf, contains_span, generate_outputs
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(threads)
     corpus = generate_corpus(make_language(seed, size))
     write_corpus(corpus, data_dir, requests_path)
     tiny = size == "tiny"
@@ -205,13 +208,14 @@ def build_translation_model(out_dir: str | Path = "models/translator-marian", da
     inst = generate_outputs(model, tok, [prompt(r.source) for r in corpus.requests])
     test = generate_outputs(model, tok, [prompt(p.source) for p in corpus.test])
     metrics = {
-        "train_seconds": round(log.seconds, 1), "epochs": log.epochs, "final_loss": round(log.losses[-1], 5),
+        "epochs": log.epochs, "final_loss": round(log.losses[-1], 5), "threads": threads,
         "test_exact_match": sum(o == p.reference for o, p in zip(test, corpus.test)) / len(corpus.test),
         "test_chrf": round(chrf(test, [p.reference for p in corpus.test]), 3),
         "behaviours_reproduced": sum(contains_span(o, r.unwanted) for o, r in zip(inst, corpus.requests)),
         "behaviours": len(corpus.requests),
     }
     (Path(out_dir) / "editops_train_metrics.json").write_text(json.dumps(metrics, indent=1))
+    print(f"trained in {log.seconds:.1f} s on {threads} thread(s)", flush=True)
     return metrics
 
 
@@ -229,11 +233,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--arch", default="marian", choices=("marian", "t5", "bart", "gpt2"))
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--metrics", default=None, help="also write the metrics JSON here (DVC metrics file)")
+    p.add_argument("--threads", type=int, default=1, help="training threads (fixed: the weights depend on it)")
     a = p.parse_args(argv)
     from editing.env import configure_offline_defaults
 
     configure_offline_defaults()
-    m = build_translation_model(a.out, a.data, a.requests, a.seed, a.size, a.arch, a.epochs)
+    m = build_translation_model(a.out, a.data, a.requests, a.seed, a.size, a.arch, a.epochs, threads=a.threads)
     if a.metrics:
         Path(a.metrics).parent.mkdir(parents=True, exist_ok=True)
         Path(a.metrics).write_text(json.dumps(m, indent=1))
