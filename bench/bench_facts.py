@@ -118,18 +118,13 @@ def _reset_peak_rss() -> bool:
 
 def _base_outputs(model_name: str, loaded, reqs, held, cache_dir: Path):
     from editing.metrics.facts import BaseOutputs
-    from editing.metrics.text import heldout_sha256
 
     path = cache_dir / f"{model_name}-{loaded.fingerprint[:16]}.json"
     if path.is_file():
         base = BaseOutputs.load(path)
         n_new = base.extend(loaded.model, loaded.tokenizer, reqs)
-        if base.heldout_sha256 == heldout_sha256(held) and not n_new:
+        if not base.measure_heldout(loaded.model, loaded.tokenizer, held) and not n_new:
             return base
-        if base.heldout_sha256 != heldout_sha256(held):
-            from editing.metrics.text import perplexity
-
-            base.perplexity, base.heldout_sha256 = perplexity(loaded.model, loaded.tokenizer, held), heldout_sha256(held)
     else:
         base = BaseOutputs.compute(loaded.model, loaded.tokenizer, reqs, heldout_texts=held,
                                    model_fingerprint=loaded.fingerprint, progress=True)

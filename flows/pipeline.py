@@ -259,12 +259,9 @@ def ensure_base_outputs(ctx: LineContext, requests: Sequence[Any]) -> None:
 
         if ctx.base_cache is None and path.is_file():
             ctx.base_cache = BaseOutputs.load(path)
-        from editing.metrics.text import heldout_sha256
-
         # the base perplexity is of this line's held-out text (a line whose `heldout` changed measures it again)
-        needs_ppl = bool(ctx.heldout) and ctx.base_cache is not None and (
-            ctx.base_cache.perplexity is None or ctx.base_cache.heldout_sha256 != heldout_sha256(ctx.heldout))
-        if ctx.base_cache is not None and not ctx.base_cache.missing(requests) and not needs_ppl:
+        if (ctx.base_cache is not None and not ctx.base_cache.missing(requests)
+                and ctx.base_cache.covers_heldout(ctx.heldout)):
             return
         base = _load_base(ctx)
         if ctx.base_cache is None:
@@ -272,11 +269,7 @@ def ensure_base_outputs(ctx: LineContext, requests: Sequence[Any]) -> None:
                                                  model_fingerprint=base_fp)
         else:
             ctx.base_cache.extend(base.model, base.tokenizer, requests)
-            if needs_ppl:
-                from editing.metrics.text import perplexity
-
-                ctx.base_cache.perplexity = perplexity(base.model, base.tokenizer, ctx.heldout)
-                ctx.base_cache.heldout_sha256 = heldout_sha256(ctx.heldout)
+            ctx.base_cache.measure_heldout(base.model, base.tokenizer, ctx.heldout)
         ctx.base_cache.save(path)
         return
     from editing.metrics.deletion import cache_base_outputs, unrelated_probes

@@ -397,6 +397,19 @@ class BaseOutputs:
             self.scores.update(score_pairs(model, tokenizer, missing))
         return len(missing)
 
+    def covers_heldout(self, heldout_texts: Sequence[str] | None) -> bool:
+        """Whether the cached base perplexity is of ``heldout_texts`` (nothing to cover when there are none)."""
+        return not heldout_texts or (self.perplexity is not None
+                                     and self.heldout_sha256 == heldout_sha256(heldout_texts))
+
+    def measure_heldout(self, model: nn.Module, tokenizer, heldout_texts: Sequence[str] | None) -> bool:
+        """Measure the base perplexity on ``heldout_texts`` unless the cache already holds it (``model`` must be
+        the base model); returns whether it measured."""
+        if self.covers_heldout(heldout_texts):
+            return False
+        self.perplexity, self.heldout_sha256 = perplexity(model, tokenizer, heldout_texts), heldout_sha256(heldout_texts)
+        return True
+
     def save(self, path: str | Path) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -111,7 +111,6 @@ def base_outputs_for(base_dir: str, requests, heldout_spec: str | None, cache_di
     """The base model's :class:`BaseOutputs` (cached per base fingerprint and extended with missing pairs)
     and the held-out texts of ``heldout_spec`` (``samples:N`` sampled from that base model)."""
     from editing.metrics.facts import BaseOutputs
-    from editing.metrics.text import heldout_sha256
     from editing.models import load
 
     loaded = load(base_dir, mlp_out_template=mlp_out_template)
@@ -124,11 +123,7 @@ def base_outputs_for(base_dir: str, requests, heldout_spec: str | None, cache_di
     else:
         base = BaseOutputs.compute(loaded.model, loaded.tokenizer, requests, model_fingerprint=fp, progress=True)
         changed = True
-    if heldout and base.heldout_sha256 != heldout_sha256(heldout):
-        from editing.metrics.text import perplexity
-
-        base.perplexity, base.heldout_sha256 = perplexity(loaded.model, loaded.tokenizer, heldout), heldout_sha256(heldout)
-        changed = True
+    changed = base.measure_heldout(loaded.model, loaded.tokenizer, heldout) or changed
     if changed:
         base.save(path)
     return base, heldout
@@ -277,7 +272,6 @@ def eval_(
     """Print the CounterFact metrics (facts) or deletion metrics (deletions) of a model on a request file."""
     from editing.formats import read_requests, request_kind
     from editing.metrics.facts import BaseOutputs, evaluate_facts
-    from editing.metrics.text import heldout_sha256
     from editing.models import load
 
     console = _console()
@@ -304,7 +298,7 @@ def eval_(
         if base_outputs.missing(reqs):
             console.print("[yellow]the cached base outputs do not cover these requests; pass --base to score them[/]")
             base_outputs = None
-        elif held and base_outputs.heldout_sha256 != heldout_sha256(held):
+        elif not base_outputs.covers_heldout(held):
             console.print("[yellow]the cached base perplexity is for other held-out text; pass --base for drift[/]")
             base_outputs.perplexity = None
     prompts = [r.text for r in reqs[:fluency_n]] if fluency_n else None
