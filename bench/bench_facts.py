@@ -219,14 +219,16 @@ def window_table(row: dict) -> str:
 
 
 def run_one(model: BenchModel, editor_name: str, batch_size: int, limit: int | None, checkpoints: int,
-            cache_dir: Path, hparams: dict, heldout: str | None = None) -> dict:
-    """One configuration, in this process: load, edit sequentially, evaluate at checkpoints."""
+            cache_dir: Path, hparams: dict, heldout: str | None = None, also_heldout: tuple[str, ...] = ()) -> dict:
+    """One configuration, in this process: load, edit sequentially, evaluate at checkpoints. Each of
+    ``also_heldout`` is a second held-out text whose drift (perplexity / the base's − 1, the base measured here,
+    not cached) is reported at every checkpoint under ``drift_also``."""
     import torch
 
     from editing.editors import get_editor
     from editing.formats import read_requests
     from editing.metrics.facts import evaluate_facts
-    from editing.metrics.text import heldout_texts
+    from editing.metrics.text import heldout_texts, perplexity
     from editing.models import load
     from editing.runner import run_sequential
 
@@ -235,6 +237,8 @@ def run_one(model: BenchModel, editor_name: str, batch_size: int, limit: int | N
     heldout = heldout or model.heldout
     held = heldout_texts(heldout, model=loaded.model, tokenizer=loaded.tokenizer)   # samples:N: the base's own
     base = _base_outputs(model.name, loaded, reqs, held, cache_dir)
+    also = {spec: heldout_texts(spec, model=loaded.model, tokenizer=loaded.tokenizer) for spec in also_heldout}
+    also_base = {spec: perplexity(loaded.model, loaded.tokenizer, texts) for spec, texts in also.items()}
     n_batches = -(-len(reqs) // batch_size)
     marks = sorted({max(1, round(n_batches * (i + 1) / checkpoints)) for i in range(checkpoints)})
     hparams = dict(hparams)
@@ -260,8 +264,11 @@ def run_one(model: BenchModel, editor_name: str, batch_size: int, limit: int | N
         done = reqs[: min(len(reqs), record.index * batch_size)]
         final = record.index == n_batches
         s = evaluate_facts(loaded.model, loaded.tokenizer, done, base=base, earlier=first, heldout_texts=held)
-        eval_seconds += time.perf_counter() - t0
         point = {"n_edits": len(done), **{k: v for k, v in s.summary().items() if k != "per_request"}}
+        if also:
+            point["drift_also"] = {spec: perplexity(loaded.model, loaded.tokenizer, texts) / also_base[spec] - 1.0
+                                   for spec, texts in also.items()}
+        eval_seconds += time.perf_counter() - t0
         bounds = [0] + [p["n_edits"] for p in curve] + [len(done)]
         spans = list(zip(bounds, bounds[1:]))
         windows, relations = split_metrics(s, done, base, spans if final else spans[-1:], by_relation=final)
@@ -273,7 +280,8 @@ def run_one(model: BenchModel, editor_name: str, batch_size: int, limit: int | N
               f"paraphrase {s.paraphrase if s.paraphrase is not None else float('nan'):.3f} "
               f"neighbourhood {s.neighbourhood if s.neighbourhood is not None else float('nan'):.3f} "
               f"retention {s.retention if s.retention is not None else float('nan'):.3f} "
-              f"ppl drift {point['perplexity_drift'] if point.get('perplexity_drift') is not None else float('nan'):+.2%}",
+              f"ppl drift {point['perplexity_drift'] if point.get('perplexity_drift') is not None else float('nan'):+.2%}"
+              + "".join(f" | drift on {spec} {d:+.2%}" for spec, d in point.get("drift_also", {}).items()),
               flush=True)
 
     rss_loaded = _rss_mb("VmRSS")
@@ -290,6 +298,7 @@ def run_one(model: BenchModel, editor_name: str, batch_size: int, limit: int | N
     return {
         "model": model.name, "editor": editor_name, "batch_size": batch_size, "n_requests": len(reqs),
         "date": time.strftime("%Y-%m-%d"), "requests_file": model.requests, "heldout": heldout,
+        "also_heldout": {spec: {"base_perplexity": also_base[spec]} for spec in also},
         "hyperparameters": getattr(editor, "hyperparameters", hparams), "edited_layers": edited_layers,
         "lam_used": run.state.meta.get("lam") if run.state is not None else None,  # λ after calibration
         # every hyperparameter as the editor resolved it (corpus, layers, λ, locus), where it keeps them
@@ -406,6 +415,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--heldout", default=None, help="held-out text for the perplexity drift instead of the model's "
                     "(a file, stdlib:N, or samples:N: N texts the unedited model samples itself)")
+    ap.add_argument("--also-heldout", action="append", default=[], help="a second held-out text (same forms as "
+                    "--heldout) whose drift is also reported at every checkpoint; repeatable")
     ap.add_argument("--set", action="append", default=[], help="editor hyperparameter key=value (all editors)")
     ap.add_argument("--out", default="bench/results/facts.json")
     ap.add_argument("--plot", default=None, help="the plot's path (default: --out with the suffix .png)")
@@ -434,7 +445,7 @@ def main(argv: list[str] | None = None) -> None:
         model = _lookup(name)
         limit = args.limit_smollm2 if name == "smollm2" and args.limit_smollm2 else args.limit
         result = run_one(model, editor, int(bs), limit, args.checkpoints, Path(args.cache_dir), hparams,
-                         heldout=args.heldout)
+                         heldout=args.heldout, also_heldout=tuple(args.also_heldout))
         Path(args.single_out).write_text(json.dumps(result, default=str))
         print(window_table(result), flush=True)
         return
@@ -472,6 +483,8 @@ def main(argv: list[str] | None = None) -> None:
                     cmd += ["--set", item]
                 if args.heldout:
                     cmd += ["--heldout", args.heldout]
+                for spec in args.also_heldout:
+                    cmd += ["--also-heldout", spec]
                 print(f"== {name} / {editor} / batch {bs}", flush=True)
                 t0 = time.perf_counter()
                 try:

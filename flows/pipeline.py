@@ -300,6 +300,31 @@ def _load_base(ctx: LineContext):
     return _BASES[src]
 
 
+def _sampled_heldout(ctx: LineContext) -> None:
+    """``ctx.heldout`` for a fact line whose ``heldout`` is ``samples:N``: the texts its base model samples itself,
+    sampled once per (line, base fingerprint, spec) and kept in ``<workdir>/heldout/``, so every later run gates on
+    the same texts and a run with nothing queued never loads the base to sample. An unreadable file is sampled
+    again and rewritten."""
+    spec = ctx.line.heldout
+    if ctx.heldout is not None or ctx.line.kind != "fact" or not spec or not spec.startswith("samples"):
+        return
+    from editing.atomic import write_text_atomic
+    from editing.metrics.text import heldout_texts
+
+    fp = ctx.head.base_fingerprint
+    path = ctx.cfg.workdir / "heldout" / f"{ctx.line.name}-{fp[:16]}-{spec.replace(':', '-')}.json"
+    try:
+        kept = json.loads(path.read_text(encoding="utf-8"))
+        if kept["spec"] == spec and kept["base_fingerprint"] == fp and all(isinstance(t, str) for t in kept["texts"]):
+            ctx.heldout = list(kept["texts"])
+            return
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    base = _load_base(ctx)
+    ctx.heldout = heldout_texts(spec, model=base.model, tokenizer=base.tokenizer)
+    write_text_atomic(path, json.dumps({"spec": spec, "base_fingerprint": fp, "texts": ctx.heldout}))
+
+
 def _snapshot(model, delta) -> dict[str, Any]:
     """Copies of the weights a weight delta touches (restored exactly when its gates fail)."""
     if delta.kind != "weight":
@@ -458,11 +483,10 @@ def process_line(cfg: ProjectConfig, ledger: Ledger, registry, line: LineConfig,
     try:
         registry.ensure_line(line.name, line.base_model)
         ctx = LineContext(cfg=cfg, line=line, ledger=ledger, registry=registry, report=report, say=say)
-        if line.heldout and line.kind == "fact":
+        if line.heldout and line.kind == "fact" and not line.heldout.startswith("samples"):
             from editing.metrics.text import heldout_texts
 
-            base = _load_base(ctx) if line.heldout.startswith("samples") else None   # the line's base samples itself
-            ctx.heldout = heldout_texts(line.heldout, model=base and base.model, tokenizer=base and base.tokenizer)
+            ctx.heldout = heldout_texts(line.heldout)   # a file or stdlib:N: read now, a bad path fails the run early
         for attempt in range(5):
             moved = list(reconcile(ledger, registry, line.name))
             if moved:
@@ -474,6 +498,7 @@ def process_line(cfg: ProjectConfig, ledger: Ledger, registry, line: LineConfig,
                 break
             say(f"{line.name}: {len(queued)} queued ticket(s), editor {line.editor}, batches of {line.batch_size}")
             _materialize(ctx)
+            _sampled_heldout(ctx)
             ctx.earlier = _earlier_requests(ctx)
             tickets = [row.ticket() for row in queued]
             try:

@@ -162,3 +162,43 @@ def test_a_line_whose_heldout_text_changed_measures_the_base_perplexity_again(tm
     assert base_outputs.heldout_sha256 == heldout_sha256(texts)
     assert base_outputs.perplexity == pytest.approx(perplexity(loaded.model, loaded.tokenizer, texts), rel=1e-6)
     assert not base_outputs.missing(reqs[:2])   # the first ticket's base scores are still there
+
+
+def test_a_sampled_heldout_text_is_sampled_once_and_kept_for_later_runs(tmp_path, tiny_model_dir, monkeypatch):
+    """``heldout: samples:N``: the line's base samples the texts once, kept under the workdir; a run with nothing
+    queued does not sample, a later run gates on the same texts, and an unreadable kept file is sampled again."""
+    import editing.stats as stats
+    from editing.metrics.facts import BaseOutputs
+    from editing.metrics.text import HELDOUT_SAMPLE_SEED, heldout_sha256
+    from flows.pipeline import run_once
+
+    real, heldout_calls = stats.model_samples, []
+
+    def counted(*args, **kwargs):   # the real sampler; only counts the held-out ones (C0's use seed 0)
+        if kwargs.get("seed") == HELDOUT_SAMPLE_SEED:
+            heldout_calls.append(kwargs.get("n"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(stats, "model_samples", counted)
+    model_dir, reqs = tiny_model_dir
+    cfg = make_project(tmp_path / "proj", base_model=str(model_dir), batch_size=1, promotion="auto", gates=OPEN_GATES,
+                       hyperparameters={**FAST_NSE, "stats_dir": str(tmp_path / "stats")}, heldout="samples:3")
+
+    def run(ticket=None):
+        if ticket is not None:
+            (cfg.inbox / f"{ticket[0].request_id}.json").write_text(json.dumps(fact_tickets(ticket)))
+        run_once(cfg, engine="local", say=lambda *_: None)
+
+    run(reqs[:1])
+    (kept,) = (cfg.workdir / "heldout").glob("facts-*-samples-3.json")
+    texts = json.loads(kept.read_text())["texts"]
+    assert heldout_calls == [3] and len(texts) == 3
+    run()                                   # nothing queued: no sampling
+    run(reqs[1:2])                          # the kept texts, not a new sample
+    assert heldout_calls == [3]
+    (cached,) = (cfg.workdir / "base-outputs").glob("facts-*.json")
+    assert BaseOutputs.load(cached).heldout_sha256 == heldout_sha256(texts)
+    assert len(Ledger(cfg.ledger_url).rows(line="facts", state="applied")) == 2
+    kept.write_text("{not json")            # a damaged file is sampled again (same seed: the same texts)
+    run(reqs[2:3])
+    assert heldout_calls == [3, 3] and json.loads(kept.read_text())["texts"] == texts
