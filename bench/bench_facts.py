@@ -35,6 +35,7 @@ includes the resident model.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -95,7 +96,7 @@ def _resolve(model: BenchModel) -> BenchModel:
     from editing import catalog
 
     entry = catalog.get(CATALOG_NAMES[model.name])
-    return BenchModel(model.name, str(entry.model_path(ROOT)), str(entry.requests_path(ROOT)), model.heldout)
+    return dataclasses.replace(model, model_dir=str(entry.model_path(ROOT)), requests=str(entry.requests_path(ROOT)))
 
 
 def _rss_mb(field: str) -> float | None:
