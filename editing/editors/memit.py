@@ -106,7 +106,6 @@ def _at_locus(hp: EditHparams) -> EditHparams:
     return replace(hp, subject_key_weight=0.0) if hp.locus != "subject" else hp
 
 
-
 def knee_lambda(trials: Sequence[dict[str, float]], residual_tol: float) -> float:
     """The λ of the residual knee among calibration ``trials`` (``lam``, ``success``, ``max_relative_residual``
     each): of the trials with the best success rate, the largest λ whose residual is at most
@@ -125,6 +124,7 @@ def knee_lambda(trials: Sequence[dict[str, float]], residual_tol: float) -> floa
     if knee:
         return max(knee, key=lambda t: t["lam"])["lam"]
     return min(best, key=lambda t: (t["max_relative_residual"], -t["lam"]))["lam"]
+
 
 class EditDidNotTakeWarning(UserWarning):
     """Some edits of a batch did not make ``target_new`` the model's top prediction."""
