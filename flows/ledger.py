@@ -21,13 +21,14 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import sqlalchemy as sa
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
 from editing.errors import EditopsError
 
@@ -161,6 +162,30 @@ def _row(r) -> TicketRow:
     )
 
 
+# any fixed 64-bit key; PostgreSQL advisory locks are per database, so every editops ledger shares it
+_CREATE_LOCK_KEY = 0x6564_6974_6F70_73  # "editops"
+
+
+def _create_tables(engine: sa.Engine, attempts: int = 5) -> None:
+    """Create the missing ledger tables, safe when several processes open a new ledger at once.
+
+    On PostgreSQL the check-then-create runs in one transaction holding an advisory
+    lock, so a second process waits and then finds the tables. Elsewhere a lost race
+    ("already exists") is retried, so the call returns only once every table exists.
+    """
+    for attempt in range(attempts):
+        try:
+            with engine.begin() as conn:
+                if conn.dialect.name == "postgresql":
+                    conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _CREATE_LOCK_KEY})
+                metadata.create_all(conn)
+            return
+        except (OperationalError, IntegrityError, ProgrammingError) as exc:
+            if "already exists" not in str(exc) or attempt == attempts - 1:
+                raise
+            time.sleep(0.1 * (attempt + 1))
+
+
 class Ledger:
     """Ticket states in any SQLAlchemy database (tables are created on first use)."""
 
@@ -181,10 +206,8 @@ class Ledger:
                 def _wal(dbapi_conn, _):  # concurrent readers while one process writes
                     dbapi_conn.execute("PRAGMA journal_mode=WAL")
                     dbapi_conn.execute("PRAGMA busy_timeout=60000")
-            metadata.create_all(self.engine)
-        except (OperationalError, IntegrityError) as exc:
-            if "already exists" in str(exc):  # two processes creating the tables at once
-                return
+            _create_tables(self.engine)
+        except (OperationalError, IntegrityError, ProgrammingError) as exc:
             raise LedgerError(f"cannot open the ledger at {_safe_url(url)}: {exc.orig}") from exc
 
     # -------------------------------------------------------------- writing
