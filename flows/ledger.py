@@ -166,12 +166,17 @@ def _row(r) -> TicketRow:
 _CREATE_LOCK_KEY = 0x6564_6974_6F70_73  # "editops"
 
 
-def _create_tables(engine: sa.Engine, attempts: int = 5) -> None:
+# a lost race to create the tables: another opener made them first, or (SQLite) held the write lock when this
+# one's read-then-create transaction or WAL switch needed it (SQLite answers that at once, without busy-waiting)
+_LOST_RACE = ("already exists", "database is locked")
+
+
+def _create_tables(engine: sa.Engine, attempts: int = 10) -> None:
     """Create the missing ledger tables, safe when several processes open a new ledger at once.
 
     On PostgreSQL the check-then-create runs in one transaction holding an advisory
     lock, so a second process waits and then finds the tables. Elsewhere a lost race
-    ("already exists") is retried, so the call returns only once every table exists.
+    (:data:`_LOST_RACE`) is retried, so the call returns only once every table exists.
     """
     for attempt in range(attempts):
         try:
@@ -181,7 +186,7 @@ def _create_tables(engine: sa.Engine, attempts: int = 5) -> None:
                 metadata.create_all(conn)
             return
         except (OperationalError, IntegrityError, ProgrammingError) as exc:
-            if "already exists" not in str(exc) or attempt == attempts - 1:
+            if not any(m in str(exc) for m in _LOST_RACE) or attempt == attempts - 1:
                 raise
             time.sleep(0.1 * (attempt + 1))
 
