@@ -181,11 +181,14 @@ def module_inputs_at(model: nn.Module, module_names: Sequence[str], rows: Sequen
     unique: dict[tuple[int, ...], int] = {}
     row_of = [unique.setdefault(tuple(r), len(unique)) for r in rows]
     distinct = [list(r) for r in unique]
+    by_chunk: dict[int, list[int]] = {}   # chunk index → the requests whose row lies in it
+    for i, u in enumerate(row_of):
+        by_chunk.setdefault(u // chunk, []).append(i)
     out: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     taken: list[int] = []   # which request each gathered input answers, in gathering order
     device = next(model.parameters()).device
     for c in range(0, len(distinct), chunk):
-        wanted = [i for i, u in enumerate(row_of) if c <= u < c + chunk]
+        wanted = by_chunk[c // chunk]
         taken.extend(wanted)
         ids, mask = pad_right(distinct[c:c + chunk], pad_id)
         ar = torch.tensor([row_of[i] - c for i in wanted], device=device)
