@@ -30,7 +30,8 @@ class EditHparams:
 
     layers: tuple[int, ...] | None = None
     # where keys are read and values written: "subject" (the subject's last token), "last" (the prompt's
-    # last token) or "auto" (the preset's, else measured with λ; with a fixed λ and no preset: "subject").
+    # last token) or "auto" (the preset's, else measured: calibration edits at each locus, at the λ given or
+    # calibrated there; the locus whose edits take more often wins, the subject's on a tie).
     # At "last" the subject-alone keys are off (subject_key_weight: keys of the subject's last token).
     locus: str = "auto"
     lam: float | None = None                 # weight of C0 in the regulariser (MEMIT's mom2_update_weight)
@@ -86,17 +87,26 @@ class EditHparams:
     # "kept": their moments are accumulated into C_edits like the prompt keys
     subject_frame: str = "kept"
     residual_tol: float = 0.3                # ‖z − h‖ / ‖z − h₀‖ above this is re-edited
+    # λ of repass p (1, 2, …) = λ · repass_lam_factor^p: 1 re-edits at the same λ; below 1 the requests still
+    # short of their value are re-edited under a weaker regulariser, so λ can start high (small updates for
+    # the requests that take easily) and only the hard ones get the stronger update
+    repass_lam_factor: float = 1.0
+    # which requests a repass re-edits: "residual" (‖z − h‖ / ‖z − h₀‖ > residual_tol) or "not_taken" (target_new
+    # is not yet the top prediction); the residual can plateau above the tolerance where every edit took
+    repass_on: str = "residual"
     on_noop: str = "report"                  # "report": skip and say so; "raise": NoOpEditError
     warn_below: float = 0.9                  # warn when the batch's success rate is below this
     source: str = "default"
 
     _CHOICES = {"context": ("generated", "fixed"), "subject_frame": ("kept", "batch"), "on_noop": ("report", "raise"),
-                "locus": ("auto", "subject", "last")}
+                "locus": ("auto", "subject", "last"), "repass_on": ("residual", "not_taken")}
 
     def __post_init__(self) -> None:
         for name, allowed in self._CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise HyperparameterError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        if not 0 < self.repass_lam_factor <= 1:
+            raise HyperparameterError(f"repass_lam_factor={self.repass_lam_factor!r} must be in (0, 1]")
         for f in fields(self):  # the on/off fields: "False" from a command line would otherwise count as on
             if f.type == "bool" and not isinstance(getattr(self, f.name), bool):
                 raise HyperparameterError(f"{f.name}={getattr(self, f.name)!r} must be true or false")

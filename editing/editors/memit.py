@@ -215,21 +215,21 @@ class MemitEditor:
     def _resolve(self, model, tokenizer, spec, requests, state: EditorState | None, fp: str) -> EditHparams:
         """Layers, λ and locus of this batch: from the state (a line keeps its first batch's choice), else
         the hyperparameters and the model's preset, else measured (:meth:`_measure`). With ``locus="auto"``
-        and λ to calibrate, both loci are measured and the one whose calibration edits take more often is
-        kept (the subject's on a tie, and without trying the other once the subject's all take)."""
+        (no preset naming one) both loci are measured, at the calibrated λ or at the λ given, and the one
+        whose calibration edits take more often is kept (the subject's on a tie, and without trying the other
+        once the subject's all take)."""
         hp = with_model_defaults(self._with_context(model, tokenizer, self.hp, state), model)
         if state is not None and state.meta.get("layers"):
             return _at_locus(replace(hp, layers=tuple(state.meta["layers"]), lam=state.meta.get("lam", hp.lam),
                                      source=state.meta.get("source", hp.source),
                                      locus=state.meta.get("locus", "subject")))
         hp = with_preset(hp, model)
-        if hp.locus == "auto" and hp.lam is not None:
-            hp = replace(hp, locus="subject")
         loci = LOCI if hp.locus == "auto" else (hp.locus,)
         best, rates = None, {}
         for locus in loci:
             cand, notes, rates[locus] = self._measure(model, tokenizer, spec, requests,
-                                                      _at_locus(replace(hp, locus=locus)), fp)
+                                                      _at_locus(replace(hp, locus=locus)), fp,
+                                                      rate_needed=len(loci) > 1)
             if best is None or rates[locus] > rates[best[0].locus]:
                 best = (cand, notes)
             if rates[locus] >= 1.0:
@@ -239,10 +239,11 @@ class MemitEditor:
             self._notes["locus_trials"] = rates   # calibration success rate per locus tried
         return hp
 
-    def _measure(self, model, tokenizer, spec, requests, hp: EditHparams, fp: str) -> tuple[EditHparams, dict, float]:
+    def _measure(self, model, tokenizer, spec, requests, hp: EditHparams, fp: str,
+                 rate_needed: bool = False) -> tuple[EditHparams, dict, float]:
         """Layers by causal trace at ``hp.locus`` where none are set, λ by :meth:`_calibrate` where none is set.
         Returns the completed hyperparameters, notes for the delta, and the calibration edits' success rate
-        at the chosen λ (1.0 where λ was given: nothing was measured)."""
+        at the chosen λ (where λ was given: measured at that λ if ``rate_needed``, else 1.0 unmeasured)."""
         notes: dict[str, Any] = {}
         if hp.layers is None:
             from editing.editors.layers import choose_layers
@@ -252,12 +253,14 @@ class MemitEditor:
             hp = replace(hp, layers=tr.layers, source="measured")
             notes["trace_effects"] = [round(e, 4) for e in tr.effects]
         rate = 1.0
-        if hp.lam is None:
+        if hp.lam is None or rate_needed:
             reqs = (self.calibration_requests or list(requests))[:4]
-            lam, trials = self._calibrate(model, tokenizer, spec, reqs, hp, fp)
+            grid = DEFAULT_LAMBDA_GRID if hp.lam is None else (hp.lam,)
+            lam, trials = self._calibrate(model, tokenizer, spec, reqs, hp, fp, grid)
             notes["calibration_requests"] = [r.request_id for r in reqs]
-            hp = replace(hp, lam=lam, source="measured" if hp.source in ("default", "measured")
-                         else f"{hp.source}; λ measured")
+            if hp.lam is None:
+                hp = replace(hp, lam=lam, source="measured" if hp.source in ("default", "measured")
+                             else f"{hp.source}; λ measured")
             notes["lambda_trials"] = trials
             rate = next(t["success"] for t in trials if t["lam"] == lam)
         return hp, notes, rate
@@ -273,8 +276,9 @@ class MemitEditor:
             templates = _generated_templates(model, tokenizer)
         return replace(hp, value=replace(hp.value, context_templates=tuple(templates)))
 
-    def _calibrate(self, model, tokenizer, spec, reqs, hp: EditHparams, fp: str):
-        """Largest λ of the grid (strongest protection of C0's keys) at which the calibration edits
+    def _calibrate(self, model, tokenizer, spec, reqs, hp: EditHparams, fp: str,
+                   grid: Sequence[float] = DEFAULT_LAMBDA_GRID):
+        """Largest λ of ``grid`` (strongest protection of C0's keys) at which the calibration edits
         take AND are written (nearly) as fully as any λ writes them: every request's target is top-1
         and the worst relative value residual ``max_i ‖z_i − h_L‖ / ‖z_i − h_L⁰‖`` is at most
         ``max(residual_tol, 1.1 × the smallest residual over the grid)`` (values computed once).
@@ -295,7 +299,7 @@ class MemitEditor:
             z = compute_values(model, tokenizer, spec, reqs, layers[-1], hp.value, locus=hp.locus).z.double()
             rows, pos = self._bare_rows(tokenizer, reqs, hp.locus)
             h0 = block_outputs_at(model, spec, layers[-1], rows, pos, pad_id_of(tokenizer)).double()
-            for lam in DEFAULT_LAMBDA_GRID:
+            for lam in sorted(grid, reverse=True):
                 trial = replace(hp, lam=lam, nullspace=False, neuron_share=None)
                 self._spread(model, tokenizer, spec, reqs, layers, z, C0, {}, {}, trial)
                 top, _ = score_targets(model, tokenizer, [r.text for r in reqs], [r.target_new for r in reqs])
@@ -484,17 +488,24 @@ class MemitEditor:
                 factors, moments = self._spread(model, tokenizer, spec, active, layers, z, C0, C_edits, P, hp, sibs,
                                                 holds)
                 for p in range(hp.repasses):
-                    h = block_outputs_at(model, spec, layers[-1], rows, pos, pad_id_of(tokenizer)).double()
-                    ratio = (z - h).norm(dim=1) / (z - h0).norm(dim=1).clamp(min=1e-12)
-                    redo = [i for i, x in enumerate(ratio.tolist()) if x > hp.residual_tol]
+                    if hp.repass_on == "not_taken":
+                        taken, _ = score_targets(model, tokenizer, [r.text for r in active],
+                                                 [r.target_new for r in active])
+                        redo = [i for i, t in enumerate(taken) if not t]
+                    else:
+                        h = block_outputs_at(model, spec, layers[-1], rows, pos, pad_id_of(tokenizer)).double()
+                        ratio = (z - h).norm(dim=1) / (z - h0).norm(dim=1).clamp(min=1e-12)
+                        redo = [i for i, x in enumerate(ratio.tolist()) if x > hp.residual_tol]
                     if not redo:
                         break
                     sub = [active[i] for i in redo]
-                    f2, _ = self._spread(model, tokenizer, spec, sub, layers, z[redo], C0, C_edits, P, hp, sibs,
-                                         holds)
+                    lam_p = hp.lam * hp.repass_lam_factor ** (p + 1) if hp.lam is not None else None
+                    f2, _ = self._spread(model, tokenizer, spec, sub, layers, z[redo], C0, C_edits, P,
+                                         replace(hp, lam=lam_p), sibs, holds)
                     merged = LowRankDelta(factors).compose(LowRankDelta(f2)).compact(rank=len(active))
                     factors = merged.factors
                     meta_extra.setdefault("repassed", []).append([active[i].request_id for i in redo])
+                    meta_extra.setdefault("repass_lams", []).append(lam_p)
                 self._restore(model, saved)
                 for l, n in zip(layers, names):
                     if hp.accumulate:

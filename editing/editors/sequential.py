@@ -48,8 +48,11 @@ Same pipeline as MEMIT (:mod:`editing.editors.memit`) with sequential choices, e
   weights summed over batches) and later edited in that same prompt is first taken out of ``C_edits``
   (``C_edits −= w k kᵀ``, ``k`` its current key), so its old answer no longer resists its own edit;
 - ``repasses``: requests whose residual ``‖z − h‖/‖z − h₀‖`` is still above
-  ``residual_tol`` are edited again (≤ 2 passes in NSE); the passes are merged and
-  compacted to rank ≤ batch size.
+  ``residual_tol`` (``repass_on="residual"``), or whose target is not yet the top prediction
+  (``"not_taken"``), are edited again (≤ 2 passes in NSE); the passes are merged and
+  compacted to rank ≤ batch size. Repass ``p`` solves with ``λ · repass_lam_factor^p`` (default 1:
+  the same λ), so a high λ can hold the requests that take easily to small updates and only the
+  others get the weaker regulariser.
 
 State per edited layer (fixed size, whatever the number of earlier edits), plus the two ledgers in the
 metadata (strings and weights; they grow with the distinct (subject, prompt) pairs, and a batch reads only

@@ -30,7 +30,7 @@ class applied:
         self.model.load_state_dict(self.saved)
 
 
-FAST = {"layers": [0], "lam": 30.0, "value": {"context_templates": ("{}",), "steps": 15}}
+FAST = {"layers": [0], "locus": "subject", "lam": 30.0, "value": {"context_templates": ("{}",), "steps": 15}}
 
 
 def _hp(tmp_path, **kw):

@@ -60,7 +60,7 @@ def test_the_state_ledger_lists_each_subjects_edited_prompts(tiny_llama, facts, 
     first = requests(facts, 36)
     a = first[0]
     b = next(r for r in first if r.subject == a.subject and r.relation != a.relation)
-    kw = {"layers": [0], "lam": 30.0, "siblings": 0, "corpus": "samples:8", "stats_dir": str(tmp_path),
+    kw = {"layers": [0], "locus": "subject", "lam": 30.0, "siblings": 0, "corpus": "samples:8", "stats_dir": str(tmp_path),
           "value": {"context_templates": ("{}",), "steps": 10}}
     editor = get_editor("nse", **kw)
     s1 = editor.edit(model, tok, [a], None).state
@@ -88,7 +88,7 @@ def test_a_sibling_edited_later_in_the_same_prompt_is_released(tiny_llama, facts
                         lambda m, t, subject, n, exclude=(), seed=0, **kw: [s for s in held_for_a
                                                                            if s not in exclude][:n])
     w = 2.0
-    kw = {"layers": [0], "lam": 30.0, "siblings": 2, "sibling_weight": w, "subject_key_weight": 0.0,
+    kw = {"layers": [0], "locus": "subject", "lam": 30.0, "siblings": 2, "sibling_weight": w, "subject_key_weight": 0.0,
           "corpus": "samples:8", "stats_dir": str(tmp_path), "value": {"context_templates": ("{}",), "steps": 10}}
     name = spec.mlp_out_name(0) + "::C_edits"
     runs = {}

@@ -48,7 +48,7 @@ def test_generated_context_templates_are_the_models_own_and_carried_in_the_state
     assert t1[0] == "{}" and len(t1) == 6 and all(t.endswith(". {}") for t in t1[1:])
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     reqs = requests(facts, 3)
-    ed = get_editor("nse", layers=[0], lam=30.0, stats_dir=str(tmp_path), corpus="samples:8", value={"steps": 5})
+    ed = get_editor("nse", layers=[0], locus="subject", lam=30.0, stats_dir=str(tmp_path), corpus="samples:8", value={"steps": 5})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         res = ed.edit(model, tok, reqs[:2], None)
@@ -56,14 +56,14 @@ def test_generated_context_templates_are_the_models_own_and_carried_in_the_state
         assert tuple(res.state.meta["context_templates"]) == t1
         # a continuation uses the templates of the state, whatever the editor would generate now
         res.state.meta["context_templates"] = ["{}", "x. {}"]
-        res2 = get_editor("nse", layers=[0], lam=30.0, stats_dir=str(tmp_path), corpus="samples:8",
+        res2 = get_editor("nse", layers=[0], locus="subject", lam=30.0, stats_dir=str(tmp_path), corpus="samples:8",
                           value={"steps": 5}).edit(model, tok, reqs[2:], res.state)
     assert tuple(res2.delta.hyperparameters["value"]["context_templates"]) == ("{}", "x. {}")
     # "fixed" keeps the hand-written defaults
     from editing.editors.keys import DEFAULT_CONTEXT_TEMPLATES
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        res3 = get_editor("nse", layers=[0], lam=30.0, stats_dir=str(tmp_path), corpus="samples:8", context="fixed",
+        res3 = get_editor("nse", layers=[0], locus="subject", lam=30.0, stats_dir=str(tmp_path), corpus="samples:8", context="fixed",
                           value={"steps": 5}).edit(model, tok, reqs[:1], None)
     assert tuple(res3.delta.hyperparameters["value"]["context_templates"]) == DEFAULT_CONTEXT_TEMPLATES
 
@@ -84,7 +84,7 @@ def test_key_statistics_corpus_is_the_given_one_else_the_presets_else_the_defaul
     assert model.config.intermediate_size <= 512
     assert preset_for(model) is None and with_preset(EditHparams(), model).corpus == DEFAULT_CORPUS == "samples:512"
     # a state carrying layers/λ skips the preset, not the corpus decision
-    ed = get_editor("nse", layers=[0], lam=30.0, stats_dir=str(tmp_path), corpus="samples:8", value={"steps": 5})
+    ed = get_editor("nse", layers=[0], locus="subject", lam=30.0, stats_dir=str(tmp_path), corpus="samples:8", value={"steps": 5})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         res = ed.edit(model, tok, requests(facts, 1), None)

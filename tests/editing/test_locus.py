@@ -81,12 +81,20 @@ def test_auto_locus_is_measured_with_lambda_and_carried_in_the_state(tiny_gpt2, 
     assert res3.delta.meta["locus"] == "subject"
 
 
-def test_given_lambda_or_locus_measures_no_locus(tiny_gpt2, facts, tmp_path):
+def test_given_lambda_is_kept_and_the_locus_still_measured_at_it(tiny_gpt2, facts, tmp_path):
+    """A λ the user fixes is not a locus choice: with ``locus="auto"`` and no preset the calibration edits
+    run at that λ at each locus (a fixed λ used to mean the subject's locus, where the fact world's edits
+    never take); a locus the user gives is not measured."""
     model, tok = tiny_gpt2
     reqs = requests(facts, 2)
     kw = {"stats_dir": str(tmp_path), "corpus": "samples:8", "layers": [0], "lam": 30.0, "siblings": 0,
           "value": {"context_templates": ("{}",), "steps": 5}}
     res = _quiet(get_editor("nse", **kw).edit, model, tok, reqs, None)
+    trials = res.delta.meta["locus_trials"]
+    assert "subject" in trials and res.delta.hyperparameters["lam"] == 30.0
+    assert res.delta.meta["locus"] in trials and trials[res.delta.meta["locus"]] == max(trials.values())
+    assert [t["lam"] for t in res.delta.meta["lambda_trials"]] == [30.0]
+    res = _quiet(get_editor("nse", **kw, locus="subject").edit, model, tok, reqs, None)
     assert res.delta.meta["locus"] == "subject" and "locus_trials" not in res.delta.meta
     res = _quiet(get_editor("nse", **kw, locus="last").edit, model, tok, reqs, None)
     assert res.delta.meta["locus"] == "last" and res.delta.hyperparameters["subject_key_weight"] == 0.0

@@ -11,7 +11,7 @@ from editing.editors.siblings import parse_list_items, sibling_requests, sibling
 from editing.models import fingerprint
 from tinyworld import facts, requests, siblings_from_world, tiny_llama  # noqa: F401  (fixtures)
 
-FAST = {"layers": [0], "lam": 30.0, "value": {"context_templates": ("{}",), "steps": 15}}
+FAST = {"layers": [0], "locus": "subject", "lam": 30.0, "value": {"context_templates": ("{}",), "steps": 15}}
 
 
 def test_list_items_are_parsed_deduplicated_and_exclude_edited_subjects():

@@ -16,7 +16,7 @@ from editing.models import fingerprint
 from tinyworld import facts, requests, siblings_from_world, tiny_llama  # noqa: F401  (fixtures)
 
 TEMPLATES = ("{}", "Note that {}")
-KW = {"layers": [0], "lam": 30.0, "siblings": 0, "corpus": "samples:8",
+KW = {"layers": [0], "locus": "subject", "lam": 30.0, "siblings": 0, "corpus": "samples:8",
       "value": {"context_templates": TEMPLATES, "steps": 15}}
 
 

@@ -10,7 +10,7 @@ from editing.editors.keys import compute_text_keys, fill, prompt_ids, subject_po
 from editing.models import fingerprint
 from tinyworld import assert_held, facts, requests, tiny_llama  # noqa: F401  (fixtures)
 
-KW = {"layers": [0], "lam": 30.0, "siblings": 0, "subject_key_weight": 0.0, "corpus": "samples:8",
+KW = {"layers": [0], "locus": "subject", "lam": 30.0, "siblings": 0, "subject_key_weight": 0.0, "corpus": "samples:8",
       "accumulate": True, "value": {"context_templates": ("{}",), "steps": 15}}
 
 

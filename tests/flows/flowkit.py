@@ -48,7 +48,7 @@ import sys  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "editing"))
 
 OPEN_GATES = {"efficacy": 0.0, "paraphrase": 0.0, "neighbourhood": 0.0, "perplexity_drift": 1e9, "retention": 0.0}
-FAST_NSE = {"layers": [0], "lam": 30.0, "corpus": "samples:8", "value": {"context_templates": ["{}"], "steps": 8}}
+FAST_NSE = {"layers": [0], "locus": "subject", "lam": 30.0, "corpus": "samples:8", "value": {"context_templates": ["{}"], "steps": 8}}
 
 
 @pytest.fixture(scope="session")

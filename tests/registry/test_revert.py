@@ -26,7 +26,7 @@ def trained_dir(tmp_path_factory):
 
 
 def _hp(tmp):
-    return {"layers": [0], "lam": 30.0, "value": {"context_templates": ("{}",), "steps": 15},
+    return {"layers": [0], "locus": "subject", "lam": 30.0, "value": {"context_templates": ("{}",), "steps": 15},
             "stats_dir": str(tmp), "corpus": "samples:8"}
 
 
