@@ -170,11 +170,6 @@ def train_translator(pairs: Sequence[tuple[str, str]], words: Sequence[str], arc
     return model, tokenizer, log
 
 
-def save_translator(model, tokenizer, out_dir: str | Path) -> Path:
-    """Save model (safetensors) and tokenizer to ``out_dir`` (:func:`editing.model_dir.save_model_dir`)."""
-    return save_model_dir(model, tokenizer, out_dir)
-
-
 def build_translation_model(out_dir: str | Path = "models/translator-marian", data_dir: str | Path = "data/translation",
                             requests_path: str | Path = "data/requests/deletions.jsonl", seed: int = 0,
                             size: str = "full", arch: str = "marian", epochs: int | None = None,
@@ -201,7 +196,7 @@ def build_translation_model(out_dir: str | Path = "models/translator-marian", da
     epochs = epochs or (12 if tiny else 10)
     model, tok, log = train_translator(corpus.train, vocabulary(corpus), arch=arch, size=model_size, epochs=epochs,
                                        batch_size=16 if tiny else batch_size, lr=lr, seed=seed, log_every=log_every)
-    save_translator(model, tok, out_dir)
+    save_model_dir(model, tok, out_dir)
     prompt = (lambda s: causal_prompt(s)) if arch == "gpt2" else (lambda s: s)
     inst = generate_outputs(model, tok, [prompt(r.source) for r in corpus.requests])
     test = generate_outputs(model, tok, [prompt(p.source) for p in corpus.test])

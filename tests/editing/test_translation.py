@@ -89,9 +89,9 @@ def test_tiny_translator_reproduces_each_planted_behaviour(tiny_corpus, tiny_mar
     assert exact >= 0.8 and chrf(test, [p.reference for p in tiny_corpus.test]) >= 90
     # save / load through editops' loader (safetensors + fast tokenizer) gives the same outputs
     from editing.models import load
-    from editing.training.seq2seq import save_translator
+    from editing.model_dir import save_model_dir
 
-    save_translator(model, tok, tmp_path / "m")
+    save_model_dir(model, tok, tmp_path / "m")
     lm = load(tmp_path / "m")
     assert lm.kind == "seq2seq" and lm.spec.model_type == "marian"
     assert generate_outputs(lm.model, lm.tokenizer, [r.source for r in tiny_corpus.requests]) == outs
