@@ -499,7 +499,7 @@ class MemitEditor:
                     if not redo:
                         break
                     sub = [active[i] for i in redo]
-                    lam_p = hp.lam * hp.repass_lam_factor ** (p + 1) if hp.lam is not None else None
+                    lam_p = hp.lam * hp.repass_lam_factor ** (p + 1)   # λ is resolved by now
                     f2, _ = self._spread(model, tokenizer, spec, sub, layers, z[redo], C0, C_edits, P,
                                          replace(hp, lam=lam_p), sibs, holds)
                     merged = LowRankDelta(factors).compose(LowRankDelta(f2)).compact(rank=len(active))
