@@ -381,7 +381,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--layers", default="auto", help="comma-separated layer indices, or 'auto' (the model's preset)")
     p.add_argument("--corpus", default="auto",
                    help="corpus name (samples:N, stdlib, file:PATH, joined with +), or 'auto': the one an edit of "
-                        "this model uses by default (editing.editors.hparams.corpus_for)")
+                        "this model uses by default (editing.editors.presets.corpus_for)")
     p.add_argument("--out", default="stats")
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--summary", default=None, help="also write the JSON summary to this file")
@@ -389,7 +389,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.manual_seed(0)
     lm = load(args.model)
     if args.layers == "auto":
-        from editing.editors.hparams import preset_for
+        from editing.editors.presets import preset_for
 
         preset = preset_for(lm.model)
         if preset is None:
@@ -398,7 +398,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         layers = [int(x) for x in args.layers.split(",")]
     if args.corpus == "auto":
-        from editing.editors.hparams import corpus_for
+        from editing.editors.presets import corpus_for
 
         args.corpus = corpus_for(lm.model)
     moments = corpus_moments(lm.model, lm.tokenizer, lm.spec, layers, args.corpus, args.out, lm.fingerprint,

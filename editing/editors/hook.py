@@ -264,10 +264,10 @@ class HookHparams:
 
 
 def default_layers(model: nn.Module, spec, tokenizer=None, requests: Sequence = ()) -> tuple[int, ...]:
-    """The edited layers when none are given: the model's preset (:mod:`editing.editors.hparams`), else
+    """The edited layers when none are given: the model's preset (:mod:`editing.editors.presets`), else
     the causal trace of the first batch (:func:`editing.editors.layers.choose_layers`), as the
     neuron-level editor chooses them; without requests, MEMIT's rule of thumb (the earliest MLPs)."""
-    from editing.editors.hparams import preset_for
+    from editing.editors.presets import preset_for
 
     preset = preset_for(model)
     if preset is not None and preset.layers:

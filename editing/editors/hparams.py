@@ -1,12 +1,12 @@
-"""Hyperparameters of the closed-form editors, presets for known models, and measured choices.
+"""Hyperparameters of the closed-form editors, and how a model's preset fills those left unset.
 
 ``EditHparams`` holds everything an editor run depends on; it is recorded in
 every delta (``delta.hyperparameters``) so a version says how it was made.
 
-Presets (``PRESETS``) are keyed by ``(model_type, n_layers)``. Each says where
+Presets (:mod:`editing.editors.presets`) are keyed by ``(model_type, n_layers)``. Each says where
 its numbers come from. A model with no preset gets its layers from a causal
-trace (:func:`editing.editors.layers.choose_layers`) and its ``λ`` from
-:func:`calibrate_lambda` on a few held-out requests; the choice is recorded with
+trace (:func:`editing.editors.layers.choose_layers`) and its ``λ`` from a calibration on a few
+held-out requests over :data:`DEFAULT_LAMBDA_GRID` (``MemitEditor._calibrate``); the choice is recorded with
 ``source="measured"``. The edit locus (``locus``: the subject's last token, where large LMs
 store facts, or the prompt's last token, where small models trained on short templates look
 them up) is the preset's, else measured with λ: the locus whose calibration edits take more
@@ -20,6 +20,7 @@ from typing import Any
 
 from torch import nn
 
+from editing.editors.presets import corpus_for, preset_for
 from editing.editors.values import DEFAULT_CLAMP_NORM_FACTOR, ValueHparams
 from editing.errors import HyperparameterError
 
@@ -131,81 +132,6 @@ class EditHparams:
         return cls(value=ValueHparams(**v), **{k: val for k, val in d.items() if k in known})
 
 
-# The model's own samples (they exist for any model, whatever its vocabulary), at least 512 of them
-# (512 × 48 tokens) and at least SAMPLE_TOKENS_PER_KEY tokens per key dimension (d_ff), so that C0 is
-# estimated as well on a wide MLP as on a narrow one. Measured (bench/RESULTS.md): 64 samples (3,072
-# tokens) were too few on the fact world with d_ff 512 (100 edits, b10: neighbourhood 0.82 × base and
-# perplexity +23 % against 0.91 × and +6.7 % with 512); with d_ff 2,048 (1,000 edits, b10) 512 samples
-# (12 tokens per key dimension) gave 0.72 / 0.52 / 0.81 × base / +70 %, 2,048 samples (48) 0.74 / 0.51 /
-# 0.83 × / +46 %, 8,192 samples (192) 0.76 / 0.53 / 0.84 × / +46 %: the drift stops falling at 48.
-MIN_SAMPLES = 512
-SAMPLE_TOKENS_PER_KEY = 48
-DEFAULT_CORPUS = f"samples:{MIN_SAMPLES}"   # where the key dimension cannot be read (no known architecture)
-
-
-def default_corpus(model: nn.Module) -> str:
-    """``samples:N`` with ``N = max(MIN_SAMPLES, ⌈SAMPLE_TOKENS_PER_KEY · d_ff / L⌉)``, ``d_ff`` the key
-    dimension of the model's MLP output projection and ``L`` the sample length in tokens
-    (:func:`editing.stats.sample_length`); :data:`DEFAULT_CORPUS` where the model has no known architecture."""
-    from editing.arch import get_module, in_out_features, spec_for
-    from editing.errors import UnsupportedArchitectureError
-    from editing.stats import sample_length
-
-    try:
-        spec = spec_for(model)
-        d_ff = in_out_features(get_module(model, spec.mlp_out_name(0)))[0]
-    except UnsupportedArchitectureError:
-        return DEFAULT_CORPUS
-    n = max(MIN_SAMPLES, -(-SAMPLE_TOKENS_PER_KEY * d_ff // sample_length(model)))
-    return f"samples:{n}"
-
-
-@dataclass(frozen=True)
-class Preset:
-    layers: tuple[int, ...]
-    lam: float | None                # None: calibrated on the first batch (calibrate_lambda's criterion)
-    clamp_norm_factor: float
-    note: str
-    corpus: str | None = None        # None: default_corpus(model)
-    locus: str = "subject"
-
-
-PRESETS: dict[tuple[str, int], Preset] = {
-    # MEMIT's published settings (read from its public hparams files)
-    ("gpt2", 48): Preset((13, 14, 15, 16, 17), 2e4, 0.75, "GPT-2 XL, MEMIT paper"),
-    ("gptj", 28): Preset((3, 4, 5, 6, 7, 8), 1.5e4, 0.75, "GPT-J 6B, MEMIT paper"),
-    ("llama", 32): Preset((4, 5, 6, 7, 8), 1.5e4, 0.75, "Llama-3-8B, AlphaEdit public hparams"),
-    # GPT-2 small (12 layers): MEMIT's layer share of GPT-2 XL scaled to depth; not measured here
-    ("gpt2", 12): Preset((3, 4, 5), 2e4, 0.75, "GPT-2 small, scaled from GPT-2 XL (unmeasured)"),
-    # SmolLM2-135M (the project's default model): layers from editops' causal trace (8 facts of
-    # 3 relations, window 1: layer 0 is the detokenising MLP, excluded; the largest 5-layer window
-    # after it is 4–8: bench/RESULTS.md "Neuron-level editor: choosing the defaults"). λ is not
-    # fixed: it is calibrated on the first batch (residual knee, carried in the state); on 20
-    # countries requests it chose 1e3 (efficacy 1.00, paraphrase 0.77, neighbourhood 0.93 of the
-    # base's, probability variant); fixed λ 1e4 gave the same efficacy/paraphrase on 24 hand-written
-    # facts. The clamp is ROME's 4. C0 from the standard library's docstrings (1,567 texts, ~70k
-    # tokens) instead of 64 own samples (3,067 tokens for 1,536-dim keys): on 100 sequential country
-    # edits perplexity drift +1.1 % instead of +6.2 %, efficacy/paraphrase/retention unchanged
-    # (bench/RESULTS.md "Fact editing", 2026-11-22).
-    ("llama", 30): Preset((4, 5, 6, 7, 8), None, 4.0,
-                          "SmolLM2-135M: layers by causal trace, λ calibrated on the first batch", corpus="stdlib"),
-}
-
-
-def preset_for(model: nn.Module) -> Preset | None:
-    """The preset for this model's ``(model_type, n_layers)``, or ``None``."""
-    cfg = model.config
-    n = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
-    return PRESETS.get((getattr(cfg, "model_type", ""), int(n or 0)))
-
-
-def corpus_for(model: nn.Module) -> str:
-    """The key-statistics corpus an edit of ``model`` uses unless told otherwise: the preset's, else
-    :func:`default_corpus`."""
-    p = preset_for(model)
-    return p.corpus if p is not None and p.corpus else default_corpus(model)
-
-
 def with_model_defaults(hp: EditHparams, model: nn.Module) -> EditHparams:
     """``hp`` with what the model decides when the user did not: the key-statistics corpus
     (:func:`corpus_for`) and the value clamp (the preset's, else :data:`DEFAULT_CLAMP_NORM_FACTOR`).
@@ -236,23 +162,5 @@ def with_preset(hp: EditHparams, model: nn.Module) -> EditHparams:
                    source=f"preset: {p.note}")
 
 
+# λ tried by the calibration, strongest protection of C0's keys first
 DEFAULT_LAMBDA_GRID = (1e4, 3e3, 1e3, 3e2, 1e2, 30.0, 10.0, 3.0, 1.0, 0.3, 0.1)
-
-
-def calibrate_lambda(editor_factory, model: nn.Module, tokenizer, requests, grid=DEFAULT_LAMBDA_GRID,
-                     target: float = 1.0) -> tuple[float, list[dict[str, Any]]]:
-    """The largest ``λ`` in ``grid`` (strongest protection of C0's keys) whose edits of the
-    held-out ``requests`` succeed at rate ≥ ``target``; else the one with the best rate.
-
-    ``editor_factory(lam)`` returns an editor; nothing is applied to ``model``.
-    Returns ``(λ, trials)`` with each trial's success rate.
-    """
-    trials = []
-    for lam in sorted(grid, reverse=True):
-        res = editor_factory(lam).edit(model, tokenizer, requests, None)
-        rate = sum(d.succeeded for d in res.diagnostics) / max(len(res.diagnostics), 1)
-        trials.append({"lam": lam, "success": rate})
-        if rate >= target:
-            return lam, trials
-    best = max(trials, key=lambda t: (t["success"], t["lam"]))
-    return best["lam"], trials

@@ -7,7 +7,7 @@ import torch
 
 from editing.arch import spec_for
 from editing.editors import get_editor
-from editing.editors.hparams import preset_for
+from editing.editors.presets import preset_for
 from editing.editors.layers import causal_trace, choose_layers
 from tinyworld import facts, requests, tiny_llama  # noqa: F401  (fixtures)
 
@@ -73,7 +73,8 @@ def test_key_statistics_corpus_is_the_given_one_else_the_presets_else_the_defaul
     The corpus actually used is recorded with the delta (what the registry stores with the version)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from editing.editors.hparams import DEFAULT_CORPUS, EditHparams, with_model_defaults, with_preset
+    from editing.editors.hparams import EditHparams, with_model_defaults, with_preset
+    from editing.editors.presets import DEFAULT_CORPUS
 
     smol_shaped = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=30,
                                                num_attention_heads=2, num_key_value_heads=1))
@@ -99,7 +100,7 @@ def test_default_corpus_grows_with_the_key_dimension():
     needs 2,048 samples; a 17-token context gives 16-token samples, so d_ff 512 needs 1,536."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from editing.editors.hparams import MIN_SAMPLES, SAMPLE_TOKENS_PER_KEY, corpus_for, default_corpus
+    from editing.editors.presets import MIN_SAMPLES, SAMPLE_TOKENS_PER_KEY, corpus_for, default_corpus
     from editing.stats import sample_length
 
     def gpt2(n_inner: int, n_positions: int = 64):
@@ -117,15 +118,16 @@ def test_default_corpus_grows_with_the_key_dimension():
 def test_value_clamp_is_the_users_else_the_presets_in_every_batch(tiny_llama, facts, tmp_path, monkeypatch):
     """The bound on ‖δ‖ / ‖h‖ comes from the preset only where the user gave none, and a later batch
     (which takes layers and λ from the state) uses the same one as the first; without a preset it is 4."""
-    from editing.editors import hparams as hparams_mod
+    from editing.editors import presets
+    from editing.editors.hparams import EditHparams, with_model_defaults
     from editing.editors.values import DEFAULT_CLAMP_NORM_FACTOR
 
     model, tok = tiny_llama
     assert preset_for(model) is None
-    assert hparams_mod.with_model_defaults(hparams_mod.EditHparams(), model).value.clamp_norm_factor \
+    assert with_model_defaults(EditHparams(), model).value.clamp_norm_factor \
         == DEFAULT_CLAMP_NORM_FACTOR == 4.0
     key = (model.config.model_type, model.config.num_hidden_layers)
-    monkeypatch.setitem(hparams_mod.PRESETS, key, hparams_mod.Preset((0,), 30.0, 1.5, "test preset", corpus="samples:8"))
+    monkeypatch.setitem(presets.PRESETS, key, presets.Preset((0,), 30.0, 1.5, "test preset", corpus="samples:8"))
 
     def clamps(**value) -> list[float]:
         kw = {"stats_dir": str(tmp_path), "value": {"steps": 3, **value}}

@@ -80,7 +80,7 @@ def test_stats_command_with_corpus_auto_computes_what_an_edit_uses(tmp_path):
 
     from transformers import GPT2LMHeadModel
 
-    from editing.editors.hparams import corpus_for
+    from editing.editors.presets import corpus_for
     from editing.models import load
     from editing.stats import main
     from editing.training.causal import build_tokenizer, gpt2_config
