@@ -14,6 +14,7 @@ often wins, the subject's on a tie (``MemitEditor._resolve``).
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
@@ -92,6 +93,10 @@ class EditHparams:
     # short of their value are re-edited under a weaker regulariser, so λ can start high (small updates for
     # the requests that take easily) and only the hard ones get the stronger update
     repass_lam_factor: float = 1.0
+    # λ ladder: the first solve of a batch runs this many steps of DEFAULT_LAMBDA_GRID above λ (:func:`ladder_top`)
+    # and repass p of R at λ_top · (λ / λ_top)^(p / R), so the last pass is at λ (the calibrated one, where every
+    # calibration edit takes and is written in full); 0 (or repasses=0): every pass at λ · repass_lam_factor^p.
+    lam_ladder: int = 0
     # which requests a repass re-edits: "residual" (‖z − h‖ / ‖z − h₀‖ > residual_tol) or "not_taken" (target_new
     # is not yet the top prediction); the residual can plateau above the tolerance where every edit took
     repass_on: str = "residual"
@@ -108,6 +113,11 @@ class EditHparams:
                 raise HyperparameterError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
         if not 0 < self.repass_lam_factor <= 1:
             raise HyperparameterError(f"repass_lam_factor={self.repass_lam_factor!r} must be in (0, 1]")
+        if not isinstance(self.lam_ladder, int) or isinstance(self.lam_ladder, bool) or self.lam_ladder < 0:
+            raise HyperparameterError(f"lam_ladder={self.lam_ladder!r} must be a whole number of λ-grid steps ≥ 0")
+        if self.lam_ladder and self.repasses and self.repass_lam_factor != 1:
+            raise HyperparameterError(f"lam_ladder={self.lam_ladder} and repass_lam_factor={self.repass_lam_factor} "
+                                      "both set the repasses' λ; use one (lam_ladder=0 for repass_lam_factor)")
         for f in fields(self):  # the on/off fields: "False" from a command line would otherwise count as on
             if f.type == "bool" and not isinstance(getattr(self, f.name), bool):
                 raise HyperparameterError(f"{f.name}={getattr(self, f.name)!r} must be true or false")
@@ -164,3 +174,22 @@ def with_preset(hp: EditHparams, model: nn.Module) -> EditHparams:
 
 # λ tried by the calibration, strongest protection of C0's keys first
 DEFAULT_LAMBDA_GRID = (1e4, 3e3, 1e3, 3e2, 1e2, 30.0, 10.0, 3.0, 1.0, 0.3, 0.1)
+
+
+def ladder_top(lam: float, steps: int, grid: tuple[float, ...] = DEFAULT_LAMBDA_GRID) -> float:
+    """λ ``steps`` grid steps above ``lam``: ``lam · grid[i − steps] / grid[i]``, ``i`` the grid value nearest
+    ``lam`` in log scale (so a calibrated λ, always on the grid, steps to its neighbours: 3e3 → 1e4, 300 → 1e3);
+    above the grid's top each step is ×√10."""
+    g = sorted(grid, reverse=True)
+    i = min(range(len(g)), key=lambda j: abs(math.log(g[j]) - math.log(lam)))
+    j = i - steps
+    return lam * (g[max(j, 0)] / g[i]) * math.sqrt(10) ** max(-j, 0)
+
+
+def ladder_lams(lam: float, steps: int, repasses: int) -> list[float]:
+    """λ of the first solve and of each repass: ``λ_top · (λ / λ_top)^(p / R)``, p = 0 … R (``λ_top`` =
+    :func:`ladder_top`), ending at ``lam``; without repasses (R = 0) the one solve is at ``lam``."""
+    if repasses == 0:
+        return [lam]
+    top = ladder_top(lam, steps)
+    return [top * (lam / top) ** (p / repasses) for p in range(repasses + 1)]

@@ -34,7 +34,8 @@ from torch import nn
 from editing.arch import add_to_weight, get_module, spec_for, weight_view
 from editing.delta import LowRankDelta
 from editing.editors.base import EditorState, EditResult, RequestDiagnostics
-from editing.editors.hparams import DEFAULT_LAMBDA_GRID, EditHparams, with_model_defaults, with_preset
+from editing.editors.hparams import (DEFAULT_LAMBDA_GRID, EditHparams, ladder_lams, with_model_defaults,
+                                     with_preset)
 from editing.editors.keys import LOCI, block_outputs_at, check_length, compute_keys, compute_keys_multi, \
     compute_text_keys, edit_position, generated_context_templates, pad_id_of, prompt_ids, score_targets
 from editing.editors.solve import alphaedit_factors, memit_factors, nullspace_projector, responsible_neurons
@@ -81,6 +82,16 @@ def _with_held_prompts(keep: list[list[str]], requests: Sequence, holds: Sequenc
     for h in holds:
         held.setdefault(h.request_id.rsplit("~", 1)[0], []).append(h.prompt)
     return [k + [p for p in held.get(r.request_id, []) if p not in k] for k, r in zip(keep, requests)]
+
+
+def _pass_lams(hp: EditHparams) -> list[float | None]:
+    """λ of the first solve and of each repass: the ladder down to λ (``lam_ladder``), else
+    ``λ · repass_lam_factor^p``; ``None`` throughout where λ plays no part (``nullspace`` leaves it unset)."""
+    if hp.lam is None:
+        return [None] * (hp.repasses + 1)
+    if hp.lam_ladder:
+        return ladder_lams(hp.lam, hp.lam_ladder, hp.repasses)
+    return [hp.lam * hp.repass_lam_factor ** p for p in range(hp.repasses + 1)]
 
 
 def _prompt_relations(seen: dict[str, str | None], edited: Sequence) -> dict[str, str | None]:
@@ -485,8 +496,11 @@ class MemitEditor:
                     meta_extra["siblings"] = {"n": len(sibs), "examples": sorted({s.subject for s in sibs})[:12]}
                     if hp.accumulate:
                         _record_held(held, sibs, hp.sibling_weight)
-                factors, moments = self._spread(model, tokenizer, spec, active, layers, z, C0, C_edits, P, hp, sibs,
-                                                holds)
+                lams = _pass_lams(hp)
+                if hp.lam_ladder:
+                    meta_extra["first_lam"] = lams[0]
+                factors, moments = self._spread(model, tokenizer, spec, active, layers, z, C0, C_edits, P,
+                                                replace(hp, lam=lams[0]), sibs, holds)
                 for p in range(hp.repasses):
                     if hp.repass_on == "not_taken":
                         taken, _ = score_targets(model, tokenizer, [r.text for r in active],
@@ -499,7 +513,7 @@ class MemitEditor:
                     if not redo:
                         break
                     sub = [active[i] for i in redo]
-                    lam_p = hp.lam * hp.repass_lam_factor ** (p + 1)   # λ is resolved by now
+                    lam_p = lams[p + 1]
                     f2, _ = self._spread(model, tokenizer, spec, sub, layers, z[redo], C0, C_edits, P,
                                          replace(hp, lam=lam_p), sibs, holds)
                     merged = LowRankDelta(factors).compose(LowRankDelta(f2)).compact(rank=len(active))
@@ -547,7 +561,9 @@ class MemitEditor:
         failed = [d.request_id for d in diagnostics if not d.succeeded]
         rate = 1 - len(failed) / max(len(diagnostics), 1)
         if failed and rate < hp.warn_below:
-            msg = (f"{self.name}: {len(failed)}/{len(diagnostics)} edits did not take (layers {layers}, λ={hp.lam}, "
+            lam_text = f"λ={hp.lam}" if len(set(_pass_lams(hp))) < 2 else \
+                "λ " + " → ".join(f"{x:.6g}" for x in _pass_lams(hp))
+            msg = (f"{self.name}: {len(failed)}/{len(diagnostics)} edits did not take (layers {layers}, {lam_text}, "
                    f"locus {hp.locus}, choice: {hp.source}); try other layers (--layers), a smaller λ, the other "
                    "locus (--set locus=subject|last) or more value steps")
             warnings.warn(msg, EditDidNotTakeWarning, stacklevel=2)

@@ -52,7 +52,10 @@ Same pipeline as MEMIT (:mod:`editing.editors.memit`) with sequential choices, e
   (``"not_taken"``), are edited again (≤ 2 passes in NSE); the passes are merged and
   compacted to rank ≤ batch size. Repass ``p`` solves with ``λ · repass_lam_factor^p`` (default 1:
   the same λ), so a high λ can hold the requests that take easily to small updates and only the
-  others get the weaker regulariser.
+  others get the weaker regulariser;
+- ``lam_ladder`` (grid steps): the λ ladder for any model: the first solve runs ``lam_ladder`` steps of the
+  calibration grid above λ (the calibrated or preset λ: 3e3 → 1e4) and repass ``p`` of ``R`` at
+  ``λ_top (λ / λ_top)^(p/R)``, so the requests still not taken end at λ itself.
 
 State per edited layer (fixed size, whatever the number of earlier edits), plus the two ledgers in the
 metadata (strings and weights; they grow with the distinct (subject, prompt) pairs, and a batch reads only
@@ -74,6 +77,6 @@ class SequentialEditor(MemitEditor):
 
     name = "nse"
     defaults: dict[str, Any] = {"accumulate": True, "rewind": False, "nullspace": False, "neuron_share": None,
-                                "repasses": 1, "siblings": 8, "sibling_weight": 0.25, "subject_key_weight": 3.0,
-                                "subject_start": True,
+                                "repasses": 2, "repass_on": "not_taken", "lam_ladder": 1,
+                                "siblings": 8, "sibling_weight": 0.25, "subject_key_weight": 3.0, "subject_start": True,
                                 "value": {"loss_stop": 0.01, "keep_weight": 1.0}}
