@@ -55,7 +55,10 @@ Same pipeline as MEMIT (:mod:`editing.editors.memit`) with sequential choices, e
   others get the weaker regulariser;
 - ``lam_ladder`` (grid steps): the λ ladder for any model: the first solve runs ``lam_ladder`` steps of the
   calibration grid above λ (the calibrated or preset λ: 3e3 → 1e4) and repass ``p`` of ``R`` at
-  ``λ_top (λ / λ_top)^(p/R)``, so the requests still not taken end at λ itself.
+  ``λ_top (λ / λ_top)^(p/R)``, so the requests still not taken end at λ itself. Off by default
+  (``lam_ladder=1 repasses=2 repass_on=not_taken`` is the measured setting): on SmolLM2's 217 requests it
+  cuts the drift at batch sizes 10 and 100 (+7.9 % → +4.7 %, +8.1 % → +5.1 %), but at batch size 1 it costs
+  neighbourhood, and on the fact world efficacy and paraphrase (bench/RESULTS.md, session 24).
 
 State per edited layer (fixed size, whatever the number of earlier edits), plus the two ledgers in the
 metadata (strings and weights; they grow with the distinct (subject, prompt) pairs, and a batch reads only
@@ -77,6 +80,6 @@ class SequentialEditor(MemitEditor):
 
     name = "nse"
     defaults: dict[str, Any] = {"accumulate": True, "rewind": False, "nullspace": False, "neuron_share": None,
-                                "repasses": 2, "repass_on": "not_taken", "lam_ladder": 1,
-                                "siblings": 8, "sibling_weight": 0.25, "subject_key_weight": 3.0, "subject_start": True,
+                                "repasses": 1, "siblings": 8, "sibling_weight": 0.25, "subject_key_weight": 3.0,
+                                "subject_start": True,
                                 "value": {"loss_stop": 0.01, "keep_weight": 1.0}}
