@@ -430,6 +430,7 @@ class MemitEditor:
                                 "nothing to edit (drop them, or use on_noop='report')")
         active = [r for r, t in zip(requests, top0) if not t]
         hp = self._resolve(model, tokenizer, spec, active or requests, state, fp)
+        lams = _pass_lams(hp)   # λ of the first solve and of each repass
         for r in active:  # again with the templates actually used (generated prefixes are longer)
             check_length(model, tokenizer, r, hp.value.context_templates)
         layers = list(hp.layers)
@@ -496,7 +497,6 @@ class MemitEditor:
                     meta_extra["siblings"] = {"n": len(sibs), "examples": sorted({s.subject for s in sibs})[:12]}
                     if hp.accumulate:
                         _record_held(held, sibs, hp.sibling_weight)
-                lams = _pass_lams(hp)
                 if hp.lam_ladder:
                     meta_extra["first_lam"] = lams[0]
                 factors, moments = self._spread(model, tokenizer, spec, active, layers, z, C0, C_edits, P,
@@ -561,8 +561,7 @@ class MemitEditor:
         failed = [d.request_id for d in diagnostics if not d.succeeded]
         rate = 1 - len(failed) / max(len(diagnostics), 1)
         if failed and rate < hp.warn_below:
-            lam_text = f"λ={hp.lam}" if len(set(_pass_lams(hp))) < 2 else \
-                "λ " + " → ".join(f"{x:.6g}" for x in _pass_lams(hp))
+            lam_text = f"λ={hp.lam}" if len(set(lams)) < 2 else "λ " + " → ".join(f"{x:.6g}" for x in lams)
             msg = (f"{self.name}: {len(failed)}/{len(diagnostics)} edits did not take (layers {layers}, {lam_text}, "
                    f"locus {hp.locus}, choice: {hp.source}); try other layers (--layers), a smaller λ, the other "
                    "locus (--set locus=subject|last) or more value steps")
