@@ -61,10 +61,26 @@ def _is_hub_id(name: str) -> bool:
     return bool(_HUB_ID.match(name)) and not name.endswith((".gguf", ".safetensors", ".json"))
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``"auto"`` (or ``None``): the first CUDA device when torch sees one, else the CPU; any other name as
+    torch reads it (``cpu``, ``cuda``, ``cuda:1``, ``mps``). Raises :class:`ModelLoadError` for a name torch
+    does not know or a CUDA device that is not there."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ModelLoadError(f"device {device!r}: {exc}; use auto, cpu, cuda or cuda:N") from exc
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise ModelLoadError(f"device {device!r}: torch sees {torch.cuda.device_count()} CUDA device(s) here; "
+                             "use --device cpu (or auto)")
+    return dev
+
+
 def load(name_or_path: str | os.PathLike, kind: ModelKind | None = None, *, gguf_file: str | None = None,
          mlp_out_template: str | None = None, dtype: torch.dtype = torch.float32,
          device: str | torch.device = "cpu") -> LoadedModel:
-    """Load a model and tokenizer from a local directory or a hub id.
+    """Load a model and tokenizer from a local directory or a hub id, onto ``device`` (:func:`resolve_device`).
 
     Raises :class:`ModelLoadError` for a path that does not exist, a hub id that
     cannot be reached, or files transformers cannot read; :class:`GGUFError` for a
@@ -72,6 +88,7 @@ def load(name_or_path: str | os.PathLike, kind: ModelKind | None = None, *, gguf
     """
     from transformers import AutoConfig, AutoTokenizer
 
+    target = resolve_device(device)
     source = str(name_or_path)
     path = Path(source).expanduser()
     if path.exists():
@@ -100,7 +117,7 @@ def load(name_or_path: str | os.PathLike, kind: ModelKind | None = None, *, gguf
     except Exception as exc:
         kind_of = GGUFError if gguf_file else ModelLoadError
         raise kind_of(f"cannot load model weights or tokenizer from {source!r}: {exc}") from exc
-    model.to(device).eval()
+    model.to(target).eval()
     if getattr(tokenizer, "pad_token", None) is None and getattr(tokenizer, "eos_token", None) is not None:
         tokenizer.pad_token = tokenizer.eos_token
     spec = spec_for(model, mlp_out_template)

@@ -107,6 +107,16 @@ def test_cli_errors_are_one_red_line(random_model_dir, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_a_device_that_is_not_there_is_one_red_line(random_model_dir, tmp_path):
+    reqs = tmp_path / "r.jsonl"
+    reqs.write_text(json.dumps({"prompt": "{} lives in", "subject": "Ann", "target_new": "Oslo"}) + "\n")
+    proc = subprocess.run([sys.executable, "-c", "from flows.cli import main; main()", "eval", "--model",
+                           str(random_model_dir / "model"), "--requests", str(reqs), "--device", "cuda:99"],
+                          capture_output=True, text=True, env=dict(os.environ, COLUMNS="200"), timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "device 'cuda:99'" in proc.stderr and "--device cpu" in proc.stderr and "Traceback" not in proc.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("editor", ["nse", "hook"])
 def test_edit_writes_hf_dir_deltas_state_and_summary(cli, tiny_fact_model, tmp_path, editor):
@@ -122,7 +132,7 @@ def test_edit_writes_hf_dir_deltas_state_and_summary(cli, tiny_fact_model, tmp_p
     res = runner.invoke(app, ["edit", "--model", str(tiny_fact_model.model_dir), "--requests",
                               str(tiny_fact_model.requests_path), "--editor", editor, "--batch-size", "2",
                               "--limit", "4", "--out", str(out), "--heldout", str(tiny_fact_model.heldout_path),
-                              "--set", f"stats_dir={tmp_path / 'stats'}", "--no-progress"])
+                              "--set", f"stats_dir={tmp_path / 'stats'}", "--no-progress", "--device", "cpu"])
     assert res.exit_code == 0, res.output
     assert "2 batches of 2" in res.output and "efficacy" in res.output
     if editor == "nse":   # the measured choice is shown with the batches

@@ -155,16 +155,17 @@ class _Patch:
     def set_at(self, module: nn.Module, pos: int, value: torch.Tensor) -> None:
         def hook(_m, _a, out):
             out = out.clone()
-            out[:, pos] = value.to(out.dtype)
+            out[:, pos] = value.to(device=out.device, dtype=out.dtype)
             return out
         self.handles.append(module.register_forward_hook(hook))
 
     def add_lowrank(self, module: nn.Module, u: torch.Tensor, v: torch.Tensor) -> None:
         """``out += x V Uᵀ`` (``ΔW = U Vᵀ`` applied to the module input ``x``)."""
-        uf, vf = u.float(), v.float()
+        w = module.weight
+        uf, vf = u.to(device=w.device, dtype=torch.float32), v.to(device=w.device, dtype=torch.float32)
 
         def hook(_m, args, out):
-            return out + (args[0].to(vf.dtype) @ vf) @ uf.T
+            return out + ((args[0].to(vf.dtype) @ vf) @ uf.T).to(out.dtype)
         self.handles.append(module.register_forward_hook(hook))
 
     def capture_input(self, module: nn.Module, store: dict, key: str) -> None:

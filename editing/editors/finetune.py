@@ -46,6 +46,8 @@ class FineTuneEditor:
         labels = torch.full_like(ids, -100)
         for i, (s, t) in enumerate(zip(starts, tg)):
             labels[i, s:s + len(t)] = torch.tensor(t)
+        device = next(model.parameters()).device
+        ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
         params = list(model.parameters())
         flags = [p.requires_grad for p in params]
         was_training = model.training
@@ -69,7 +71,7 @@ class FineTuneEditor:
                 for n, m, w0 in zip(names, mods, saved):
                     d = (weight_view(m).double() - (w0.t() if type(m).__name__ == "Conv1D" else w0).double())
                     u, s, vt = torch.linalg.svd(d, full_matrices=False)
-                    factors[f"{n}.weight"] = ((u[:, :rank] * s[:rank]).float(), vt[:rank].T.float())
+                    factors[f"{n}.weight"] = ((u[:, :rank] * s[:rank]).float().cpu(), vt[:rank].T.float().cpu())
                     errors[n] = float(s[rank:].norm() / s.norm().clamp(min=1e-30))
         finally:
             with torch.no_grad():

@@ -155,7 +155,7 @@ class HookLayer(nn.Module):
     def zscores(self, d: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Leave-one-out z-scores of norms ``d`` (B, T) over ``valid`` positions, pooled with the reference."""
         d = d.float()
-        w = valid.float()
+        w = valid.to(d.device).float()
         dm = d * w
         s1 = dm.sum(-1, keepdim=True)
         s2 = (dm * d).sum(-1, keepdim=True)

@@ -405,12 +405,18 @@ class MemitEditor:
                 ka = hp.text_key_weight * (Ka.T @ Ka)
                 moments[l] = moments[l] + ka
                 ce = ka if ce is None else ce + ka
+            # the solve runs where the model runs (float64 either way); the factors come back to the CPU
+            dev = weight_view(get_module(model, name)).device
+            on = (lambda t: t.to(dev) if t is not None else None)
+            Kx_dev = [on(x) for x in Kx] if Kx else None
             if hp.nullspace:
-                u, v = alphaedit_factors(K, R, P[l], ce, hp.alpha, neurons, Kx, hp.subject_key_weight)
+                u, v = alphaedit_factors(on(K), on(R), on(P[l]), on(ce), hp.alpha, on(neurons), Kx_dev,
+                                         hp.subject_key_weight)
             else:
-                u, v = memit_factors(K, R, C0[l], hp.lam, ce, neurons, K_extra=Kx, extra_weight=hp.subject_key_weight)
+                u, v = memit_factors(on(K), on(R), on(C0[l]), hp.lam, on(ce), on(neurons), K_extra=Kx_dev,
+                                     extra_weight=hp.subject_key_weight)
             add_to_weight(get_module(model, name), u @ v.T)
-            factors[f"{name}.weight"] = (u.float(), v.float())
+            factors[f"{name}.weight"] = (u.float().cpu(), v.float().cpu())
         return factors, moments
 
     # ------------------------------------------------------------------ edit
@@ -465,10 +471,10 @@ class MemitEditor:
                             meta_extra.setdefault("nullspace_dim", {})[n] = dim
                         P[l] = tensors[f"{n}::P"].double()
                 if hp.rewind:
-                    for n in names:
-                        tensors.setdefault(f"{n}::W0", weight_view(get_module(model, n)).detach().clone())
-                        add_to_weight(get_module(model, n),
-                                      tensors[f"{n}::W0"].to(saved[n].dtype) - weight_view(get_module(model, n)))
+                    for n in names:   # W0 is kept on the CPU, as the state is saved; the weight may be elsewhere
+                        w = weight_view(get_module(model, n))
+                        tensors.setdefault(f"{n}::W0", w.detach().cpu().clone())
+                        add_to_weight(get_module(model, n), tensors[f"{n}::W0"].to(device=w.device, dtype=w.dtype) - w)
                 ledger = state.meta.get("subject_prompts", {}) if state is not None else {}
                 keep = [[t for t in ledger.get(r.subject, []) if t != r.prompt] for r in active]
                 holds = []

@@ -4,7 +4,7 @@ Notation (row convention, as the rest of editops): ``K`` is ``(n, d_in)`` (one k
 per row), ``R`` is ``(n, d_out)`` (the residual each key's output must gain),
 ``C0`` and ``C_edits`` are ``(d_in, d_in)``. Every function returns ``(U, V)``
 with ``U (d_out × n)``, ``V (d_in × n)`` and ``ΔW = U Vᵀ`` in the ``(d_out, d_in)``
-orientation, so the rank is at most the batch size ``n``. Computed in float64.
+orientation, so the rank is at most the batch size ``n``. Computed in float64, on the device of ``K``.
 
 - MEMIT: ``ΔW = Rᵀ K (λ C0 + C_edits + KᵀK)⁻¹``  →  ``U = Rᵀ``, ``V = A⁻¹ Kᵀ`` with
   ``A = λ C0 + C_edits + KᵀK`` (symmetric). With ``C_edits = Σ`` earlier batches'
@@ -79,10 +79,10 @@ def memit_factors(K: torch.Tensor, R: torch.Tensor, C0: torch.Tensor | None, lam
         ce = C_edits.double()
         a = a + (ce[idx][:, idx] if idx is not None else ce)
     scale = float(a.diagonal().mean()) if a.numel() else 1.0
-    a = a + ridge * max(scale, 1e-12) * torch.eye(a.shape[0], dtype=a.dtype)
+    a = a + ridge * max(scale, 1e-12) * torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
     vs = _sym_solve(a, rhs)
     if idx is not None:
-        v = torch.zeros((d_in, K64.shape[0]), dtype=torch.float64)
+        v = torch.zeros((d_in, K64.shape[0]), dtype=torch.float64, device=vs.device)
         v[idx] = vs
     else:
         v = vs
@@ -124,10 +124,10 @@ def alphaedit_factors(K: torch.Tensor, R: torch.Tensor, P: torch.Tensor, C_edits
     if C_edits is not None:
         ce = C_edits.double()
         a = a + (ce[idx][:, idx] if idx is not None else ce)
-    m = p @ a + alpha * torch.eye(a.shape[0], dtype=torch.float64)
+    m = p @ a + alpha * torch.eye(a.shape[0], dtype=torch.float64, device=a.device)
     vs = torch.linalg.solve(m, p @ rhs)
     if idx is not None:
-        v = torch.zeros((d_in, K64.shape[0]), dtype=torch.float64)
+        v = torch.zeros((d_in, K64.shape[0]), dtype=torch.float64, device=vs.device)
         v[idx] = vs
     else:
         v = vs

@@ -66,7 +66,7 @@ class ValueResult:
 
 
 def _block_output_hook(delta: torch.Tensor, row_req: torch.Tensor, row_pos: torch.Tensor, record: dict):
-    ar = torch.arange(len(row_req))
+    ar = torch.arange(len(row_req), device=row_req.device)
 
     def hook(_module, _args, output):
         hs = output[0] if isinstance(output, tuple) else output
@@ -196,7 +196,7 @@ def compute_values(model: nn.Module, tokenizer, spec: ArchSpec, requests: Sequen
                     # first pass: find d_model and h without any addition
                     def hook0(_m, _a, output):
                         hs = output[0] if isinstance(output, tuple) else output
-                        ar = torch.arange(hs.shape[0])
+                        ar = torch.arange(hs.shape[0], device=hs.device)
                         record["h"] = hs[ar, all_pos[ix].to(hs.device)].detach()
                     handle = block.register_forward_hook(hook0)
                 else:

@@ -85,6 +85,7 @@ def build_editor(name: str, hyperparameters: dict[str, Any]):
         raise EditopsError(f"editor {name!r} rejected the hyperparameters {sorted(hyperparameters)}: {exc}") from exc
 
 
+DEVICE_HELP = "where the model runs: auto (a CUDA GPU when torch sees one, else the CPU), cpu, cuda or cuda:N"
 HELDOUT_HELP = ("held-out text for perplexity: a file (one text per line), stdlib:N, or samples:N (N texts the "
                 "unedited model samples itself)")
 
@@ -107,13 +108,13 @@ def _console():
 
 
 def base_outputs_for(base_dir: str, requests, heldout_spec: str | None, cache_dir: Path,
-                     mlp_out_template: str | None = None):
+                     mlp_out_template: str | None = None, device: str = "cpu"):
     """The base model's :class:`BaseOutputs` (cached per base fingerprint and extended with missing pairs)
     and the held-out texts of ``heldout_spec`` (``samples:N`` sampled from that base model)."""
     from editing.metrics.facts import BaseOutputs
     from editing.models import load
 
-    loaded = load(base_dir, mlp_out_template=mlp_out_template)
+    loaded = load(base_dir, mlp_out_template=mlp_out_template, device=device)
     heldout = load_heldout(heldout_spec, loaded.model, loaded.tokenizer)
     fp = loaded.fingerprint
     path = cache_dir / f"{fp[:16]}.json"
@@ -145,6 +146,7 @@ def edit(
     heldout: Optional[str] = typer.Option(None, "--heldout", help=HELDOUT_HELP),
     state: Optional[Path] = typer.Option(None, "--state", help="continue from a saved editor state"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
     """Apply requests sequentially in batches and write the edited model, the deltas and the editor state."""
     from editing.editors import DEFAULT_DELETION_EDITOR, DEFAULT_FACT_EDITOR, EditorState
@@ -163,7 +165,7 @@ def edit(
         hparams["layers"] = parse_layers(layers)
     ed = build_editor(editor_name, hparams)
     out_dir = out or default_out(model, editor_name)
-    loaded = load(model, mlp_out_template=mlp_out_template)
+    loaded = load(model, mlp_out_template=mlp_out_template, device=device)
     base_fp = loaded.fingerprint
     console.print(f"[bold]{len(reqs)}[/] {req_kind} requests from {requests} → {loaded.source} "
                   f"({loaded.spec.model_type}, base {base_fp[:12]}…), editor [bold]{editor_name}[/], batch size {batch_size}")
@@ -268,6 +270,7 @@ def eval_(
     cache_dir: Path = typer.Option(Path(".editops/base-outputs"), "--cache-dir", help="where base outputs are cached"),
     mlp_out_template: Optional[str] = typer.Option(None, "--mlp-out-template"),
     comparison: str = typer.Option("mean", "--comparison", help="compare mean (CounterFact) or sum of target token log-probs"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
     """Print the CounterFact metrics (facts) or deletion metrics (deletions) of a model on a request file."""
     from editing.formats import read_requests, request_kind
@@ -278,19 +281,20 @@ def eval_(
     check_kind(kind)
     reqs = read_requests(requests, kind=kind, limit=limit)  # type: ignore[arg-type]
     req_kind = request_kind(reqs)
-    loaded = load(model, mlp_out_template=mlp_out_template)
+    loaded = load(model, mlp_out_template=mlp_out_template, device=device)
     if (Path(model) / "hooks.safetensors").is_file():  # a hook-editor output: install its hooks
         from editing.editors.hook import load_hooks
 
         load_hooks(loaded.model, model)
     if req_kind == "deletion":
-        _eval_deletions(console, loaded, reqs, base, json_out)
+        _eval_deletions(console, loaded, reqs, base, json_out, device)
         return
     base_outputs = None
     origin = "none: the model is scored on its own (base metrics)"
     held = None if base else load_heldout(heldout)   # samples:N needs --base: they are the unedited model's
     if base:
-        base_outputs, held = base_outputs_for(base, reqs, heldout, cache_dir, mlp_out_template=mlp_out_template)
+        base_outputs, held = base_outputs_for(base, reqs, heldout, cache_dir, mlp_out_template=mlp_out_template,
+                                              device=device)
         origin = f"base model {base}"
     elif (Path(model) / "base_outputs.json").is_file():
         base_outputs = BaseOutputs.load(Path(model) / "base_outputs.json")
@@ -330,7 +334,7 @@ def deletion_table(report, title: str):
     return t
 
 
-def _eval_deletions(console, loaded, reqs, base: str | None, json_out: Path | None) -> None:
+def _eval_deletions(console, loaded, reqs, base: str | None, json_out: Path | None, device: str = "cpu") -> None:
     """Deletion metrics (``editing.metrics.deletion``): behaviour gone on the instance and on unseen
     triggers, unrelated outputs unchanged versus the base model (``--base``), chrF against references."""
     from editing.metrics.deletion import cache_base_outputs, evaluate_deletions
@@ -338,7 +342,7 @@ def _eval_deletions(console, loaded, reqs, base: str | None, json_out: Path | No
 
     base_outputs = None
     if base:
-        b = load(base)
+        b = load(base, device=device)
         base_outputs = cache_base_outputs(b.model, b.tokenizer, reqs)
         del b
     elif (Path(loaded.source) / DELETION_BASE_FILE).is_file():

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from editing.errors import GGUFError, ModelLoadError
-from editing.models import fingerprint, load
+from editing.models import fingerprint, load, resolve_device
 
 
 def test_missing_path_is_a_model_load_error(tmp_path):
@@ -50,6 +50,15 @@ def test_loads_a_saved_tiny_model_with_its_tokenizer(tmp_path):
     ids = torch.tensor([tok(texts[1])["input_ids"]])
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(ids).logits, model(ids).logits)
+
+
+def test_device_names_resolve_or_fail_with_what_to_use():
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ModelLoadError, match="use auto, cpu, cuda or cuda:N"):
+        resolve_device("gpu0")
+    with pytest.raises(ModelLoadError, match="CUDA device"):
+        resolve_device(f"cuda:{torch.cuda.device_count()}")   # one past the last device there is
 
 
 def test_fingerprint_changes_with_one_weight():

@@ -117,7 +117,7 @@ def top1(model, tok, prompt: str, target: str) -> bool:
     """Teacher-forced: every token of ``" " + target`` is the argmax after ``prompt``."""
     p = tok(prompt)["input_ids"]
     t = tok(" " + target, add_special_tokens=False)["input_ids"]
-    ids = torch.tensor([p + t[:-1]])
+    ids = torch.tensor([p + t[:-1]], device=next(model.parameters()).device)
     with torch.no_grad():
         logits = model(input_ids=ids).logits[0]
     pred = logits[len(p) - 1: len(p) - 1 + len(t)].argmax(-1).tolist()
