@@ -37,8 +37,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for p in (ROOT, ROOT / "bench"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+from bench_facts import _reset_peak_rss, _rss_mb  # noqa: E402  (peak RSS: Linux VmHWM, reset per model)
 
 
 @dataclass(frozen=True)
@@ -67,23 +70,6 @@ SHAPES = {
     "gpt2-tiny": Shape("gpt2-tiny", "gpt2", dict(n_embd=128, n_layer=4, n_head=4, n_positions=512),
                        (1, 2), 2e4, "development"),
 }
-
-
-def _rss_mb(field: str = "VmHWM") -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak_rss() -> None:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
 
 
 def build_model(shape: Shape, vocab_size: int, device: str, seed: int = 0):
@@ -208,7 +194,7 @@ def run_shape(shape: Shape, device: str, editors: list[str], requests, tokenizer
             **{k: round(v, 2) for k, v in phases.seconds.items()},
             "repassed": sum(len(x) for x in meta.get("repassed", [])),
             "rank": max((res.delta.rank(n) for n in res.delta.weight_names), default=0),
-            "peak_rss_mb": round(_rss_mb() or 0), "peak_cuda_mb":
+            "peak_rss_mb": round(_rss_mb("VmHWM") or 0), "peak_cuda_mb":
                 round(torch.cuda.max_memory_allocated() / 2**20) if device.startswith("cuda") else None,
             "note": shape.note,
         })
