@@ -146,10 +146,11 @@ def stdlib_corpus(n: int, path: Path) -> str:
 
 
 def run_shape(shape: Shape, device: str, editors: list[str], requests, tokenizer, corpus: str, stats_dir: Path,
-              sets: dict, on_row=None) -> list[dict]:
+              sets: dict, on_row) -> None:
+    """Build ``shape`` on ``device``, time its C0 and one batch per editor; ``on_row(row)`` after each editor."""
     import torch
 
-    from editing.arch import spec_for
+    from editing.arch import get_module, in_out_features, spec_for
     from editing.editors import get_editor
     from editing.stats import corpus_moments
 
@@ -164,16 +165,17 @@ def run_shape(shape: Shape, device: str, editors: list[str], requests, tokenizer
     with torch.no_grad():   # warm-up: CUDA context, kernels, allocator
         model(input_ids=torch.tensor([[1, 2, 3]], device=device))
     _sync(device)
+    stats_dir = stats_dir / device.replace(":", "_")
     t0 = time.perf_counter()
-    corpus_moments(model, tokenizer, spec, list(shape.layers), corpus, stats_dir / device.replace(":", "_"), fp,
-                   progress=False)
+    corpus_moments(model, tokenizer, spec, list(shape.layers), corpus, stats_dir, fp, progress=False)
     _sync(device)
     stats_s = time.perf_counter() - t0
-    n_tokens = sum(min(len(tokenizer(t)["input_ids"]), 128) for t in Path(corpus[5:]).read_text().splitlines() if t)
-    rows = []
+    texts = [t for t in Path(corpus[5:]).read_text().splitlines() if t]
+    n_tokens = sum(min(len(tokenizer(t)["input_ids"]), 128) for t in texts)
+    d_ff = in_out_features(get_module(model, spec.mlp_out_name(shape.layers[0])))[0]
     for name in editors:
         hp = {"layers": list(shape.layers), "lam": shape.lam, "locus": "subject", "corpus": corpus,
-              "stats_dir": str(stats_dir / device.replace(":", "_")), **sets.get(name, {})}
+              "stats_dir": str(stats_dir), **sets.get(name, {})}
         ed = get_editor(name, base_fingerprint=fp, **hp)
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
@@ -184,11 +186,10 @@ def run_shape(shape: Shape, device: str, editors: list[str], requests, tokenizer
             _sync(device)
             batch_s = time.perf_counter() - t0
         meta = res.delta.meta
-        rows.append({
+        row = {
             "shape": shape.name, "device": device, "editor": name, "params_m": round(n_params / 1e6, 1),
-            "d_ff": int(model.config.to_dict().get("intermediate_size") or 4 * model.config.to_dict()["n_embd"]),
-            "layers": list(shape.layers), "batch_size": len(requests), "build_s": round(build_s, 2),
-            "stats_texts": len(Path(corpus[5:]).read_text().splitlines()), "stats_tokens": n_tokens,
+            "d_ff": d_ff, "layers": list(shape.layers), "batch_size": len(requests), "build_s": round(build_s, 2),
+            "stats_texts": len(texts), "stats_tokens": n_tokens,
             "stats_s": round(stats_s, 2), "stats_tokens_per_s": round(n_tokens / stats_s),
             "batch_s": round(batch_s, 2), "s_per_edit": round(batch_s / len(requests), 3),
             **{k: round(v, 2) for k, v in phases.seconds.items()},
@@ -197,14 +198,12 @@ def run_shape(shape: Shape, device: str, editors: list[str], requests, tokenizer
             "peak_rss_mb": round(_rss_mb("VmHWM") or 0), "peak_cuda_mb":
                 round(torch.cuda.max_memory_allocated() / 2**20) if device.startswith("cuda") else None,
             "note": shape.note,
-        })
-        print(json.dumps(rows[-1]), flush=True)
-        if on_row is not None:
-            on_row(rows[-1])
+        }
+        print(json.dumps(row), flush=True)
+        on_row(row)
     del model
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
-    return rows
 
 
 def machine() -> dict:
@@ -258,6 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import AutoTokenizer
 
     from editing.formats import read_requests
+    from flows.cli.edit_cmd import parse_settings
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -281,13 +281,9 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(args.work)
     corpus = stdlib_corpus(args.stats_texts, work / f"stdlib-{args.stats_texts}.txt")
     sets: dict[str, dict] = {}
-    for item in args.set:
+    for item in args.set:   # EDITOR:KEY=VALUE, the value read as `editops edit --set` reads it
         ed, kv = item.split(":", 1)
-        k, v = kv.split("=", 1)
-        try:
-            sets.setdefault(ed, {})[k] = json.loads(v)
-        except json.JSONDecodeError:
-            sets.setdefault(ed, {})[k] = v
+        sets.setdefault(ed, {}).update(parse_settings([kv]))
     rows: list[dict] = []
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
