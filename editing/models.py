@@ -11,7 +11,8 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass, field
+import weakref
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -33,13 +34,11 @@ class LoadedModel:
     spec: ArchSpec
     source: str
     kind: ModelKind
-    _fingerprint: str | None = field(default=None, repr=False)
 
     @property
     def fingerprint(self) -> str:
-        if self._fingerprint is None:
-            self._fingerprint = fingerprint(self.model)
-        return self._fingerprint
+        """The weights' fingerprint when editops first saw this model object (:func:`base_fingerprint`)."""
+        return base_fingerprint(self.model)
 
 
 def model_kind(config) -> ModelKind:
@@ -124,6 +123,19 @@ def load(name_or_path: str | os.PathLike, kind: ModelKind | None = None, *, gguf
     if mlp_out_template:
         model.editops_mlp_out_template = mlp_out_template  # later spec_for(model) calls use it too
     return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, source=source, kind=kind)
+
+
+_FIRST_SEEN: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """:func:`fingerprint` of ``model`` the first time editops asked for it, cached per model object: the
+    base an edit of this object is made against, hashed once however many callers ask (hashing a 1B model
+    reads every weight: seconds). :func:`fingerprint` hashes the weights as they are now."""
+    fp = _FIRST_SEEN.get(model)
+    if fp is None:
+        fp = _FIRST_SEEN[model] = fingerprint(model)
+    return fp
 
 
 def fingerprint(model: nn.Module) -> str:

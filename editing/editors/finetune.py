@@ -16,7 +16,7 @@ from editing.arch import get_module, spec_for, weight_view
 from editing.delta import LowRankDelta
 from editing.editors.base import EditorState, EditResult, RequestDiagnostics
 from editing.editors.keys import pad_id_of, pad_right, prompt_ids, score_targets, target_ids
-from editing.editors.memit import base_fingerprint
+from editing.models import base_fingerprint
 
 
 class FineTuneEditor:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import warnings
-import weakref
 from dataclasses import replace
 from typing import Any, Sequence
 
@@ -43,17 +42,16 @@ from editing.editors.keys import DEFAULT_CONTEXT_TEMPLATES
 from editing.editors.siblings import known_sibling_requests, other_prompt_requests, sibling_requests
 from editing.editors.values import ValueHparams, compute_values
 from editing.errors import NoOpEditError, StateError
-from editing.models import fingerprint
+from editing.models import base_fingerprint
 
 log = logging.getLogger(__name__)
 
-_FINGERPRINTS: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
 _C0: dict[tuple[str, str, str], torch.Tensor] = {}
 
 
-def _generated_templates(model: nn.Module, tokenizer) -> tuple[str, ...]:
-    """:func:`generated_context_templates`, cached per model object (weights unchanged: keyed by fingerprint)."""
-    fp = base_fingerprint(model)
+def _generated_templates(model: nn.Module, tokenizer, fp: str) -> tuple[str, ...]:
+    """:func:`generated_context_templates`, cached by the fingerprint of the base weights (``fp``, the edit's
+    base fingerprint: the weights are hashed once per edit, by whoever resolved ``fp``)."""
     if fp not in _TEMPLATES:
         _TEMPLATES[fp] = generated_context_templates(model, tokenizer)
     return _TEMPLATES[fp]
@@ -141,15 +139,6 @@ class EditDidNotTakeWarning(UserWarning):
     """Some edits of a batch did not make ``target_new`` the model's top prediction."""
 
 
-def base_fingerprint(model: nn.Module) -> str:
-    """The fingerprint of ``model`` when editops first saw this object (cached per object)."""
-    fp = _FINGERPRINTS.get(model)
-    if fp is None:
-        fp = fingerprint(model)
-        _FINGERPRINTS[model] = fp
-    return fp
-
-
 def _hparams(kwargs: dict[str, Any]) -> EditHparams:
     if "hparams" in kwargs:
         hp = kwargs.pop("hparams")
@@ -229,7 +218,7 @@ class MemitEditor:
         (no preset naming one) both loci are measured, at the calibrated λ or at the λ given, and the one
         whose calibration edits take more often is kept (the subject's on a tie, and without trying the other
         once the subject's all take)."""
-        hp = with_model_defaults(self._with_context(model, tokenizer, self.hp, state), model)
+        hp = with_model_defaults(self._with_context(model, tokenizer, self.hp, state, fp), model)
         if state is not None and state.meta.get("layers"):
             return _at_locus(replace(hp, layers=tuple(state.meta["layers"]), lam=state.meta.get("lam", hp.lam),
                                      source=state.meta.get("source", hp.source),
@@ -276,7 +265,7 @@ class MemitEditor:
             rate = next(t["success"] for t in trials if t["lam"] == lam)
         return hp, notes, rate
 
-    def _with_context(self, model, tokenizer, hp: EditHparams, state: EditorState | None) -> EditHparams:
+    def _with_context(self, model, tokenizer, hp: EditHparams, state: EditorState | None, fp: str) -> EditHparams:
         """``hp`` with the context templates of this edit: explicit ones as given; with
         ``context="generated"`` and the default templates, the model's own generated prefixes
         (from the state when continuing, so every batch of a line uses the same ones)."""
@@ -284,7 +273,7 @@ class MemitEditor:
             return hp
         templates = state.meta.get("context_templates") if state is not None else None
         if not templates:
-            templates = _generated_templates(model, tokenizer)
+            templates = _generated_templates(model, tokenizer, fp)
         return replace(hp, value=replace(hp.value, context_templates=tuple(templates)))
 
     def _calibrate(self, model, tokenizer, spec, reqs, hp: EditHparams, fp: str,

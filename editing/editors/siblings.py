@@ -33,10 +33,10 @@ import re
 from dataclasses import replace
 from typing import Mapping, Sequence
 
-import torch
 from torch import nn
 
 from editing.editors.keys import max_context, pad_id_of, prompt_ids
+from editing.editors.sampling import sample_topk
 
 _SPLIT = re.compile(r",|;|\band\b|\bor\b|\.")
 LIST_PROMPT = "Lists of things of the same kind:\n- red, blue, green, yellow\n- dog, cat, horse, cow\n- {},"
@@ -56,51 +56,56 @@ def parse_list_items(text: str, exclude: Sequence[str], max_chars: int = 40) -> 
     return out
 
 
-@torch.no_grad()
 def sibling_subjects(model: nn.Module, tokenizer, subject: str, n: int, exclude: Sequence[str] = (),
                      samples: int = 3, max_new_tokens: int = 24, seed: int = 0) -> list[str]:
-    """Up to ``n`` entities the model lists after :data:`LIST_PROMPT` with ``subject`` (at most
-    ``samples`` seeded top-5 samples; the global RNG state is restored)."""
-    if n <= 0:
-        return []
-    device = next(model.parameters()).device
-    ids = prompt_ids(tokenizer, LIST_PROMPT.format(subject))
+    """Up to ``n`` entities the model lists after :data:`LIST_PROMPT` with ``subject``: :func:`sibling_lists`
+    for one subject."""
+    return sibling_lists(model, tokenizer, [subject], n, exclude, seeds=[seed], samples=samples,
+                         max_new_tokens=max_new_tokens)[0]
+
+
+def sibling_lists(model: nn.Module, tokenizer, subjects: Sequence[str], n: int, exclude: Sequence[str] = (),
+                  seeds: Sequence[int] | None = None, samples: int = 3, max_new_tokens: int = 24) -> list[list[str]]:
+    """Per subject, up to ``n`` entities the model lists after :data:`LIST_PROMPT` with it: sample ``k`` of
+    subject ``i`` (``k < samples``, only while fewer than ``n`` distinct items are found) is a top-5
+    continuation seeded ``seeds[i] · samples + k`` (default seeds ``0 … len(subjects) − 1``); items equal to
+    the subject, to one of ``exclude`` or to an earlier item are dropped. All subjects still short of ``n``
+    are sampled in one batch per round (:func:`editing.editors.sampling.sample_topk`), so a batch of
+    requests costs at most ``samples`` batched generations; the global random state is not touched."""
+    seeds = list(range(len(subjects))) if seeds is None else list(seeds)
+    if len(seeds) != len(subjects):
+        raise ValueError(f"{len(subjects)} subjects but {len(seeds)} seeds")
+    found: list[list[str]] = [[] for _ in subjects]
+    if n <= 0 or not subjects:
+        return found
     limit = max_context(model)
-    if limit is not None and len(ids) + max_new_tokens > limit:  # a short context: the bare list start
-        ids = prompt_ids(tokenizer, f"{subject},")
-        max_new_tokens = max(1, min(max_new_tokens, limit - len(ids)))
-        if len(ids) >= limit:
-            return []
-    found: list[str] = []
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            for k in range(samples):
-                torch.manual_seed(seed * samples + k)
-                gen = model.generate(input_ids=torch.tensor([ids], device=device),
-                                     attention_mask=torch.ones((1, len(ids)), dtype=torch.long, device=device),
-                                     max_new_tokens=max_new_tokens, do_sample=True, top_k=5, top_p=1.0,
-                                     temperature=1.0, pad_token_id=pad_id_of(tokenizer))
-                text = tokenizer.decode(gen[0, len(ids):], skip_special_tokens=True).split("\n")[0]
-                found += parse_list_items(text, [subject, *exclude, *found])
-                if len(found) >= n:
-                    break
-    finally:
-        model.train(was_training)
-    return found[:n]
+    rows: list[tuple[list[int], int] | None] = []   # per subject: prompt ids and new-token budget, or None
+    for subject in subjects:
+        ids, budget = prompt_ids(tokenizer, LIST_PROMPT.format(subject)), max_new_tokens
+        if limit is not None and len(ids) + budget > limit:  # a short context: the bare list start
+            ids = prompt_ids(tokenizer, f"{subject},")
+            budget = max(1, min(max_new_tokens, limit - len(ids)))
+        rows.append((ids, budget) if limit is None or len(ids) < limit else None)
+    for k in range(samples):
+        todo = [i for i, r in enumerate(rows) if r is not None and len(found[i]) < n]
+        for budget in sorted({rows[i][1] for i in todo}):   # rows of one budget stay inside the context
+            group = [i for i in todo if rows[i][1] == budget]
+            gens = sample_topk(model, tokenizer, [rows[i][0] for i in group], [seeds[i] * samples + k for i in group],
+                               budget, top_k=5, pad_id=pad_id_of(tokenizer))
+            for i, gen in zip(group, gens):
+                text = tokenizer.decode(gen, skip_special_tokens=True).split("\n")[0]
+                found[i] += parse_list_items(text, [subjects[i], *exclude, *found[i]])
+    return [f[:n] for f in found]
 
 
 def sibling_requests(model: nn.Module, tokenizer, requests: Sequence, n: int, seed: int = 0,
                      exclude: Sequence[str] = ()) -> list:
     """For each request, copies with a sibling subject in the subject's place (the batch's subjects and
-    ``exclude`` never used)."""
+    ``exclude`` never used; request ``i``'s list seeded ``seed + i``)."""
     subjects = [r.subject for r in requests] + list(exclude)
-    out = []
-    for i, r in enumerate(requests):
-        for j, s in enumerate(sibling_subjects(model, tokenizer, r.subject, n, exclude=subjects, seed=seed + i)):
-            out.append(_in_place_of(r, f"sibling{j}", subject=s))
-    return out
+    lists = sibling_lists(model, tokenizer, [r.subject for r in requests], n, exclude=subjects,
+                          seeds=[seed + i for i in range(len(requests))])
+    return [_in_place_of(r, f"sibling{j}", subject=s) for r, names in zip(requests, lists) for j, s in enumerate(names)]
 
 
 def _in_place_of(request, tag: str, **fields):

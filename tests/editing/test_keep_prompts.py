@@ -84,9 +84,9 @@ def test_a_sibling_edited_later_in_the_same_prompt_is_released(tiny_llama, facts
     a = every[0]
     b = next(r for r in every if r.relation == a.relation and r.subject != a.subject)
     held_for_a = [b.subject, next(r.subject for r in every if r.subject not in (a.subject, b.subject))]
-    monkeypatch.setattr(siblings_mod, "sibling_subjects",
-                        lambda m, t, subject, n, exclude=(), seed=0, **kw: [s for s in held_for_a
-                                                                           if s not in exclude][:n])
+    monkeypatch.setattr(siblings_mod, "sibling_lists",
+                        lambda m, t, subjects, n, exclude=(), **kw: [[s for s in held_for_a if s not in exclude][:n]
+                                                                     for _ in subjects])
     w = 2.0
     kw = {"layers": [0], "locus": "subject", "lam": 30.0, "siblings": 2, "sibling_weight": w, "subject_key_weight": 0.0,
           "corpus": "samples:8", "stats_dir": str(tmp_path), "value": {"context_templates": ("{}",), "steps": 10}}

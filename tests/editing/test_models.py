@@ -71,3 +71,28 @@ def test_fingerprint_changes_with_one_weight():
     with torch.no_grad():
         model.transformer.h[0].mlp.c_proj.weight[0, 0] += 1e-3
     assert fingerprint(model) != before
+
+
+def test_an_edit_hashes_the_base_weights_once(monkeypatch, tmp_path):
+    """The fingerprint of a loaded model is computed once, however many callers ask (the CLI for the delta's
+    base, the editor for its statistics and context prefixes): hashing reads every weight."""
+    import editing.models as models
+    from editing.arch import spec_for
+    from editing.editors import get_editor
+    from editing.models import LoadedModel
+    from tinyworld import FILLER, build, requests, world
+
+    facts = world(0)
+    model, tok = build("gpt2", 1, facts, steps=5)
+    import hashlib
+    from types import SimpleNamespace
+
+    calls = []   # every fingerprint, wherever it is imported, hashes with editing.models' hashlib
+    monkeypatch.setattr(models, "hashlib", SimpleNamespace(sha256=lambda: calls.append(1) or hashlib.sha256()))
+    loaded = LoadedModel(model=model, tokenizer=tok, spec=spec_for(model), source="memory", kind="causal")
+    fp = loaded.fingerprint
+    (tmp_path / "filler.txt").write_text("\n".join(FILLER) + "\n")
+    res = get_editor("nse", layers=[0], locus="subject", lam=30.0, siblings=0, corpus=f"file:{tmp_path / 'filler.txt'}",
+                     stats_dir=str(tmp_path), value={"steps": 2}).edit(model, tok, requests(facts, 2), None)
+    assert res.delta.base_fingerprint == fp == loaded.fingerprint
+    assert len(calls) == 1

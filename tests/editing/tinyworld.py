@@ -154,10 +154,11 @@ def tiny_llama(facts):
 
 
 def siblings_from_world(monkeypatch, reqs) -> None:
-    """The tiny models cannot continue a list: make ``sibling_subjects`` name other people of this world
+    """The tiny models cannot continue a list: make ``sibling_lists`` name other people of this world
     (seed ``i`` gets the ``i``-th block of ``n`` names not among ``reqs``' subjects)."""
     from editing.editors import siblings as siblings_mod
 
     others = [n for n in NAMES if n not in {r.subject for r in reqs}]
-    monkeypatch.setattr(siblings_mod, "sibling_subjects",
-                        lambda m, t, subject, n, exclude=(), seed=0, **kw: others[seed * n:(seed + 1) * n])
+    monkeypatch.setattr(siblings_mod, "sibling_lists",
+                        lambda m, t, subjects, n, exclude=(), seeds=None, **kw:
+                        [others[s * n:(s + 1) * n] for s in (seeds if seeds is not None else range(len(subjects)))])

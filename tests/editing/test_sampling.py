@@ -1,0 +1,47 @@
+"""Batched seeded sampling: each row draws what ``generate`` draws for it alone under its seed."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from editing.editors.keys import pad_id_of, prompt_ids
+from editing.editors.sampling import sample_topk
+from editing.editors.siblings import sibling_lists, sibling_subjects
+from tinyworld import facts, tiny_gpt2, tiny_llama  # noqa: F401  (fixtures)
+
+PROMPTS = ["Ada Park lives in", "The job of Bo Chen is", "Cy", "Dee Fox likes the colour"]
+
+
+def _alone(model, tok, ids: list[int], seed: int, n: int) -> list[int]:
+    """``generate`` on one unpadded row under ``torch.manual_seed(seed)``: new tokens before the first EOS."""
+    torch.manual_seed(seed)
+    out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones((1, len(ids)), dtype=torch.long),
+                         max_new_tokens=n, do_sample=True, top_k=5, top_p=1.0, temperature=1.0,
+                         pad_token_id=pad_id_of(tok))[0, len(ids):].tolist()
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    return out[:next((i for i, t in enumerate(out) if t in eos), len(out))]
+
+
+@pytest.mark.parametrize("arch", ["tiny_gpt2", "tiny_llama"])
+def test_each_row_of_a_padded_batch_draws_what_it_draws_alone(arch, request):
+    model, tok = request.getfixturevalue(arch)
+    rows = [prompt_ids(tok, p) for p in PROMPTS]
+    assert len({len(r) for r in rows}) > 1       # rows of different lengths: the batch is left-padded
+    seeds = [3, 11, 12, 40]
+    rng = torch.get_rng_state()
+    batched = sample_topk(model, tok, rows, seeds, 12, top_k=5, pad_id=pad_id_of(tok))
+    assert torch.equal(torch.get_rng_state(), rng)   # the global stream is not used
+    assert batched == [_alone(model, tok, r, s, 12) for r, s in zip(rows, seeds)]
+    assert len({tuple(b) for b in batched}) > 1
+
+
+def test_sibling_lists_of_a_batch_equal_each_subjects_own_list(tiny_llama):
+    model, tok = tiny_llama
+    subjects = ["Ada Park", "Bo Chen", "Cy Dunn"]
+    lists = sibling_lists(model, tok, subjects, 4, exclude=subjects, seeds=[5, 6, 7])
+    assert lists == [sibling_subjects(model, tok, s, 4, exclude=subjects, seed=seed)
+                     for s, seed in zip(subjects, [5, 6, 7])]
+    assert all(s not in subjects for names in lists for s in names)
+    with pytest.raises(ValueError, match="2 seeds"):
+        sibling_lists(model, tok, subjects, 4, seeds=[1, 2])
