@@ -11,8 +11,9 @@ adding it there makes ``target_new`` likely, and return ``z_i = h_i + δ_i``:
 ``            edits, given by the caller: the edit must not undo them)
 ``          + weight_decay · ‖δ‖² / ‖h‖²``
 
-minimised with Adam (``steps``, ``lr``), stopping early once every request's NLL
-is below ``loss_stop``; after each step ``‖δ_i‖`` is clamped to
+minimised with Adam (``steps``, ``lr``); a request's ``δ`` is final once its NLL is below
+``loss_stop`` (with ``stop="top1"`` also once ``target_new`` is the argmax, token by token, after
+every context template: most-probable early stopping), and the loop ends when every request's is; after each step ``‖δ_i‖`` is clamped to
 ``clamp_norm_factor · ‖h_i‖``. All requests are optimised at once (one ``δ`` row
 each; Adam is element-wise so this equals separate runs). The optimisation runs
 against whatever model it is given; the caller decides which (the sequential
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from editing.arch import ArchSpec, get_module
+from editing.errors import HyperparameterError
 from editing.editors.keys import DEFAULT_CONTEXT_TEMPLATES, edit_position, fill, pad_id_of, pad_right, \
     prompt_ids, target_ids
 
@@ -45,10 +47,18 @@ class ValueHparams:
     weight_decay: float = 0.5
     clamp_norm_factor: float | None = None   # None: the model's preset (hparams.with_model_defaults), else 4
     loss_stop: float = 0.05
+    # "nll": a request's δ is final once its NLL is below loss_stop; "top1" (ENCORE's most-probable early
+    # stopping): also once every token of target_new is the argmax after every context template, so δ stops
+    # growing toward certainty once the new target is the model's answer
+    stop: str = "nll"
     kl_prompt: str = "{} is a"
     keep_weight: float = 0.0   # weight of the KL on the caller's keep prompts (0: not used)
     context_templates: tuple[str, ...] = DEFAULT_CONTEXT_TEMPLATES
     chunk: int = 64
+
+    def __post_init__(self) -> None:
+        if self.stop not in ("nll", "top1"):
+            raise HyperparameterError(f"value stop={self.stop!r} is not one of nll, top1")
 
 
 @dataclass
@@ -183,6 +193,7 @@ def compute_values(model: nn.Module, tokenizer, spec: ArchSpec, requests: Sequen
             record: dict = {}
             nll_sum = torch.zeros(n, device=device)
             nll_cnt = torch.zeros(n, device=device)
+            wrong = torch.zeros(n, device=device)   # target tokens that are not the argmax, over all templates
             kl_per = torch.zeros(n, device=device)
             h_rows = []
             if delta is not None and opt is not None:
@@ -224,6 +235,9 @@ def compute_values(model: nn.Module, tokenizer, spec: ArchSpec, requests: Sequen
                         cnt = torch.zeros(rows_here, device=device).index_add(
                             0, sel_r, torch.ones_like(tok_lp))
                         row_nll = -lp_sum / cnt.clamp(min=1)
+                        miss = (logp_sel[:n_sel].argmax(-1) != lab[sel_r, sel_c]).float().detach()
+                        row_miss = torch.zeros(rows_here, device=device).index_add(0, sel_r, miss)
+                        wrong = wrong.index_add(0, rq, row_miss * main)
                         nll_sum = nll_sum.index_add(0, rq, (row_nll * main).detach())
                         nll_cnt = nll_cnt.index_add(0, rq, main.float())
                         if (~main).any():
@@ -254,6 +268,10 @@ def compute_values(model: nn.Module, tokenizer, spec: ArchSpec, requests: Sequen
                 kl_per = torch.where(fresh.to(device), kl_per, prev_kl.to(device))
                 prev_kl = kl_per.detach().cpu()
             nll = (nll_sum / nll_cnt.clamp(min=1)).detach().cpu()
+            if hp.stop == "top1":   # a request not run this step (already final) stays final
+                on_top = (wrong.cpu() == 0) | ((nll_cnt.cpu() == 0) & (delta is not None))
+            else:
+                on_top = torch.zeros(n, dtype=torch.bool)
             if delta is None:
                 hr = torch.cat(h_rows).float()
                 first = torch.tensor([req.index(i) for i in range(n)])
@@ -266,7 +284,7 @@ def compute_values(model: nn.Module, tokenizer, spec: ArchSpec, requests: Sequen
                 nll_init = nll.tolist()
                 nll_req = nll
                 loss_req = nll.clone()
-                if bool((nll < hp.loss_stop).all()):
+                if bool(((nll < hp.loss_stop) | on_top).all()):
                     break
                 continue
             with torch.no_grad():
@@ -275,9 +293,10 @@ def compute_values(model: nn.Module, tokenizer, spec: ArchSpec, requests: Sequen
                 nll_req = nll
             history.append(float(loss_req.mean()))
             steps_done = step
-            if bool((nll < hp.loss_stop).all()) or step == hp.steps:
+            done = (nll < hp.loss_stop) | on_top
+            if bool(done.all()) or step == hp.steps:
                 break
-            live = nll >= hp.loss_stop
+            live = ~done
             frozen = (~live).to(device)
             keep = delta.detach().clone()
             opt.step()

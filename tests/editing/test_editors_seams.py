@@ -76,6 +76,48 @@ def test_values_make_the_target_likely_and_leave_model_alone(which, request, fac
     assert all(float(n) <= 4.0 * float(hn) + 1e-4 for n, hn in zip(res.delta.norm(dim=1), res.h.norm(dim=1)))
 
 
+@pytest.mark.parametrize("which", ["tiny_gpt2", "tiny_llama"])
+def test_most_probable_early_stopping_ends_each_value_once_its_target_is_on_top(which, request, facts):
+    """``stop="top1"``: a request's δ is final as soon as every target token is the argmax after every
+    template (checked here by adding δ back at the locus), so it stops no later than NLL-stopping. (Not always
+    with a smaller δ: Adam's first steps overshoot, and on the tiny GPT-2 later steps shrink δ again.)"""
+    from editing.editors.keys import edit_position, fill, pad_right
+    from editing.editors.values import _block_output_hook
+
+    model, tok = request.getfixturevalue(which)
+    spec = spec_for(model)
+    reqs = requests(facts, 3)
+    templates = ("{}", "Here is a fact. {}")
+    hp = dict(steps=25, loss_stop=0.01, context_templates=templates)
+    by_nll = compute_values(model, tok, spec, reqs, 0, ValueHparams(**hp))
+    by_top = compute_values(model, tok, spec, reqs, 0, ValueHparams(**hp, stop="top1"))
+    assert by_top.steps < by_nll.steps
+    assert all(a >= b for a, b in zip(by_top.nll, by_nll.nll))
+    from editing.editors.keys import target_ids
+
+    rows, pos, req, spans = [], [], [], []
+    for i, r in enumerate(reqs):
+        t = target_ids(tok, r.target_new)
+        for ctx in templates:
+            p = prompt_ids(tok, fill(fill(ctx, r.prompt), r.subject))
+            rows.append(p + t)
+            pos.append(edit_position(tok, fill(ctx, r.prompt), r.subject, "subject"))
+            req.append(i)
+            spans.append((len(p) - 1, t))
+    ids, mask = pad_right(rows, 0)
+    handle = get_module(model, spec.layer_name(0)).register_forward_hook(
+        _block_output_hook(by_top.delta, torch.tensor(req), torch.tensor(pos), {}))
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask).logits
+    finally:
+        handle.remove()
+    for j, (start, t) in enumerate(spans):
+        assert logits[j, start:start + len(t)].argmax(-1).tolist() == t, reqs[req[j]].request_id
+    with pytest.raises(Exception, match="not one of nll, top1"):
+        ValueHparams(stop="sometimes")
+
+
 def test_closed_form_solves_hit_their_targets():
     g = torch.Generator().manual_seed(0)
     d_in, d_out, n = 32, 16, 4
