@@ -19,6 +19,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from editing.editors.keys import pad_id_of
+
 
 def _eos_ids(model: nn.Module, tokenizer) -> set[int]:
     """End-of-text ids ``generate`` stops at: the model's generation config's, else the tokenizer's."""
@@ -32,16 +34,16 @@ def _eos_ids(model: nn.Module, tokenizer) -> set[int]:
 
 @torch.no_grad()
 def sample_topk(model: nn.Module, tokenizer, rows: Sequence[Sequence[int]], seeds: Sequence[int],
-                max_new_tokens: int, top_k: int = 5, pad_id: int = 0) -> list[list[int]]:
-    """New token ids per row (see the module docstring); the model is left in its training mode and the
-    global random state is not touched."""
+                max_new_tokens: int, top_k: int = 5) -> list[list[int]]:
+    """New token ids per row (see the module docstring; padding with :func:`pad_id_of` the tokenizer); the model
+    is left in its training mode and the global random state is not touched."""
     if len(rows) != len(seeds):
         raise ValueError(f"{len(rows)} rows but {len(seeds)} seeds")
     if not rows:
         return []
     device = next(model.parameters()).device
     width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    ids = torch.full((len(rows), width), pad_id_of(tokenizer), dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
         ids[i, width - len(r):] = torch.tensor(list(r), dtype=torch.long)

@@ -35,7 +35,7 @@ from typing import Mapping, Sequence
 
 from torch import nn
 
-from editing.editors.keys import max_context, pad_id_of, prompt_ids
+from editing.editors.keys import max_context, prompt_ids
 from editing.editors.sampling import sample_topk
 
 _SPLIT = re.compile(r",|;|\band\b|\bor\b|\.")
@@ -91,7 +91,7 @@ def sibling_lists(model: nn.Module, tokenizer, subjects: Sequence[str], n: int, 
         for budget in sorted({rows[i][1] for i in todo}):   # rows of one budget stay inside the context
             group = [i for i in todo if rows[i][1] == budget]
             gens = sample_topk(model, tokenizer, [rows[i][0] for i in group], [seeds[i] * samples + k for i in group],
-                               budget, top_k=5, pad_id=pad_id_of(tokenizer))
+                               budget, top_k=5)
             for i, gen in zip(group, gens):
                 text = tokenizer.decode(gen, skip_special_tokens=True).split("\n")[0]
                 found[i] += parse_list_items(text, [subjects[i], *exclude, *found[i]])

@@ -235,9 +235,10 @@ def compute_values(model: nn.Module, tokenizer, spec: ArchSpec, requests: Sequen
                         cnt = torch.zeros(rows_here, device=device).index_add(
                             0, sel_r, torch.ones_like(tok_lp))
                         row_nll = -lp_sum / cnt.clamp(min=1)
-                        miss = (logp_sel[:n_sel].argmax(-1) != lab[sel_r, sel_c]).float().detach()
-                        row_miss = torch.zeros(rows_here, device=device).index_add(0, sel_r, miss)
-                        wrong = wrong.index_add(0, rq, row_miss * main)
+                        if hp.stop == "top1":
+                            miss = (logp_sel[:n_sel].argmax(-1) != lab[sel_r, sel_c]).float().detach()
+                            row_miss = torch.zeros(rows_here, device=device).index_add(0, sel_r, miss)
+                            wrong = wrong.index_add(0, rq, row_miss * main)
                         nll_sum = nll_sum.index_add(0, rq, (row_nll * main).detach())
                         nll_cnt = nll_cnt.index_add(0, rq, main.float())
                         if (~main).any():

@@ -17,7 +17,7 @@ import torch
 from editing.editors import get_editor
 from editing.models import fingerprint
 from editing.requests import DeletionRequest, TranslationProbe
-from tinyworld import FILLER, facts, requests, tiny_gpt2, tiny_llama, top1  # noqa: F401  (fixtures)
+from tinyworld import FILLER, facts, generate_alone, requests, tiny_gpt2, tiny_llama, top1  # noqa: F401  (fixtures)
 
 DEVICE = os.environ.get("EDITOPS_TEST_DEVICE", "cuda")
 pytestmark = pytest.mark.skipif(DEVICE.startswith("cuda") and not torch.cuda.is_available(),
@@ -148,21 +148,12 @@ def test_deletion_editor_on_cuda_matches_cpu():
 def test_batched_sampling_on_cuda_draws_what_generate_draws_alone(which, request):
     """Sibling lists are sampled in one batch with a generator per row on the model's device: each row equals
     ``generate`` on that device under ``torch.manual_seed(seed)``, as on the CPU (test_sampling.py)."""
-    from editing.editors.keys import pad_id_of, prompt_ids
+    from editing.editors.keys import prompt_ids
     from editing.editors.sampling import sample_topk
 
     model, tok = request.getfixturevalue(which)
     model = copy.deepcopy(model).to(DEVICE)
     rows = [prompt_ids(tok, p) for p in ("Ada Park lives in", "The job of Bo Chen is", "Cy")]
     seeds = [3, 11, 40]
-    batched = sample_topk(model, tok, rows, seeds, 12, top_k=5, pad_id=pad_id_of(tok))
-    alone = []
-    for r, s in zip(rows, seeds):
-        torch.manual_seed(s)
-        out = model.generate(input_ids=torch.tensor([r], device=DEVICE), max_new_tokens=12, do_sample=True, top_k=5,
-                             attention_mask=torch.ones((1, len(r)), dtype=torch.long, device=DEVICE),
-                             pad_token_id=pad_id_of(tok))[0, len(r):].tolist()
-        eos = model.generation_config.eos_token_id
-        eos = set(eos if isinstance(eos, list) else [eos])
-        alone.append(out[:next((i for i, t in enumerate(out) if t in eos), len(out))])
-    assert batched == alone
+    batched = sample_topk(model, tok, rows, seeds, 12, top_k=5)
+    assert batched == [generate_alone(model, tok, r, s, 12) for r, s in zip(rows, seeds)]

@@ -4,23 +4,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from editing.editors.keys import pad_id_of, prompt_ids
+from editing.editors.keys import prompt_ids
 from editing.editors.sampling import sample_topk
 from editing.editors.siblings import sibling_lists, sibling_subjects
-from tinyworld import facts, tiny_gpt2, tiny_llama  # noqa: F401  (fixtures)
+from tinyworld import facts, generate_alone, tiny_gpt2, tiny_llama  # noqa: F401  (fixtures)
 
 PROMPTS = ["Ada Park lives in", "The job of Bo Chen is", "Cy", "Dee Fox likes the colour"]
-
-
-def _alone(model, tok, ids: list[int], seed: int, n: int) -> list[int]:
-    """``generate`` on one unpadded row under ``torch.manual_seed(seed)``: new tokens before the first EOS."""
-    torch.manual_seed(seed)
-    out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones((1, len(ids)), dtype=torch.long),
-                         max_new_tokens=n, do_sample=True, top_k=5, top_p=1.0, temperature=1.0,
-                         pad_token_id=pad_id_of(tok))[0, len(ids):].tolist()
-    eos = model.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos])
-    return out[:next((i for i, t in enumerate(out) if t in eos), len(out))]
 
 
 @pytest.mark.parametrize("arch", ["tiny_gpt2", "tiny_llama"])
@@ -30,9 +19,9 @@ def test_each_row_of_a_padded_batch_draws_what_it_draws_alone(arch, request):
     assert len({len(r) for r in rows}) > 1       # rows of different lengths: the batch is left-padded
     seeds = [3, 11, 12, 40]
     rng = torch.get_rng_state()
-    batched = sample_topk(model, tok, rows, seeds, 12, top_k=5, pad_id=pad_id_of(tok))
+    batched = sample_topk(model, tok, rows, seeds, 12, top_k=5)
     assert torch.equal(torch.get_rng_state(), rng)   # the global stream is not used
-    assert batched == [_alone(model, tok, r, s, 12) for r, s in zip(rows, seeds)]
+    assert batched == [generate_alone(model, tok, r, s, 12) for r, s in zip(rows, seeds)]
     assert len({tuple(b) for b in batched}) > 1
 
 

@@ -162,3 +162,19 @@ def siblings_from_world(monkeypatch, reqs) -> None:
     monkeypatch.setattr(siblings_mod, "sibling_lists",
                         lambda m, t, subjects, n, exclude=(), seeds=None, **kw:
                         [others[s * n:(s + 1) * n] for s in (seeds if seeds is not None else range(len(subjects)))])
+
+
+def generate_alone(model, tok, ids: list[int], seed: int, n: int) -> list[int]:
+    """``generate`` on one unpadded row (top-5 sampling) under ``torch.manual_seed(seed)``, on the model's device:
+    the new tokens before the first EOS."""
+    from editing.editors.keys import pad_id_of
+
+    device = next(model.parameters()).device
+    torch.manual_seed(seed)
+    out = model.generate(input_ids=torch.tensor([ids], device=device),
+                         attention_mask=torch.ones((1, len(ids)), dtype=torch.long, device=device),
+                         max_new_tokens=n, do_sample=True, top_k=5, top_p=1.0, temperature=1.0,
+                         pad_token_id=pad_id_of(tok))[0, len(ids):].tolist()
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    return out[:next((i for i, t in enumerate(out) if t in eos), len(out))]
