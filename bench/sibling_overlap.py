@@ -11,7 +11,7 @@ subjects of the batch excluded); the editor names them on the model edited so fa
 later batches may differ slightly.
 
     python bench/sibling_overlap.py --model models/smollm2-135m --requests data/requests/countries.jsonl \
-        --limit 100 --batch-size 10 --siblings 8
+        --limit 100 --batch-size 10 --siblings 8 [--samples 3]
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--limit", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=10)
     ap.add_argument("--siblings", type=int, default=8)
+    ap.add_argument("--samples", type=int, default=3, help="sampled lists per request at most (sibling_samples)")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     named = collections.Counter()
     for b in range(0, len(reqs), args.batch_size):
         batch = reqs[b: b + args.batch_size]
-        for s in sibling_requests(lm.model, lm.tokenizer, batch, args.siblings):
+        for s in sibling_requests(lm.model, lm.tokenizer, batch, args.siblings, samples=args.samples):
             held[s.request_id.split("~sibling")[0]].add(fill(s.prompt, s.subject))
             named[s.subject] += 1
     seconds = time.perf_counter() - t0

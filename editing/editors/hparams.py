@@ -58,6 +58,10 @@ class EditHparams:
     # with the subject (LIST_PROMPT) whose keys in the request's prompt are held at ΔW k ≈ 0 with this weight
     siblings: int = 0
     sibling_weight: float = 1.0
+    # at most this many sampled lists per request (each a top-5 continuation of up to 24 tokens): the models'
+    # lists repeat their best-known items, so 3 samples name about 5-6 distinct siblings on SmolLM2 when 8 are
+    # asked for (8 samples: 7-8; bench/RESULTS.md, session 27)
+    sibling_samples: int = 3
     sibling_exclude: tuple[str, ...] = ()    # never used as siblings (e.g. an ablation that holds out a probe set)
     # per request, up to this many subjects edited in earlier batches (the state's subject ledger), held as
     # siblings in the request's prompt like the model's own list (for models that do not continue lists)
@@ -113,6 +117,9 @@ class EditHparams:
                 raise HyperparameterError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
         if not 0 < self.repass_lam_factor <= 1:
             raise HyperparameterError(f"repass_lam_factor={self.repass_lam_factor!r} must be in (0, 1]")
+        if not isinstance(self.sibling_samples, int) or isinstance(self.sibling_samples, bool) \
+                or self.sibling_samples < 1:
+            raise HyperparameterError(f"sibling_samples={self.sibling_samples!r} must be a whole number ≥ 1")
         if not isinstance(self.lam_ladder, int) or isinstance(self.lam_ladder, bool) or self.lam_ladder < 0:
             raise HyperparameterError(f"lam_ladder={self.lam_ladder!r} must be a whole number of λ-grid steps ≥ 0")
         if self.lam_ladder and self.repasses and self.repass_lam_factor != 1:

@@ -480,7 +480,8 @@ class MemitEditor:
                 z = vr.z.double()
                 sibs = []
                 if hp.siblings:
-                    sibs = sibling_requests(model, tokenizer, active, hp.siblings, exclude=hp.sibling_exclude)
+                    sibs = sibling_requests(model, tokenizer, active, hp.siblings, exclude=hp.sibling_exclude,
+                                            samples=hp.sibling_samples)
                 if hp.known_siblings:
                     sibs += known_sibling_requests(active, list(ledger), hp.known_siblings, hp.sibling_exclude,
                                                    seed=n_prev)

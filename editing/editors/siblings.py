@@ -99,12 +99,12 @@ def sibling_lists(model: nn.Module, tokenizer, subjects: Sequence[str], n: int, 
 
 
 def sibling_requests(model: nn.Module, tokenizer, requests: Sequence, n: int, seed: int = 0,
-                     exclude: Sequence[str] = ()) -> list:
+                     exclude: Sequence[str] = (), samples: int = 3) -> list:
     """For each request, copies with a sibling subject in the subject's place (the batch's subjects and
-    ``exclude`` never used; request ``i``'s list seeded ``seed + i``)."""
+    ``exclude`` never used; request ``i``'s list seeded ``seed + i``, at most ``samples`` sampled lists)."""
     subjects = [r.subject for r in requests] + list(exclude)
     lists = sibling_lists(model, tokenizer, [r.subject for r in requests], n, exclude=subjects,
-                          seeds=[seed + i for i in range(len(requests))])
+                          seeds=[seed + i for i in range(len(requests))], samples=samples)
     return [_in_place_of(r, f"sibling{j}", subject=s) for r, names in zip(requests, lists) for j, s in enumerate(names)]
 
 

@@ -69,3 +69,10 @@ def test_gguf_converts_to_a_safetensors_dir_that_knows_paris(tmp_path):
     countries = {"Italy", "Germany", "Spain", "England", "Belgium", "Portugal", "Switzerland", "Netherlands",
                  "Austria", "Greece", "Poland", "UK", "United Kingdom", "USA", "Canada", "Australia", "Japan", "China"}
     assert "France" not in named and len(set(named) & countries) >= 2, named
+    # its lists repeat the best-known countries: more sampled lists name more distinct siblings (sibling_samples)
+    from editing.editors.siblings import sibling_lists
+
+    subjects = ["Hungary", "Kenya", "Peru", "Vietnam"]
+    few, more = (sibling_lists(loaded.model, loaded.tokenizer, subjects, 8, samples=k) for k in (1, 8))
+    assert all(len(x) <= 8 for x in few + more)
+    assert sum(map(len, more)) > sum(map(len, few)), (few, more)

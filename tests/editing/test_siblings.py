@@ -76,3 +76,25 @@ def test_known_siblings_are_earlier_edited_subjects_never_this_batchs(tiny_llama
     assert "siblings" not in first.delta.meta              # nothing edited before: nothing known
     edited = set(first.state.meta["subject_prompts"]) - {r.subject for r in reqs[2:4]}
     assert set(second.delta.meta["siblings"]["examples"]) <= edited and second.delta.meta["siblings"]["n"] > 0
+
+
+def test_sibling_samples_bounds_the_lists_each_request_samples(tiny_llama, facts, tmp_path, monkeypatch):
+    """``sibling_samples`` is how many lists ``sibling_lists`` may sample per request; it must be a whole number ≥ 1."""
+    import pytest
+
+    from editing.editors import siblings as siblings_mod
+    from editing.editors.hparams import EditHparams
+    from editing.errors import HyperparameterError
+
+    model, tok = tiny_llama
+    asked = []
+    real = siblings_mod.sibling_lists
+    monkeypatch.setattr(siblings_mod, "sibling_lists",
+                        lambda *a, samples=3, **kw: asked.append(samples) or real(*a, samples=samples, **kw))
+    reqs = requests(facts, 2)
+    get_editor("nse", siblings=2, sibling_samples=5, **FAST, stats_dir=str(tmp_path), corpus="samples:8") \
+        .edit(model, tok, reqs, None)
+    assert asked == [5]
+    for bad in (0, 2.5, True):
+        with pytest.raises(HyperparameterError, match="sibling_samples"):
+            EditHparams(sibling_samples=bad)
