@@ -59,8 +59,8 @@ class EditHparams:
     siblings: int = 0
     sibling_weight: float = 1.0
     # at most this many sampled lists per request (each a top-5 continuation of up to 24 tokens): the models'
-    # lists repeat their best-known items, so 3 samples name about 5-6 distinct siblings on SmolLM2 when 8 are
-    # asked for (8 samples: 7-8; bench/RESULTS.md, session 27)
+    # lists repeat their best-known items, so with 3 SmolLM2 names 5.4 of 8 asked-for siblings per request (with
+    # 8: 7.5), which kept no more neighbours (bench/RESULTS.md, session 27); for models whose lists run short
     sibling_samples: int = 3
     sibling_exclude: tuple[str, ...] = ()    # never used as siblings (e.g. an ablation that holds out a probe set)
     # per request, up to this many subjects edited in earlier batches (the state's subject ledger), held as
