@@ -22,8 +22,14 @@ from typing import Any
 from torch import nn
 
 from editing.editors.presets import corpus_for, preset_for
+from editing.editors.siblings import SIBLING_SAMPLES
 from editing.editors.values import DEFAULT_CLAMP_NORM_FACTOR, ValueHparams
 from editing.errors import HyperparameterError
+
+
+def _whole(value: Any, minimum: int) -> bool:
+    """``value`` is an ``int`` (not a ``bool``) of at least ``minimum``."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
 @dataclass
@@ -61,7 +67,7 @@ class EditHparams:
     # at most this many sampled lists per request (each a top-5 continuation of up to 24 tokens): the models'
     # lists repeat their best-known items, so with 3 SmolLM2 names 5.4 of 8 asked-for siblings per request (with
     # 8: 7.5), which kept no more neighbours (bench/RESULTS.md, session 27); for models whose lists run short
-    sibling_samples: int = 3
+    sibling_samples: int = SIBLING_SAMPLES
     sibling_exclude: tuple[str, ...] = ()    # never used as siblings (e.g. an ablation that holds out a probe set)
     # per request, up to this many subjects edited in earlier batches (the state's subject ledger), held as
     # siblings in the request's prompt like the model's own list (for models that do not continue lists)
@@ -117,10 +123,9 @@ class EditHparams:
                 raise HyperparameterError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
         if not 0 < self.repass_lam_factor <= 1:
             raise HyperparameterError(f"repass_lam_factor={self.repass_lam_factor!r} must be in (0, 1]")
-        if not isinstance(self.sibling_samples, int) or isinstance(self.sibling_samples, bool) \
-                or self.sibling_samples < 1:
+        if not _whole(self.sibling_samples, 1):
             raise HyperparameterError(f"sibling_samples={self.sibling_samples!r} must be a whole number ≥ 1")
-        if not isinstance(self.lam_ladder, int) or isinstance(self.lam_ladder, bool) or self.lam_ladder < 0:
+        if not _whole(self.lam_ladder, 0):
             raise HyperparameterError(f"lam_ladder={self.lam_ladder!r} must be a whole number of λ-grid steps ≥ 0")
         if self.lam_ladder and self.repasses and self.repass_lam_factor != 1:
             raise HyperparameterError(f"lam_ladder={self.lam_ladder} and repass_lam_factor={self.repass_lam_factor} "

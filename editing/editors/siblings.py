@@ -39,6 +39,7 @@ from editing.editors.keys import max_context, prompt_ids
 from editing.editors.sampling import sample_topk
 
 _SPLIT = re.compile(r",|;|\band\b|\bor\b|\.")
+SIBLING_SAMPLES = 3   # sampled lists per subject at most, unless told otherwise (EditHparams.sibling_samples)
 LIST_PROMPT = "Lists of things of the same kind:\n- red, blue, green, yellow\n- dog, cat, horse, cow\n- {},"
 
 
@@ -57,7 +58,7 @@ def parse_list_items(text: str, exclude: Sequence[str], max_chars: int = 40) -> 
 
 
 def sibling_subjects(model: nn.Module, tokenizer, subject: str, n: int, exclude: Sequence[str] = (),
-                     samples: int = 3, max_new_tokens: int = 24, seed: int = 0) -> list[str]:
+                     samples: int = SIBLING_SAMPLES, max_new_tokens: int = 24, seed: int = 0) -> list[str]:
     """Up to ``n`` entities the model lists after :data:`LIST_PROMPT` with ``subject``: :func:`sibling_lists`
     for one subject."""
     return sibling_lists(model, tokenizer, [subject], n, exclude, seeds=[seed], samples=samples,
@@ -65,7 +66,8 @@ def sibling_subjects(model: nn.Module, tokenizer, subject: str, n: int, exclude:
 
 
 def sibling_lists(model: nn.Module, tokenizer, subjects: Sequence[str], n: int, exclude: Sequence[str] = (),
-                  seeds: Sequence[int] | None = None, samples: int = 3, max_new_tokens: int = 24) -> list[list[str]]:
+                  seeds: Sequence[int] | None = None, samples: int = SIBLING_SAMPLES,
+                  max_new_tokens: int = 24) -> list[list[str]]:
     """Per subject, up to ``n`` entities the model lists after :data:`LIST_PROMPT` with it: sample ``k`` of
     subject ``i`` (``k < samples``, only while fewer than ``n`` distinct items are found) is a top-5
     continuation seeded ``seeds[i] · samples + k`` (default seeds ``0 … len(subjects) − 1``); items equal to
@@ -99,7 +101,7 @@ def sibling_lists(model: nn.Module, tokenizer, subjects: Sequence[str], n: int, 
 
 
 def sibling_requests(model: nn.Module, tokenizer, requests: Sequence, n: int, seed: int = 0,
-                     exclude: Sequence[str] = (), samples: int = 3) -> list:
+                     exclude: Sequence[str] = (), samples: int = SIBLING_SAMPLES) -> list:
     """For each request, copies with a sibling subject in the subject's place (the batch's subjects and
     ``exclude`` never used; request ``i``'s list seeded ``seed + i``, at most ``samples`` sampled lists)."""
     subjects = [r.subject for r in requests] + list(exclude)
