@@ -68,6 +68,11 @@ class EditHparams:
     # lists repeat their best-known items, so with 3 SmolLM2 names 5.4 of 8 asked-for siblings per request (with
     # 8: 7.5), which kept no more neighbours (bench/RESULTS.md, session 27); for models whose lists run short
     sibling_samples: int = SIBLING_SAMPLES
+    # candidates per request (0: off): the model's lists name this many per request, and every subject held or
+    # edited earlier in the run (the ledgers, the latest sibling_pool × batch size of them) is a candidate in each
+    # prompt of the batch; per layer, the siblings × batch size candidates that the batch's update, solved
+    # without them, moves most (‖ΔW k‖) are held, in place of each list's first `siblings` names
+    sibling_pool: int = 0
     sibling_exclude: tuple[str, ...] = ()    # never used as siblings (e.g. an ablation that holds out a probe set)
     # per request, up to this many subjects edited in earlier batches (the state's subject ledger), held as
     # siblings in the request's prompt like the model's own list (for models that do not continue lists)
@@ -125,6 +130,8 @@ class EditHparams:
             raise HyperparameterError(f"repass_lam_factor={self.repass_lam_factor!r} must be in (0, 1]")
         if not _whole(self.sibling_samples, 1):
             raise HyperparameterError(f"sibling_samples={self.sibling_samples!r} must be a whole number ≥ 1")
+        if not _whole(self.sibling_pool, 0):
+            raise HyperparameterError(f"sibling_pool={self.sibling_pool!r} must be a whole number ≥ 0")
         if not _whole(self.lam_ladder, 0):
             raise HyperparameterError(f"lam_ladder={self.lam_ladder!r} must be a whole number of λ-grid steps ≥ 0")
         if self.lam_ladder and self.repasses and self.repass_lam_factor != 1:

@@ -39,7 +39,8 @@ from editing.editors.keys import LOCI, block_outputs_at, check_length, compute_k
     compute_text_keys, edit_position, generated_context_templates, pad_id_of, prompt_ids, score_targets
 from editing.editors.solve import alphaedit_factors, memit_factors, nullspace_projector, responsible_neurons
 from editing.editors.keys import DEFAULT_CONTEXT_TEMPLATES
-from editing.editors.siblings import known_sibling_requests, other_prompt_requests, sibling_requests
+from editing.editors.siblings import candidate_requests, known_sibling_requests, other_prompt_requests, \
+    sibling_requests
 from editing.editors.values import ValueHparams, compute_values
 from editing.errors import NoOpEditError, StateError
 from editing.models import base_fingerprint
@@ -349,15 +350,47 @@ class MemitEditor:
         return [r.request_id for r, _ in hit]
 
     @torch.no_grad()
+    def _solve(self, K, R, l, C0, ce, P, neurons, Kx, hp: EditHparams, dev) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer's factors ``(U, V)`` (MEMIT's solve, or AlphaEdit's with ``nullspace``) on device ``dev``:
+        the solve runs where the model runs (float64 either way)."""
+        on = (lambda t: t.to(dev) if t is not None else None)
+        Kx_dev = [on(x) for x in Kx] if Kx else None
+        if hp.nullspace:
+            return alphaedit_factors(on(K), on(R), on(P[l]), on(ce), hp.alpha, on(neurons), Kx_dev,
+                                     hp.subject_key_weight)
+        return memit_factors(on(K), on(R), on(C0[l]), hp.lam, on(ce), on(neurons), K_extra=Kx_dev,
+                             extra_weight=hp.subject_key_weight)
+
+    def _sibling_moment(self, model, tokenizer, spec, siblings, l, hp: EditHparams, Ks: torch.Tensor | None = None):
+        """``(held, kept)``: the siblings' moment in this batch's solve, ``w K_sᵀK_s`` (plus ``w · w_x Σ X_sᵀX_s``
+        of their subject-alone keys, as the edit is fitted there too), and the part accumulated into ``C_edits``
+        (the subject-alone part only with ``subject_frame="kept"``). ``Ks``: their prompt keys, if computed."""
+        if Ks is None:
+            Ks = compute_keys(model, tokenizer, spec, siblings, l, self._sibling_templates(hp), locus=hp.locus).double()
+        held = hp.sibling_weight * (Ks.T @ Ks)
+        kept = held
+        if hp.subject_key_weight:
+            Xs = self._subject_alone_keys(model, tokenizer, spec, siblings, l, hp)
+            xs = hp.sibling_weight * hp.subject_key_weight * sum(X.T @ X for X in Xs)
+            held = held + xs
+            kept = kept + xs if hp.subject_frame == "kept" else kept
+        return held, kept
+
     def _spread(self, model, tokenizer, spec, reqs, layers, z, C0, C_edits, P, hp: EditHparams,
-                siblings: Sequence = (), holds: Sequence = ()):
-        """Write the update layer by layer into ``model`` (in place); returns factors and the moment
+                siblings: Sequence = (), holds: Sequence = (), pool: Sequence = ()):
+        """Write the update layer by layer into ``model`` (in place); returns factors, the moment
         to accumulate per layer (``KᵀK`` of the edit keys, plus ``w K_sᵀK_s`` of the sibling keys and
         ``w_o K_oᵀK_o`` of the held other prompts, :func:`other_prompt_requests`; these are prompt keys only,
         as the subject-alone key of a held prompt is the edit's own; and ``w_t K_tᵀK_t`` of the keys of the
-        requests' own text outside the edit, :func:`compute_text_keys`)."""
+        requests' own text outside the edit, :func:`compute_text_keys`) and the candidates of ``pool`` held
+        in some layer.
+
+        ``pool`` (``sibling_pool``): per layer, the update is first solved without siblings; the
+        ``siblings × len(reqs)`` candidates with the largest ``‖ΔW k_c‖`` are then held as siblings and the
+        layer is solved again."""
         rows, pos = self._bare_rows(tokenizer, reqs, hp.locus)
         factors, moments = {}, {}
+        chosen_any: dict[str, Any] = {}
         keep_frame = hp.subject_frame == "kept"
         for i, l in enumerate(layers):
             name = spec.mlp_out_name(l)
@@ -373,16 +406,8 @@ class MemitEditor:
                 if keep_frame:
                     moments[l] = moments[l] + hp.subject_key_weight * sum(X.T @ X for X in Kx)
             if siblings:
-                Ks = compute_keys(model, tokenizer, spec, siblings, l, self._sibling_templates(hp),
-                                  locus=hp.locus).double()
-                ks = hp.sibling_weight * (Ks.T @ Ks)
-                moments[l] = moments[l] + ks
-                if hp.subject_key_weight:  # held in the subject-alone frame too, as the edit is fitted there
-                    Xs = self._subject_alone_keys(model, tokenizer, spec, siblings, l, hp)
-                    xs = hp.sibling_weight * hp.subject_key_weight * sum(X.T @ X for X in Xs)
-                    ks = ks + xs
-                    if keep_frame:
-                        moments[l] = moments[l] + xs
+                ks, kept = self._sibling_moment(model, tokenizer, spec, siblings, l, hp)
+                moments[l] = moments[l] + kept
                 ce = ks if ce is None else ce + ks
             if holds:
                 Ko = compute_keys(model, tokenizer, spec, holds, l, self._sibling_templates(hp), locus=hp.locus).double()
@@ -394,19 +419,21 @@ class MemitEditor:
                 ka = hp.text_key_weight * (Ka.T @ Ka)
                 moments[l] = moments[l] + ka
                 ce = ka if ce is None else ce + ka
-            # the solve runs where the model runs (float64 either way); the factors come back to the CPU
-            dev = weight_view(get_module(model, name)).device
-            on = (lambda t: t.to(dev) if t is not None else None)
-            Kx_dev = [on(x) for x in Kx] if Kx else None
-            if hp.nullspace:
-                u, v = alphaedit_factors(on(K), on(R), on(P[l]), on(ce), hp.alpha, on(neurons), Kx_dev,
-                                         hp.subject_key_weight)
-            else:
-                u, v = memit_factors(on(K), on(R), on(C0[l]), hp.lam, on(ce), on(neurons), K_extra=Kx_dev,
-                                     extra_weight=hp.subject_key_weight)
+            dev = weight_view(get_module(model, name)).device   # the factors come back to the CPU
+            u, v = self._solve(K, R, l, C0, ce, P, neurons, Kx, hp, dev)
+            if pool:
+                Kc = compute_keys(model, tokenizer, spec, pool, l, self._sibling_templates(hp), locus=hp.locus).double()
+                leak = ((Kc.to(dev) @ v) @ u.T).norm(dim=1).cpu()
+                top = torch.argsort(leak, descending=True)[: hp.siblings * len(reqs)].tolist()
+                chosen = [pool[j] for j in top]
+                chosen_any.update({c.request_id: c for c in chosen})
+                ks, kept = self._sibling_moment(model, tokenizer, spec, chosen, l, hp, Ks=Kc[top])
+                moments[l] = moments[l] + kept
+                ce = ks if ce is None else ce + ks
+                u, v = self._solve(K, R, l, C0, ce, P, neurons, Kx, hp, dev)
             add_to_weight(get_module(model, name), u @ v.T)
             factors[f"{name}.weight"] = (u.float().cpu(), v.float().cpu())
-        return factors, moments
+        return factors, moments, list(chosen_any.values())
 
     # ------------------------------------------------------------------ edit
     def edit(self, model: nn.Module, tokenizer, requests: Sequence, state: EditorState | None = None) -> EditResult:
@@ -478,8 +505,14 @@ class MemitEditor:
                 rows, pos = self._bare_rows(tokenizer, active, hp.locus)
                 h0 = block_outputs_at(model, spec, layers[-1], rows, pos, pad_id_of(tokenizer)).double()
                 z = vr.z.double()
-                sibs = []
-                if hp.siblings:
+                sibs, pool = [], []
+                if hp.siblings and hp.sibling_pool:
+                    named = sibling_requests(model, tokenizer, active, hp.sibling_pool, exclude=hp.sibling_exclude,
+                                             samples=hp.sibling_samples)
+                    pool = candidate_requests(active, named, [*ledger, *held], hp.sibling_pool * len(active),
+                                              hp.sibling_exclude)
+                    meta_extra["sibling_pool"] = len(pool)
+                elif hp.siblings:
                     sibs = sibling_requests(model, tokenizer, active, hp.siblings, exclude=hp.sibling_exclude,
                                             samples=hp.sibling_samples)
                 if hp.known_siblings:
@@ -495,8 +528,12 @@ class MemitEditor:
                         _record_held(held, sibs, hp.sibling_weight)
                 if hp.lam_ladder:
                     meta_extra["first_lam"] = lams[0]
-                factors, moments = self._spread(model, tokenizer, spec, active, layers, z, C0, C_edits, P,
-                                                replace(hp, lam=lams[0]), sibs, holds)
+                factors, moments, chosen = self._spread(model, tokenizer, spec, active, layers, z, C0, C_edits, P,
+                                                        replace(hp, lam=lams[0]), sibs, holds, pool)
+                if chosen:
+                    meta_extra["siblings"] = {"n": len(chosen), "examples": sorted({s.subject for s in chosen})[:12]}
+                    if hp.accumulate:
+                        _record_held(held, chosen, hp.sibling_weight)
                 for p in range(hp.repasses):
                     if hp.repass_on == "not_taken":
                         taken, _ = score_targets(model, tokenizer, [r.text for r in active],
@@ -510,8 +547,8 @@ class MemitEditor:
                         break
                     sub = [active[i] for i in redo]
                     lam_p = lams[p + 1]
-                    f2, _ = self._spread(model, tokenizer, spec, sub, layers, z[redo], C0, C_edits, P,
-                                         replace(hp, lam=lam_p), sibs, holds)
+                    f2, _, _ = self._spread(model, tokenizer, spec, sub, layers, z[redo], C0, C_edits, P,
+                                            replace(hp, lam=lam_p), sibs, holds, pool)
                     merged = LowRankDelta(factors).compose(LowRankDelta(f2)).compact(rank=len(active))
                     factors = merged.factors
                     meta_extra.setdefault("repassed", []).append([active[i].request_id for i in redo])

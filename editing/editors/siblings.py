@@ -160,3 +160,27 @@ def other_prompt_requests(requests: Sequence, prompts: Mapping[str, str | None],
         for j, p in enumerate(rng.sample(pool, min(n, len(pool)))):
             out.append(_in_place_of(r, f"prompt{j}", prompt=p))
     return out
+
+
+def candidate_requests(requests: Sequence, named: Sequence, known: Sequence[str], per_prompt: int,
+                       exclude: Sequence[str] = ()) -> list:
+    """Subjects that may be held for a batch (``sibling_pool``): ``named`` (copies of the requests with a
+    sibling in the subject's place, :func:`sibling_requests`) and, in each distinct prompt of the batch, the
+    last ``per_prompt`` of ``known`` (subjects held or edited earlier in the run, oldest first). Never a
+    subject of this batch or one of ``exclude``; each ``(subject, prompt)`` once, first occurrence kept."""
+    banned = {r.subject for r in requests} | set(exclude)
+    out, seen = [], set()
+    for c in named:
+        if c.subject not in banned and (c.subject, c.prompt) not in seen:
+            seen.add((c.subject, c.prompt))
+            out.append(c)
+    recent = [s for s in dict.fromkeys(known) if s not in banned][-per_prompt:] if per_prompt > 0 else []
+    first: dict[str, object] = {}
+    for r in requests:
+        first.setdefault(r.prompt, r)
+    for r in first.values():
+        for j, s in enumerate(recent):
+            if (s, r.prompt) not in seen:
+                seen.add((s, r.prompt))
+                out.append(_in_place_of(r, f"known{j}", subject=s))
+    return out

@@ -4,6 +4,8 @@
 """
 from __future__ import annotations
 
+import pytest
+
 from editing.arch import spec_for
 from editing.editors import get_editor
 from editing.editors.keys import compute_keys
@@ -80,8 +82,6 @@ def test_known_siblings_are_earlier_edited_subjects_never_this_batchs(tiny_llama
 
 def test_sibling_samples_bounds_the_lists_each_request_samples(tiny_llama, facts, tmp_path, monkeypatch):
     """``sibling_samples`` is how many lists ``sibling_lists`` may sample per request; it must be a whole number ≥ 1."""
-    import pytest
-
     from editing.editors import siblings as siblings_mod
     from editing.editors.hparams import EditHparams
     from editing.errors import HyperparameterError
@@ -98,3 +98,60 @@ def test_sibling_samples_bounds_the_lists_each_request_samples(tiny_llama, facts
     for bad in (0, 2.5, True):
         with pytest.raises(HyperparameterError, match="sibling_samples"):
             EditHparams(sibling_samples=bad)
+
+
+def test_candidate_requests_are_each_subject_once_per_prompt_never_the_batchs(facts):
+    """``sibling_pool``'s candidates: the named siblings, then the latest ``per_prompt`` known subjects in each
+    distinct prompt of the batch; no subject of the batch, none excluded, no (subject, prompt) twice."""
+    from dataclasses import replace
+
+    from editing.editors.siblings import candidate_requests
+
+    reqs = requests(facts, 3)
+    batch = [reqs[0], reqs[1], replace(reqs[2], prompt=reqs[0].prompt)]   # two distinct prompts
+    named = [replace(batch[0], subject="Kuro Bet"), replace(batch[2], subject="Kuro Bet"),  # same pair twice
+             replace(batch[1], subject=batch[0].subject)]                                  # a batch subject
+    known = ["Lesa Nim", "Ivo Lam", "Kuro Bet", "Ivo Lam", batch[1].subject, "Jena Fos"]
+    out = candidate_requests(batch, named, known, per_prompt=2, exclude=["Jena Fos"])
+    pairs = [(c.subject, c.prompt) for c in out]
+    assert len(pairs) == len(set(pairs))
+    assert not {c.subject for c in out} & ({r.subject for r in batch} | {"Jena Fos"})
+    # the latest two known subjects allowed ("Ivo Lam", "Kuro Bet") in each of the two prompts; "Kuro Bet" was
+    # named in prompt 0 already, so it is there once
+    assert sorted(pairs) == sorted({("Kuro Bet", batch[0].prompt), ("Ivo Lam", batch[0].prompt),
+                                    ("Ivo Lam", batch[1].prompt), ("Kuro Bet", batch[1].prompt)})
+    assert candidate_requests(batch, [], known, per_prompt=0) == []
+
+
+@pytest.mark.filterwarnings("ignore::editing.editors.memit.EditDidNotTakeWarning")  # the selection, not the edits, is tested
+def test_sibling_pool_holds_the_candidates_the_update_would_move_most(tiny_llama, facts, tmp_path, monkeypatch):
+    """With ``sibling_pool``, the held siblings are the ``siblings × batch`` candidates with the largest
+    ``‖ΔW k_c‖`` under the update solved without them, and the re-solved update moves them less."""
+    import torch
+
+    from editing.editors.hparams import EditHparams
+    from editing.editors.siblings import candidate_requests
+    from editing.errors import HyperparameterError
+
+    model, tok = tiny_llama
+    spec = spec_for(model)
+    reqs = requests(facts, 2)
+    siblings_from_world(monkeypatch, reqs)
+    kw = {**FAST, "stats_dir": str(tmp_path), "corpus": "samples:8", "accumulate": True, "repasses": 0,
+          "sibling_weight": 1.0}
+    plain = get_editor("nse", siblings=0, **kw).edit(model, tok, reqs, None)
+    pooled = get_editor("nse", siblings=1, sibling_pool=4, **kw).edit(model, tok, reqs, None)
+    pool = candidate_requests(reqs, sibling_requests(model, tok, reqs, 4), [], 0)
+    assert pooled.delta.meta["sibling_pool"] == len(pool) == 8
+    name = spec.mlp_out_name(0) + ".weight"
+    kc = compute_keys(model, tok, spec, pool, 0, ("{}",))
+    leak = (kc @ plain.delta.dense(name).float().T).norm(dim=1)
+    top = {pool[int(j)].subject for j in torch.argsort(leak, descending=True)[:2]}
+    held = pooled.state.meta["held_siblings"]
+    assert set(held) == top and pooled.delta.meta["siblings"]["n"] == 2
+    chosen = [j for j, c in enumerate(pool) if c.subject in top and c.prompt in held[c.subject]]
+    after = (kc[chosen] @ pooled.delta.dense(name).float().T).norm(dim=1)
+    assert float(after.sum()) < 0.5 * float(leak[chosen].sum())
+    for bad in (-1, 1.5, True):
+        with pytest.raises(HyperparameterError, match="sibling_pool"):
+            EditHparams(sibling_pool=bad)
