@@ -71,7 +71,9 @@ class EditHparams:
     # candidates per request (0: off): the model's lists name this many per request, and every subject held or
     # edited earlier in the run (the ledgers, the latest sibling_pool × batch size of them) is a candidate in each
     # prompt of the batch; per layer, the siblings × batch size candidates that the batch's update, solved
-    # without them, moves most (‖ΔW k‖) are held, in place of each list's first `siblings` names
+    # without them, moves most (‖ΔW k‖) are held, in place of each list's first `siblings` names. Off: on SmolLM2's
+    # 217 requests (b10, λ ladder) 24 gave neighbourhood 0.85 × base against 0.82 for 0.013 of paraphrase and
+    # efficacy, short of the Bar (bench/RESULTS.md, session 28)
     sibling_pool: int = 0
     sibling_exclude: tuple[str, ...] = ()    # never used as siblings (e.g. an ablation that holds out a probe set)
     # per request, up to this many subjects edited in earlier batches (the state's subject ledger), held as
