@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.para_slice import load_offline, parse_sets, probe_parser  # noqa: E402
+from bench.para_slice import edit_slice, load_offline, probe_parser  # noqa: E402
 
 
 def probe_subject(template: str, prompt: str) -> str | None:
@@ -43,10 +42,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = probe_parser(__doc__, 1e4, "SmolLM2's calibration on requests 101-150 chose 1e4", start=113)
     args = ap.parse_args(argv)
     loaded = load_offline(args.model)
-    from editing.editors import get_editor
     from editing.formats import read_requests
     from editing.metrics.facts import score_pairs
-    from editing.runner import run_sequential
 
     reqs = read_requests(args.requests, kind="fact")[args.start:args.start + args.n]
     edited = {r.text for r in reqs}
@@ -58,11 +55,7 @@ def main(argv: list[str] | None = None) -> None:
             probes.append((pr.prompt, pr.target, r.target_new, r.prompt, probe_subject(r.prompt, pr.prompt)))
     pairs = [(p, own) for p, own, *_ in probes] + [(p, new) for p, _, new, *_ in probes]
     before = score_pairs(loaded.model, loaded.tokenizer, pairs)
-    editor = get_editor("nse", **{"lam": args.lam, **parse_sets(args.set)})
-    t0 = time.perf_counter()
-    run = run_sequential(loaded.model, loaded.tokenizer, reqs, editor, args.batch_size, progress=False,
-                         base_fingerprint=loaded.fingerprint)
-    seconds = time.perf_counter() - t0
+    run, seconds = edit_slice(loaded, reqs, args)
     after = score_pairs(loaded.model, loaded.tokenizer, pairs)
     held = run.state.meta.get("held_siblings", {}) if run.state is not None else {}
     groups: dict[str, list[tuple[float, float]]] = {"held": [], "not_held": []}

@@ -20,14 +20,13 @@ from __future__ import annotations
 import collections
 import json
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.para_slice import load_offline, parse_sets, probe_parser  # noqa: E402
+from bench.para_slice import edit_slice, load_offline, probe_parser  # noqa: E402
 
 NEW_TOKENS = 6
 
@@ -50,9 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = probe_parser(__doc__, 3000.0, "SmolLM2's calibration chooses 3e3", start=0)
     args = ap.parse_args(argv)
     loaded = load_offline(args.model)
-    from editing.editors import get_editor
     from editing.formats import read_requests
-    from editing.runner import run_sequential
 
     reqs = read_requests(args.requests, kind="fact")[args.start:args.start + args.n]
     edited = {r.text for r in reqs}   # a neighbour whose own fact this run edits is not scored
@@ -63,11 +60,7 @@ def main(argv: list[str] | None = None) -> None:
                 probes.setdefault(pr.prompt, (pr.target, r.relation))
     prompts = sorted(probes)
     before = greedy(loaded.model, loaded.tokenizer, prompts)
-    editor = get_editor("nse", **{"lam": args.lam, **parse_sets(args.set)})
-    t0 = time.perf_counter()
-    run_sequential(loaded.model, loaded.tokenizer, reqs, editor, args.batch_size, progress=False,
-                   base_fingerprint=loaded.fingerprint)
-    seconds = time.perf_counter() - t0
+    _, seconds = edit_slice(loaded, reqs, args)
     after = greedy(loaded.model, loaded.tokenizer, prompts)
     counts: collections.Counter = collections.Counter()
     examples = collections.defaultdict(list)

@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.para_slice import load_offline, parse_sets, probe_parser  # noqa: E402
+from bench.para_slice import edit_slice, load_offline, probe_parser  # noqa: E402
 
 CLASSES = ("all", "subject_last", "subject_rest", "template", "answer")
 
@@ -64,9 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from editing.arch import get_module
-    from editing.editors import get_editor
     from editing.formats import read_requests
-    from editing.runner import run_sequential
 
     model, tok = loaded.model, loaded.tokenizer
     reqs = read_requests(args.requests, kind="fact")[args.start:args.start + args.n]
@@ -84,10 +81,7 @@ def main(argv: list[str] | None = None) -> None:
 
     base = {p: score_one(model, ids, k) for p, (ids, k, _) in rows.items()}
     base_new = {p: score_one(model, ids, k)[0] for p, (ids, k, _) in rows_new.items()}
-    editor = get_editor("nse", **{"lam": args.lam, **parse_sets(args.set)})
-    t0 = time.perf_counter()
-    run = run_sequential(model, tok, reqs, editor, args.batch_size, progress=False, base_fingerprint=loaded.fingerprint)
-    seconds = time.perf_counter() - t0
+    run, seconds = edit_slice(loaded, reqs, args)
     total = run.total_delta()
     total.remove(model)
 

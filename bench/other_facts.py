@@ -21,14 +21,13 @@ from __future__ import annotations
 import json
 import random
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.para_slice import load_offline, parse_sets, probe_parser  # noqa: E402
+from bench.para_slice import edit_slice, load_offline, probe_parser  # noqa: E402
 
 
 def known_facts(requests) -> dict[str, dict[str, str]]:
@@ -65,10 +64,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     loaded = load_offline(args.model)
-    from editing.editors import get_editor
     from editing.formats import read_requests
     from editing.metrics.facts import BaseOutputs, evaluate_facts, score_pairs
-    from editing.runner import run_sequential
 
     every = read_requests(args.requests, kind="fact")
     facts = known_facts(every)
@@ -79,11 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     pairs = sorted({(p, y) for _, p, y in probes} | {(p, r.target_new) for r, p, _ in probes})
     before = score_pairs(loaded.model, loaded.tokenizer, pairs)
     base = BaseOutputs.compute(loaded.model, loaded.tokenizer, reqs)
-    editor = get_editor("nse", **{"lam": args.lam, **parse_sets(args.set)})
-    t0 = time.perf_counter()
-    run = run_sequential(loaded.model, loaded.tokenizer, reqs, editor, args.batch_size, progress=False,
-                         base_fingerprint=loaded.fingerprint)
-    seconds = time.perf_counter() - t0
+    run, seconds = edit_slice(loaded, reqs, args)
     after = score_pairs(loaded.model, loaded.tokenizer, pairs)
     s = evaluate_facts(loaded.model, loaded.tokenizer, reqs, base=base, earlier=reqs[:args.batch_size]).summary()
 

@@ -68,22 +68,29 @@ def load_offline(model: str):
     return load(model)
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = probe_parser(__doc__, 1000.0, "SmolLM2's calibration chose 1e3", start=40)
-    args = ap.parse_args(argv)
-    loaded = load_offline(args.model)
+def edit_slice(loaded, reqs, args):
+    """``(run, seconds)``: ``reqs`` edited in place on ``loaded.model`` by ``nse`` with the probe's fixed λ and
+    ``--set`` options, ``args.batch_size`` at a time (:func:`editing.runner.run_sequential`)."""
     from editing.editors import get_editor
-    from editing.formats import read_requests
-    from editing.metrics.facts import BaseOutputs, evaluate_facts, request_pairs, score_pairs
     from editing.runner import run_sequential
 
-    reqs = read_requests(args.requests, kind="fact")[args.start:args.start + args.n]
-    base = BaseOutputs.compute(loaded.model, loaded.tokenizer, reqs)
     editor = get_editor("nse", **{"lam": args.lam, **parse_sets(args.set)})
     t0 = time.perf_counter()
     run = run_sequential(loaded.model, loaded.tokenizer, reqs, editor, args.batch_size, progress=False,
                          base_fingerprint=loaded.fingerprint)
-    seconds = time.perf_counter() - t0
+    return run, time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = probe_parser(__doc__, 1000.0, "SmolLM2's calibration chose 1e3", start=40)
+    args = ap.parse_args(argv)
+    loaded = load_offline(args.model)
+    from editing.formats import read_requests
+    from editing.metrics.facts import BaseOutputs, evaluate_facts, request_pairs, score_pairs
+
+    reqs = read_requests(args.requests, kind="fact")[args.start:args.start + args.n]
+    base = BaseOutputs.compute(loaded.model, loaded.tokenizer, reqs)
+    run, seconds = edit_slice(loaded, reqs, args)
     s = evaluate_facts(loaded.model, loaded.tokenizer, reqs, base=base, earlier=reqs[:args.batch_size]).summary()
     scores = score_pairs(loaded.model, loaded.tokenizer, request_pairs(reqs))
     by_relation = collections.defaultdict(list)
