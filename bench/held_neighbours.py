@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.para_slice import edit_slice, load_offline, probe_parser  # noqa: E402
+from bench.para_slice import edit_slice, load_offline, probe_parser, slice_requests  # noqa: E402
 
 
 def probe_subject(template: str, prompt: str) -> str | None:
@@ -42,10 +42,9 @@ def main(argv: list[str] | None = None) -> None:
     ap = probe_parser(__doc__, 1e4, "SmolLM2's calibration on requests 101-150 chose 1e4", start=113)
     args = ap.parse_args(argv)
     loaded = load_offline(args.model)
-    from editing.formats import read_requests
     from editing.metrics.facts import score_pairs
 
-    reqs = read_requests(args.requests, kind="fact")[args.start:args.start + args.n]
+    reqs = slice_requests(args)
     edited = {r.text for r in reqs}
     probes = []   # (prompt, own answer, new target, template, subject)
     for r in reqs:

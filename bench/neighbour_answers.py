@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.para_slice import edit_slice, load_offline, probe_parser  # noqa: E402
+from bench.para_slice import edit_slice, load_offline, probe_parser, slice_requests  # noqa: E402
 
 NEW_TOKENS = 6
 
@@ -49,9 +49,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = probe_parser(__doc__, 3000.0, "SmolLM2's calibration chooses 3e3", start=0)
     args = ap.parse_args(argv)
     loaded = load_offline(args.model)
-    from editing.formats import read_requests
 
-    reqs = read_requests(args.requests, kind="fact")[args.start:args.start + args.n]
+    reqs = slice_requests(args)
     edited = {r.text for r in reqs}   # a neighbour whose own fact this run edits is not scored
     probes = {}   # prompt -> (true answer, relation of the request it probes)
     for r in reqs:

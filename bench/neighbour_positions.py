@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.para_slice import edit_slice, load_offline, probe_parser  # noqa: E402
+from bench.para_slice import edit_slice, load_offline, probe_parser, slice_requests  # noqa: E402
 
 CLASSES = ("all", "subject_last", "subject_rest", "template", "answer")
 
@@ -63,10 +63,9 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from editing.arch import get_module
-    from editing.formats import read_requests
 
     model, tok = loaded.model, loaded.tokenizer
-    reqs = read_requests(args.requests, kind="fact")[args.start:args.start + args.n]
+    reqs = slice_requests(args)
     edited = {r.text for r in reqs}
     probes = {}   # prompt -> (template, subject, true answer)
     for r in reqs:

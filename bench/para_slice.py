@@ -68,6 +68,13 @@ def load_offline(model: str):
     return load(model)
 
 
+def slice_requests(args) -> list:
+    """The fact requests ``[args.start, args.start + args.n)`` of ``args.requests`` (any format editops reads)."""
+    from editing.formats import read_requests
+
+    return read_requests(args.requests, kind="fact")[args.start:args.start + args.n]
+
+
 def edit_slice(loaded, reqs, args):
     """``(run, seconds)``: ``reqs`` edited in place on ``loaded.model`` by ``nse`` with the probe's fixed λ and
     ``--set`` options, ``args.batch_size`` at a time (:func:`editing.runner.run_sequential`)."""
@@ -85,10 +92,9 @@ def main(argv: list[str] | None = None) -> None:
     ap = probe_parser(__doc__, 1000.0, "SmolLM2's calibration chose 1e3", start=40)
     args = ap.parse_args(argv)
     loaded = load_offline(args.model)
-    from editing.formats import read_requests
     from editing.metrics.facts import BaseOutputs, evaluate_facts, request_pairs, score_pairs
 
-    reqs = read_requests(args.requests, kind="fact")[args.start:args.start + args.n]
+    reqs = slice_requests(args)
     base = BaseOutputs.compute(loaded.model, loaded.tokenizer, reqs)
     run, seconds = edit_slice(loaded, reqs, args)
     s = evaluate_facts(loaded.model, loaded.tokenizer, reqs, base=base, earlier=reqs[:args.batch_size]).summary()

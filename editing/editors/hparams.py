@@ -134,6 +134,9 @@ class EditHparams:
             raise HyperparameterError(f"sibling_samples={self.sibling_samples!r} must be a whole number ≥ 1")
         if not _whole(self.sibling_pool, 0):
             raise HyperparameterError(f"sibling_pool={self.sibling_pool!r} must be a whole number ≥ 0")
+        if self.sibling_pool and self.release_siblings:
+            raise HyperparameterError("sibling_pool holds a candidate in some layers only, release_siblings takes a held "
+                                      "key out of every layer's C_edits; use one of them")
         if not _whole(self.lam_ladder, 0):
             raise HyperparameterError(f"lam_ladder={self.lam_ladder!r} must be a whole number of λ-grid steps ≥ 0")
         if self.lam_ladder and self.repasses and self.repass_lam_factor != 1:

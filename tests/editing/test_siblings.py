@@ -155,3 +155,5 @@ def test_sibling_pool_holds_the_candidates_the_update_would_move_most(tiny_llama
     for bad in (-1, 1.5, True):
         with pytest.raises(HyperparameterError, match="sibling_pool"):
             EditHparams(sibling_pool=bad)
+    with pytest.raises(HyperparameterError, match="release_siblings"):
+        EditHparams(sibling_pool=4, release_siblings=True)
