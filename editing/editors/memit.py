@@ -349,7 +349,6 @@ class MemitEditor:
             C_edits[l] = C_edits[l] - (k * w[:, None]).T @ k
         return [r.request_id for r, _ in hit]
 
-    @torch.no_grad()
     def _solve(self, K, R, l, C0, ce, P, neurons, Kx, hp: EditHparams, dev) -> tuple[torch.Tensor, torch.Tensor]:
         """One layer's factors ``(U, V)`` (MEMIT's solve, or AlphaEdit's with ``nullspace``) on device ``dev``:
         the solve runs where the model runs (float64 either way)."""
@@ -367,15 +366,16 @@ class MemitEditor:
         (the subject-alone part only with ``subject_frame="kept"``). ``Ks``: their prompt keys, if computed."""
         if Ks is None:
             Ks = compute_keys(model, tokenizer, spec, siblings, l, self._sibling_templates(hp), locus=hp.locus).double()
-        held = hp.sibling_weight * (Ks.T @ Ks)
-        kept = held
+        held = kept = hp.sibling_weight * (Ks.T @ Ks)
         if hp.subject_key_weight:
             Xs = self._subject_alone_keys(model, tokenizer, spec, siblings, l, hp)
             xs = hp.sibling_weight * hp.subject_key_weight * sum(X.T @ X for X in Xs)
             held = held + xs
-            kept = kept + xs if hp.subject_frame == "kept" else kept
+            if hp.subject_frame == "kept":
+                kept = kept + xs
         return held, kept
 
+    @torch.no_grad()
     def _spread(self, model, tokenizer, spec, reqs, layers, z, C0, C_edits, P, hp: EditHparams,
                 siblings: Sequence = (), holds: Sequence = (), pool: Sequence = ()):
         """Write the update layer by layer into ``model`` (in place); returns factors, the moment
