@@ -75,6 +75,10 @@ class EditHparams:
     # 217 requests (b10, λ ladder) 24 gave neighbourhood 0.85 × base against 0.82 for 0.013 of paraphrase and
     # efficacy, short of the Bar (bench/RESULTS.md, session 28)
     sibling_pool: int = 0
+    # per request, this many whole words of the vocabulary nearest the subject by input embedding join the candidates
+    # (editing.editors.siblings.vocabulary_neighbours: the kind's population, not a sampled list); the same choice
+    # per layer as sibling_pool's, which may be 0 with it (no lists, no ledger then)
+    sibling_vocab: int = 0
     sibling_exclude: tuple[str, ...] = ()    # never used as siblings (e.g. an ablation that holds out a probe set)
     # per request, up to this many subjects edited in earlier batches (the state's subject ledger), held as
     # siblings in the request's prompt like the model's own list (for models that do not continue lists)
@@ -134,9 +138,15 @@ class EditHparams:
             raise HyperparameterError(f"sibling_samples={self.sibling_samples!r} must be a whole number ≥ 1")
         if not _whole(self.sibling_pool, 0):
             raise HyperparameterError(f"sibling_pool={self.sibling_pool!r} must be a whole number ≥ 0")
-        if self.sibling_pool and self.release_siblings:
-            raise HyperparameterError("sibling_pool holds a candidate in some layers only, release_siblings takes a held "
+        if not _whole(self.sibling_vocab, 0):
+            raise HyperparameterError(f"sibling_vocab={self.sibling_vocab!r} must be a whole number ≥ 0")
+        pooled = [n for n in ("sibling_pool", "sibling_vocab") if getattr(self, n)]
+        if pooled and self.release_siblings:
+            raise HyperparameterError(f"{pooled[0]} holds a candidate in some layers only, release_siblings takes a held "
                                       "key out of every layer's C_edits; use one of them")
+        if pooled and not self.siblings:
+            raise HyperparameterError(f"{pooled[0]} holds the siblings × batch size candidates the update moves most; "
+                                      "with siblings=0 none is held (set siblings ≥ 1)")
         if not _whole(self.lam_ladder, 0):
             raise HyperparameterError(f"lam_ladder={self.lam_ladder!r} must be a whole number of λ-grid steps ≥ 0")
         if self.lam_ladder and self.repasses and self.repass_lam_factor != 1:

@@ -40,7 +40,7 @@ from editing.editors.keys import LOCI, block_outputs_at, check_length, compute_k
 from editing.editors.solve import alphaedit_factors, memit_factors, nullspace_projector, responsible_neurons
 from editing.editors.keys import DEFAULT_CONTEXT_TEMPLATES
 from editing.editors.siblings import candidate_requests, known_sibling_requests, other_prompt_requests, \
-    sibling_requests
+    sibling_requests, vocabulary_sibling_requests
 from editing.editors.values import ValueHparams, compute_values
 from editing.errors import NoOpEditError, StateError
 from editing.models import base_fingerprint
@@ -506,9 +506,10 @@ class MemitEditor:
                 h0 = block_outputs_at(model, spec, layers[-1], rows, pos, pad_id_of(tokenizer)).double()
                 z = vr.z.double()
                 sibs, pool = [], []
-                if hp.siblings and hp.sibling_pool:
+                if hp.siblings and (hp.sibling_pool or hp.sibling_vocab):
                     named = sibling_requests(model, tokenizer, active, hp.sibling_pool, exclude=hp.sibling_exclude,
                                              samples=hp.sibling_samples)
+                    named += vocabulary_sibling_requests(model, tokenizer, active, hp.sibling_vocab, hp.sibling_exclude)
                     pool = candidate_requests(active, named, [*ledger, *held], hp.sibling_pool * len(active),
                                               hp.sibling_exclude)
                     meta_extra["sibling_pool"] = len(pool)

@@ -31,8 +31,10 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import replace
+from functools import lru_cache
 from typing import Mapping, Sequence
 
+import torch
 from torch import nn
 
 from editing.editors.keys import max_context, prompt_ids
@@ -108,6 +110,67 @@ def sibling_requests(model: nn.Module, tokenizer, requests: Sequence, n: int, se
     lists = sibling_lists(model, tokenizer, [r.subject for r in requests], n, exclude=subjects,
                           seeds=[seed + i for i in range(len(requests))], samples=samples)
     return [_in_place_of(r, f"sibling{j}", subject=s) for r, names in zip(requests, lists) for j, s in enumerate(names)]
+
+
+@lru_cache(maxsize=4)
+def _word_tokens(tokenizer) -> tuple[torch.Tensor, tuple[str, ...]]:
+    """Ids of the vocabulary's whole-word tokens and their words: letters only, at least two, and ``" " + word``
+    tokenizes to that token alone (tokens that decode to whitespace aside), so word pieces are left out whatever
+    the tokenizer's word-start convention."""
+    words = [tokenizer.decode([i]).strip() for i in range(len(tokenizer))]
+    blank = {i for i, w in enumerate(words) if not w}
+    cand = [i for i, w in enumerate(words) if len(w) >= 2 and w.isalpha()]
+    enc = tokenizer([" " + words[i] for i in cand], add_special_tokens=False)["input_ids"] if cand else []
+    ids = [i for i, e in zip(cand, enc) if [t for t in e if t not in blank] == [i]]
+    return torch.tensor(ids, dtype=torch.long), tuple(words[i] for i in ids)
+
+
+def vocabulary_neighbours(model: nn.Module, tokenizer, subjects: Sequence[str], n: int,
+                          exclude: Sequence[str] = ()) -> list[list[str]]:
+    """Per subject, the ``n`` whole words of the vocabulary (:func:`_word_tokens`) whose input embedding is
+    nearest the subject's, by cosine; the subject's is the mean of its tokens' embeddings (as ``" subject"``).
+    A word whose first letter's case differs from the subject's (both cased), a word equal to a subject, to one of ``exclude``
+    or to one of the subject's own tokens is left out.
+
+    Why: a model's input embeddings place entities of one kind together (SmolLM2-135M: France → Spain,
+    Germany, Italy, Belgium, …; Danish → Swedish, Norwegian, Finnish), so the vocabulary holds the kind's
+    population, not just the few names a sampled list repeats. Multi-token entities are missed, and a
+    multi-token subject's mean embedding finds its kind less well."""
+    if n <= 0 or not subjects:
+        return [[] for _ in subjects]
+    ids, words = _word_tokens(tokenizer)
+    emb = model.get_input_embeddings().weight.detach()
+    table = emb[ids.to(emb.device)].float()
+    table = table / table.norm(dim=1, keepdim=True).clamp(min=1e-12)
+    banned = {s.strip().lower() for s in [*subjects, *exclude]}
+    out = []
+    for subject in subjects:
+        own = [t for t in tokenizer(" " + subject, add_special_tokens=False)["input_ids"]
+               if tokenizer.decode([t]).strip()]
+        q = emb[torch.tensor(own, device=emb.device)].float().mean(0)
+        sim = (table @ (q / q.norm().clamp(min=1e-12))).cpu()
+        skip = banned | {tokenizer.decode([t]).strip().lower() for t in own}
+        first = subject.strip()[:1]
+        upper = first.isupper() if first.lower() != first.upper() else None   # None: an uncased first letter
+        found: list[str] = []
+        for j in torch.argsort(sim, descending=True).tolist():
+            w = words[j]
+            if w.lower() in skip or (upper is not None and w[0].lower() != w[0].upper() and w[0].isupper() != upper):
+                continue
+            found.append(w)
+            if len(found) == n:
+                break
+        out.append(found)
+    return out
+
+
+def vocabulary_sibling_requests(model: nn.Module, tokenizer, requests: Sequence, n: int,
+                                exclude: Sequence[str] = ()) -> list:
+    """For each request, copies with its ``n`` :func:`vocabulary_neighbours` in the subject's place (the
+    batch's subjects and ``exclude`` never used)."""
+    lists = vocabulary_neighbours(model, tokenizer, [r.subject for r in requests], n,
+                                  exclude=[*(r.subject for r in requests), *exclude])
+    return [_in_place_of(r, f"vocab{j}", subject=s) for r, names in zip(requests, lists) for j, s in enumerate(names)]
 
 
 def _in_place_of(request, tag: str, **fields):

@@ -157,3 +157,62 @@ def test_sibling_pool_holds_the_candidates_the_update_would_move_most(tiny_llama
             EditHparams(sibling_pool=bad)
     with pytest.raises(HyperparameterError, match="release_siblings"):
         EditHparams(sibling_pool=4, release_siblings=True)
+
+
+def test_vocabulary_neighbours_are_the_nearest_whole_words_of_the_subjects_case(tiny_llama, facts):
+    """The words whose input embedding is nearest the mean of the subject's tokens' embeddings, in order of
+    cosine; never the subject's own tokens, a batch subject, an excluded word or a word of the other case."""
+    import copy
+
+    import torch
+
+    from editing.editors.siblings import vocabulary_neighbours
+
+    model, tok = tiny_llama
+    model = copy.deepcopy(model)   # the fixture is shared: its embeddings stay as trained
+    subject = requests(facts, 1)[0].subject
+    own = tok(" " + subject, add_special_tokens=False)["input_ids"]
+    assert len(own) == 2
+    vocab = tok.get_vocab()
+    names = [w for w in vocab if w[:1].isupper() and w.isalpha() and vocab[w] not in own]
+    near, nearer, excluded, lowercase = names[0], names[1], names[2], "is"
+    emb = model.get_input_embeddings().weight
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        q = emb[own].mean(0)
+        emb[vocab[nearer]] = q + 0.05 * q.norm() * torch.randn(q.shape, generator=g) / q.numel() ** 0.5
+        emb[vocab[near]] = q + 0.3 * q.norm() * torch.randn(q.shape, generator=g) / q.numel() ** 0.5
+        emb[vocab[excluded]] = q
+        emb[vocab[lowercase]] = q
+    got = vocabulary_neighbours(model, tok, [subject], 3, exclude=[excluded])[0]
+    assert got[:2] == [nearer, near] and len(got) == 3
+    assert not {lowercase, excluded, *subject.split()} & set(got)
+    assert all(w[0].isupper() and w in vocab for w in got)
+    assert vocabulary_neighbours(model, tok, [subject], 0) == [[]]
+
+
+@pytest.mark.filterwarnings("ignore::editing.editors.memit.EditDidNotTakeWarning")  # the candidates, not the edits, are tested
+def test_sibling_vocab_puts_the_vocabulary_neighbours_among_the_candidates(tiny_llama, facts, tmp_path, monkeypatch):
+    """``sibling_vocab=n``: each request's ``n`` vocabulary neighbours in its prompt are the pool (no lists, no
+    ledger with ``sibling_pool=0``), and the ``siblings × batch`` held are among them."""
+    from editing.editors.hparams import EditHparams
+    from editing.editors.siblings import candidate_requests, vocabulary_sibling_requests
+    from editing.errors import HyperparameterError
+
+    model, tok = tiny_llama
+    reqs = requests(facts, 2)
+    siblings_from_world(monkeypatch, reqs)
+    kw = {**FAST, "stats_dir": str(tmp_path), "corpus": "samples:8", "accumulate": True, "repasses": 0}
+    res = get_editor("nse", siblings=2, sibling_vocab=3, **kw).edit(model, tok, reqs, None)
+    pool = candidate_requests(reqs, vocabulary_sibling_requests(model, tok, reqs, 3), [], 0)
+    assert res.delta.meta["sibling_pool"] == len(pool) > 4   # 2 × 3 named; a word both requests name in their one prompt counts once
+    held = res.state.meta["held_siblings"]
+    assert sum(len(p) for p in held.values()) == 4
+    assert {(s, p) for s, ps in held.items() for p in ps} <= {(c.subject, c.prompt) for c in pool}
+    for bad in (-1, 2.5, True):
+        with pytest.raises(HyperparameterError, match="sibling_vocab"):
+            EditHparams(sibling_vocab=bad)
+    with pytest.raises(HyperparameterError, match="release_siblings"):
+        EditHparams(sibling_vocab=4, release_siblings=True)
+    with pytest.raises(HyperparameterError, match="siblings ≥ 1"):
+        EditHparams(siblings=0, sibling_vocab=4)
