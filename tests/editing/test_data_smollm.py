@@ -76,3 +76,8 @@ def test_gguf_converts_to_a_safetensors_dir_that_knows_paris(tmp_path):
     few, more = (sibling_lists(loaded.model, loaded.tokenizer, subjects, 8, samples=k) for k in (1, 8))
     assert all(len(x) <= 8 for x in few + more)
     assert sum(map(len, more)) > sum(map(len, few)), (few, more)
+    # its input embeddings hold the kind's population (sibling_vocab): France's nearest words are mostly countries
+    from editing.editors.siblings import vocabulary_neighbours
+
+    near = vocabulary_neighbours(loaded.model, loaded.tokenizer, ["France"], 12)[0]
+    assert "France" not in near and len(set(near) & countries) >= 6, near
