@@ -168,8 +168,7 @@ def vocabulary_sibling_requests(model: nn.Module, tokenizer, requests: Sequence,
                                 exclude: Sequence[str] = ()) -> list:
     """For each request, copies with its ``n`` :func:`vocabulary_neighbours` in the subject's place (the
     batch's subjects and ``exclude`` never used)."""
-    lists = vocabulary_neighbours(model, tokenizer, [r.subject for r in requests], n,
-                                  exclude=[*(r.subject for r in requests), *exclude])
+    lists = vocabulary_neighbours(model, tokenizer, [r.subject for r in requests], n, exclude=exclude)
     return [_in_place_of(r, f"vocab{j}", subject=s) for r, names in zip(requests, lists) for j, s in enumerate(names)]
 
 
