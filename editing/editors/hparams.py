@@ -80,6 +80,13 @@ class EditHparams:
     # per layer as sibling_pool's, which may be 0 with it (no lists, no ledger then). Off: on SmolLM2's 217 (b10, λ
     # ladder, sibling_pool=24) 32 gave neighbourhood 0.83 × (0.87 × with siblings=16, paraphrase 0.77, drift +5.9 %)
     sibling_vocab: int = 0
+    # with sibling_pool/sibling_vocab: instead of the fixed siblings × batch size, hold every candidate the layer's
+    # plain update moves by at least this share of the batch's median own movement (‖ΔW k_c‖ ≥ s · median_i ‖ΔW k_i‖);
+    # 0: the fixed count. Off: on SmolLM2's 217 (b10, λ ladder, sibling_pool=24) 0.3 gave neighbourhood 0.85 after
+    # 150 edits against the fixed count's 0.89 (paraphrase 0.86 against 0.84): a key held once leaks less than the
+    # share afterwards and is not held again, while the fixed count holds the same keys batch after batch
+    # (a reading; bench/RESULTS.md, session 30)
+    sibling_leak: float = 0.0
     sibling_exclude: tuple[str, ...] = ()    # never used as siblings (e.g. an ablation that holds out a probe set)
     # per request, up to this many subjects edited in earlier batches (the state's subject ledger), held as
     # siblings in the request's prompt like the model's own list (for models that do not continue lists)
@@ -142,6 +149,12 @@ class EditHparams:
         if not _whole(self.sibling_vocab, 0):
             raise HyperparameterError(f"sibling_vocab={self.sibling_vocab!r} must be a whole number ≥ 0")
         pooled = [n for n in ("sibling_pool", "sibling_vocab") if getattr(self, n)]
+        leak = self.sibling_leak
+        if not (isinstance(leak, (int, float)) and not isinstance(leak, bool) and leak >= 0):
+            raise HyperparameterError(f"sibling_leak={leak!r} must be a number ≥ 0")
+        if leak and not pooled:
+            raise HyperparameterError("sibling_leak chooses among the sibling_pool / sibling_vocab candidates; "
+                                      "set one of them")
         if pooled and self.release_siblings:
             raise HyperparameterError(f"{pooled[0]} holds a candidate in some layers only, release_siblings takes a held "
                                       "key out of every layer's C_edits; use one of them")

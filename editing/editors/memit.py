@@ -136,6 +136,18 @@ def knee_lambda(trials: Sequence[dict[str, float]], residual_tol: float) -> floa
     return min(best, key=lambda t: (t["max_relative_residual"], -t["lam"]))["lam"]
 
 
+def _not_taken_message(request, at_start: bool) -> str:
+    """Why an edit did not take, as far as the editor can tell. ``at_start``: the edit locus is the text's first
+    token (a one-token subject opening the prompt, no BOS token): models without BOS keep an attention sink there
+    whose key is all but the same for every first word (SmolLM2 layers 4-8: mean pairwise cosine 0.94-1.00),
+    so the update cannot write this subject's value at that position (bench/RESULTS.md, session 30)."""
+    if at_start:
+        return (f"edit did not take: subject {request.subject!r} is the prompt's first token (no BOS token), where "
+                "the model's first-token attention sink leaves no key of its own to edit; reword the prompt so "
+                "that words come before the subject (the edit itself reaches the wordings that do)")
+    return "edit did not take: target_new is not the top prediction"
+
+
 class EditDidNotTakeWarning(UserWarning):
     """Some edits of a batch did not make ``target_new`` the model's top prediction."""
 
@@ -188,12 +200,18 @@ class MemitEditor:
         the bare subject where no template has a prefix. With ``hp.subject_start`` also the subject as
         the text's first word: byte-level tokenizers spell a text-initial word without its leading
         space ("Argentina" → ``Ar gent ina`` against `` Argentina`` mid-sentence), so wordings that
-        open with the subject ("Argentina shares a border with") reach neither of the other keys."""
+        open with the subject ("Argentina shares a border with") reach neither of the other keys. A subject
+        whose last token would be the text's first token gets a zero row there (no key): without a BOS token,
+        position 0 is the attention sink, whose key is all but the same for every first word (SmolLM2,
+        layers 4-8: mean pairwise cosine 0.94-1.00 for France, Hungary, Italy, Spain; bench/RESULTS.md session 30),
+        so fitting it writes the edit into every text's first token."""
         alone = [replace(r, prompt="{}") for r in reqs]
         templates = tuple(t for t in self._key_templates(hp) if t.strip() != "{}") or ("{}",)
         sets = [compute_keys(model, tokenizer, spec, alone, layer, templates).double()]
         if hp.subject_start and templates != ("{}",):
-            sets.append(compute_keys(model, tokenizer, spec, alone, layer, ("{}",)).double())
+            first = compute_keys(model, tokenizer, spec, alone, layer, ("{}",)).double()
+            first[[i for i, r in enumerate(reqs) if edit_position(tokenizer, "{}", r.subject) == 0]] = 0.0
+            sets.append(first)
         return sets
 
     def _c0(self, model, tokenizer, spec, layers, hp: EditHparams, fp: str) -> dict[int, torch.Tensor]:
@@ -391,6 +409,7 @@ class MemitEditor:
         rows, pos = self._bare_rows(tokenizer, reqs, hp.locus)
         factors, moments = {}, {}
         chosen_any: dict[str, Any] = {}
+        held_per_layer: dict[int, int] = {}
         keep_frame = hp.subject_frame == "kept"
         for i, l in enumerate(layers):
             name = spec.mlp_out_name(l)
@@ -424,15 +443,23 @@ class MemitEditor:
             if pool:
                 Kc = compute_keys(model, tokenizer, spec, pool, l, self._sibling_templates(hp), locus=hp.locus).double()
                 leak = ((Kc.to(dev) @ v) @ u.T).norm(dim=1).cpu()
-                top = torch.argsort(leak, descending=True)[: hp.siblings * len(reqs)].tolist()
+                order = torch.argsort(leak, descending=True)
+                if hp.sibling_leak:   # every candidate moved by ≥ sibling_leak × the batch's median own movement
+                    own = ((K.to(dev) @ v) @ u.T).norm(dim=1).median().cpu()
+                    top = order[: int((leak >= hp.sibling_leak * own).sum())].tolist()
+                    held_per_layer[l] = len(top)
+                else:
+                    top = order[: hp.siblings * len(reqs)].tolist()
                 chosen = [pool[j] for j in top]
                 chosen_any.update({c.request_id: c for c in chosen})
-                ks, kept = self._sibling_moment(model, tokenizer, spec, chosen, l, hp, Ks=Kc[top])
-                moments[l] = moments[l] + kept
-                ce = ks if ce is None else ce + ks
-                u, v = self._solve(K, R, l, C0, ce, P, neurons, Kx, hp, dev)
+                if chosen:
+                    ks, kept = self._sibling_moment(model, tokenizer, spec, chosen, l, hp, Ks=Kc[top])
+                    moments[l] = moments[l] + kept
+                    ce = ks if ce is None else ce + ks
+                    u, v = self._solve(K, R, l, C0, ce, P, neurons, Kx, hp, dev)
             add_to_weight(get_module(model, name), u @ v.T)
             factors[f"{name}.weight"] = (u.float().cpu(), v.float().cpu())
+        self._held_per_layer = held_per_layer   # sibling_leak: candidates held per layer in this pass
         return factors, moments, list(chosen_any.values())
 
     # ------------------------------------------------------------------ edit
@@ -531,6 +558,8 @@ class MemitEditor:
                     meta_extra["first_lam"] = lams[0]
                 factors, moments, chosen = self._spread(model, tokenizer, spec, active, layers, z, C0, C_edits, P,
                                                         replace(hp, lam=lams[0]), sibs, holds, pool)
+                if hp.sibling_leak:
+                    meta_extra["sibling_leak_held"] = {str(l): c for l, c in self._held_per_layer.items()}
                 if chosen:
                     meta_extra["siblings"] = {"n": len(chosen), "examples": sorted({s.subject for s in chosen})[:12]}
                     if hp.accumulate:
@@ -574,11 +603,12 @@ class MemitEditor:
                 for i, r in enumerate(active):
                     beats = lp_new[i] > lp_true_of[r.request_id] if r.request_id in lp_true_of else None
                     res = float((z[i] - h1[i]).norm())
+                    at_start = hp.locus == "subject" and pos[i] == 0
                     diag[r.request_id] = RequestDiagnostics(
                         request_id=r.request_id, succeeded=bool(top1[i]), value_loss=float(vr.loss[i]),
-                        residual_norm=res,
-                        message="" if top1[i] else "edit did not take: target_new is not the top prediction",
+                        residual_norm=res, message="" if top1[i] else _not_taken_message(r, at_start),
                         extra={"beats_true": beats, "logp_new": lp_new[i], "value_nll": float(vr.nll[i]),
+                               "locus_at_text_start": at_start,
                                "value_nll_init": float(vr.nll_init[i]),
                                "delta_ratio": float(vr.delta[i].norm() / vr.h[i].norm().clamp(min=1e-12)),
                                "relative_residual": res / max(float((z[i] - h0[i]).norm()), 1e-12)})

@@ -159,6 +159,46 @@ def test_sibling_pool_holds_the_candidates_the_update_would_move_most(tiny_llama
         EditHparams(sibling_pool=4, release_siblings=True)
 
 
+@pytest.mark.filterwarnings("ignore::editing.editors.memit.EditDidNotTakeWarning")  # the selection, not the edits, is tested
+def test_sibling_leak_holds_every_candidate_the_update_moves_past_the_share(tiny_llama, facts, tmp_path, monkeypatch):
+    """``sibling_leak=s``: no fixed count; held are exactly the candidates with ``‖ΔW k_c‖ ≥ s · median_i ‖ΔW k_i‖``
+    under the update solved without them (``k_i`` the batch's own keys), however many that is."""
+    import torch
+
+    from editing.editors.hparams import EditHparams
+    from editing.editors.siblings import candidate_requests
+    from editing.errors import HyperparameterError
+
+    model, tok = tiny_llama
+    spec = spec_for(model)
+    reqs = requests(facts, 2)
+    siblings_from_world(monkeypatch, reqs)
+    kw = {**FAST, "stats_dir": str(tmp_path), "corpus": "samples:8", "accumulate": True, "repasses": 0,
+          "sibling_weight": 1.0, "sibling_pool": 4}
+    plain = get_editor("nse", siblings=0, **{**kw, "sibling_pool": 0}).edit(model, tok, reqs, None)
+    pool = candidate_requests(reqs, sibling_requests(model, tok, reqs, 4), [], 0)
+    name = spec.mlp_out_name(0) + ".weight"
+    dw = plain.delta.dense(name).float()
+    own = (compute_keys(model, tok, spec, reqs, 0, ("{}",)) @ dw.T).norm(dim=1).median()
+    ratio = (compute_keys(model, tok, spec, pool, 0, ("{}",)) @ dw.T).norm(dim=1) / own
+    ranked = torch.sort(ratio, descending=True).values
+    assert len(pool) == 8 and float(ranked[2] - ranked[3]) > 1e-3
+    share = float(ranked[2] + ranked[3]) / 2   # three candidates above it: not the fixed siblings × batch = 2
+    res = get_editor("nse", siblings=1, sibling_leak=share, **kw).edit(model, tok, reqs, None)
+    above = {(c.subject, c.prompt) for c, x in zip(pool, ratio.tolist()) if x >= share}
+    held = res.state.meta["held_siblings"]
+    assert {(s, p) for s, ps in held.items() for p in ps} == above and len(above) == 3
+    assert res.delta.meta["sibling_leak_held"] == {"0": 3}
+    none = get_editor("nse", siblings=1, sibling_leak=float(ranked[0]) * 2, **kw).edit(model, tok, reqs, None)
+    assert none.state.meta["held_siblings"] == {} and none.delta.meta["sibling_leak_held"] == {"0": 0}
+    assert torch.allclose(none.delta.dense(name), plain.delta.dense(name))
+    for bad in (-0.1, True, "x"):
+        with pytest.raises(HyperparameterError, match="sibling_leak"):
+            EditHparams(siblings=1, sibling_pool=4, sibling_leak=bad)
+    with pytest.raises(HyperparameterError, match="sibling_leak"):
+        EditHparams(siblings=1, sibling_leak=0.3)
+
+
 def test_vocabulary_neighbours_are_the_nearest_whole_words_of_the_subjects_case(tiny_llama, facts):
     """The words whose input embedding is nearest the mean of the subject's tokens' embeddings, in order of
     cosine; never the subject's own tokens, a batch subject, an excluded word or a word of the other case."""
