@@ -200,18 +200,16 @@ class MemitEditor:
         the bare subject where no template has a prefix. With ``hp.subject_start`` also the subject as
         the text's first word: byte-level tokenizers spell a text-initial word without its leading
         space ("Argentina" → ``Ar gent ina`` against `` Argentina`` mid-sentence), so wordings that
-        open with the subject ("Argentina shares a border with") reach neither of the other keys. A subject
-        whose last token would be the text's first token gets a zero row there (no key): without a BOS token,
-        position 0 is the attention sink, whose key is all but the same for every first word (SmolLM2,
-        layers 4-8: mean pairwise cosine 0.94-1.00 for France, Hungary, Italy, Spain; bench/RESULTS.md session 30),
-        so fitting it writes the edit into every text's first token."""
+        open with the subject ("Argentina shares a border with") reach neither of the other keys. A one-token
+        subject there sits at position 0 of a BOS-less model, the attention sink, whose key is all but the same
+        for every first word (SmolLM2 layers 4-8: mean pairwise cosine 0.94-1.00); its row is kept all the
+        same, as leaving it out (a zero row) did no better on SmolLM2's 217 requests (neighbourhood 0.84 ×
+        against 0.85 ×, drift +5.0 % against +4.5 %; bench/RESULTS.md, session 30)."""
         alone = [replace(r, prompt="{}") for r in reqs]
         templates = tuple(t for t in self._key_templates(hp) if t.strip() != "{}") or ("{}",)
         sets = [compute_keys(model, tokenizer, spec, alone, layer, templates).double()]
         if hp.subject_start and templates != ("{}",):
-            first = compute_keys(model, tokenizer, spec, alone, layer, ("{}",)).double()
-            first[[i for i, r in enumerate(reqs) if edit_position(tokenizer, "{}", r.subject) == 0]] = 0.0
-            sets.append(first)
+            sets.append(compute_keys(model, tokenizer, spec, alone, layer, ("{}",)).double())
         return sets
 
     def _c0(self, model, tokenizer, spec, layers, hp: EditHparams, fp: str) -> dict[int, torch.Tensor]:

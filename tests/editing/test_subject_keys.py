@@ -11,6 +11,7 @@ from editing.arch import spec_for
 from editing.editors import get_editor
 from editing.editors.keys import compute_keys
 from editing.editors.siblings import sibling_requests
+from editing.editors.memit import EditDidNotTakeWarning
 from editing.errors import HyperparameterError
 from editing.models import fingerprint
 from tinyworld import facts, requests, siblings_from_world, tiny_llama  # noqa: F401  (fixtures)
@@ -141,12 +142,10 @@ def test_an_unknown_subject_frame_is_a_typed_error():
         get_editor("nse", subject_frame="both")
 
 
-@pytest.mark.filterwarnings("ignore::editing.editors.memit.EditDidNotTakeWarning")  # the keys, not the edits, are tested
-def test_a_subject_that_would_be_the_texts_first_token_has_no_subject_start_key(tiny_llama, facts, tmp_path):
-    """Without a BOS token a one-token subject opening the text sits at position 0, the attention sink (its key is
-    the same for every first word), so ``subject_start`` gives it a zero row there: ``C_edits`` gets
-    ``KᵀK + w(XᵀX + X₀ᵀX₀)`` with that request's ``X₀`` row left out; a longer subject keeps its row. The
-    diagnostics flag the request whose edit locus is the text's first token and say why it did not take."""
+def test_a_subject_that_is_the_texts_first_token_is_named_in_the_diagnostics(tiny_llama, facts, tmp_path):
+    """Without a BOS token a one-token subject opening the prompt sits at position 0 (the attention sink of such
+    models): the diagnostics flag that request (``locus_at_text_start``), and when its edit does not take, the
+    message says why and what to do; a longer subject is not flagged."""
     import copy
 
     from tokenizers import processors
@@ -154,23 +153,15 @@ def test_a_subject_that_would_be_the_texts_first_token_has_no_subject_start_key(
     model, tok = tiny_llama
     tok = copy.deepcopy(tok)
     tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A")   # no BOS
-    spec = spec_for(model)
     two, one = requests(facts, 2)
     one = replace(one, subject=one.subject.split()[0], request_id=one.request_id + "-first-name")
     assert len(tok(two.subject)["input_ids"]) == 2 and len(tok(one.subject)["input_ids"]) == 1
-    reqs = [two, one]
-    w = 3.0
-    res = get_editor("nse", **{**KW, "stats_dir": str(tmp_path), "subject_key_weight": w, "repasses": 0}
-                     ).edit(model, tok, reqs, None)
+    with pytest.warns(EditDidNotTakeWarning):
+        res = get_editor("nse", **{**KW, "stats_dir": str(tmp_path), "subject_key_weight": 3.0, "repasses": 0}
+                         ).edit(model, tok, [two, one], None)
     assert not any(d.extra.get("no_op") for d in res.diagnostics)
-    alone = [replace(r, prompt="{}") for r in reqs]
-    K = compute_keys(model, tok, spec, reqs, 0, TEMPLATES).double()
-    X, X0 = (compute_keys(model, tok, spec, alone, 0, t).double() for t in (("Note that {}",), ("{}",)))
-    got = res.state.tensors[spec.mlp_out_name(0) + "::C_edits"].double()
-    kept = K.T @ K + w * (X.T @ X + X0[:1].T @ X0[:1])
-    assert torch.allclose(got, kept, rtol=1e-4, atol=1e-5 * float(kept.abs().max()))
-    assert not torch.allclose(got, kept + w * X0[1:].T @ X0[1:], rtol=1e-3, atol=1e-3 * float(kept.abs().max()))
     at_start = {d.request_id: d.extra["locus_at_text_start"] for d in res.diagnostics}
     assert at_start == {two.request_id: False, one.request_id: True}
     d = res.diagnostics[1]
     assert not d.succeeded and "first token (no BOS token)" in d.message   # it does not take here either
+    assert "first token" not in res.diagnostics[0].message
