@@ -2,12 +2,13 @@
 
 A model without a BOS token reads the first token of every text at position 0, where most LMs keep an
 attention sink. This probe takes the requests of ``--start``/``--n`` and splits them by where the subject's
-last token falls in the bare prompt (position 0, or later). Per edited layer (the model's preset) it prints:
+last token falls in the bare prompt (``first``: position 0; ``later``). Per edited layer (the model's preset) and
+group it prints:
 
-- ``cos_first``: mean pairwise cosine of the position-0 keys of the first group's subjects (the prompt as written);
+- ``cos_as_written``: mean pairwise cosine of the subjects' keys in the prompt as written (position 0 for ``first``);
 - ``cos_mid``: the same subjects' keys mid-sentence (``"The capital of {} is"``);
-- ``cost_first`` / ``cost_mid``: mean ``kᵀ(C0 + εI)⁻¹k`` under the key statistics (small = many corpus keys lie
-  that way, so λ C0 makes writing there expensive).
+- ``cost_as_written`` / ``cost_mid``: mean ``kᵀ(C0 + εI)⁻¹k`` under the key statistics (small = many corpus keys
+  lie that way, so λ C0 makes writing there expensive).
 
 With ``--edit``, the slice is then edited in batches (λ fixed, ``nse`` defaults, ``--set`` options); printed:
 each group's edits that took, and for the first group, its paraphrases with the subject later in the text whose
