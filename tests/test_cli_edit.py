@@ -222,3 +222,18 @@ def test_option_parsing_errors():
         parse_settings(["lam"])
     with pytest.raises(EditopsError, match="'fact' or 'deletion'"):
         check_kind("facts")
+
+
+def test_failure_reasons_print_each_distinct_message_once_most_frequent_first():
+    """Under the red "did not take" line, ``editops edit`` prints the editor's reasons: each distinct message of
+    the failed requests once, with its count, most frequent first, at most ``most`` of them."""
+    from editing.editors.base import RequestDiagnostics
+    from flows.cli.edit_cmd import failure_reasons
+
+    sink = "edit did not take: subject 'France' is the prompt's first token (no BOS token), …"
+    plain = "edit did not take: target_new is not the top prediction"
+    failed = [RequestDiagnostics(request_id=f"r{i}", succeeded=False, message=m)
+              for i, m in enumerate([plain, sink, plain, "", plain])]
+    assert failure_reasons(failed) == [f"3 × {plain}", f"1 × {sink}"]
+    assert failure_reasons(failed, most=1) == [f"3 × {plain}"]
+    assert failure_reasons([]) == []

@@ -219,6 +219,8 @@ def edit(
         ids = ", ".join(d.request_id for d in failed[:8]) + (" …" if len(failed) > 8 else "")
         console.print(f"[bold red]warning: {len(failed)} of {run.n_requests} edits did not take[/] ({ids}); "
                       "see edit_summary.json for each request's loss and residual", highlight=False)
+        for line in failure_reasons(failed):
+            console.print(f"  {line}", highlight=False, markup=False)
     if scores is not None:
         missed = [r.request_id for r in scores.per_request if not (r.efficacy or r.efficacy_acc)]
         if missed:
@@ -226,6 +228,15 @@ def edit(
             console.print(f"[bold red]warning: after editing, {len(missed)} of {len(reqs)} requests still prefer their "
                           f"old answer on the edit prompt[/] ({ids})", highlight=False)
     console.print(f"wrote {out_dir} (HF model dir), {len(run.batches)} deltas in {deltas_dir}")
+
+
+def failure_reasons(failed, most: int = 3) -> list[str]:
+    """The distinct messages of the requests that did not take, most frequent first (``most`` of them), each
+    as ``"<count> × <message>"``: the editor's own reasons (e.g. a subject that is the prompt's first token)."""
+    from collections import Counter
+
+    counts = Counter(d.message for d in failed if d.message)
+    return [f"{n} × {msg}" for msg, n in counts.most_common(most)]
 
 
 def save_model_dir(loaded, out_dir: Path, run, base_fp: str) -> None:
