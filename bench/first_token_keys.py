@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> None:
     first = [r for r in reqs if edit_position(tok, r.prompt, r.subject) == 0]
     later = [r for r in reqs if r not in first]
     hp = with_preset(EditHparams(), model)
+    if hp.layers is None:
+        raise SystemExit(f"{args.model} has no preset (editing/editors/presets.py) naming its edited layers")
     c0 = corpus_moments(model, tok, spec, list(hp.layers), hp.corpus, hp.stats_dir, loaded.fingerprint,
                         progress=False)
 

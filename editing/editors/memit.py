@@ -398,16 +398,15 @@ class MemitEditor:
         to accumulate per layer (``KᵀK`` of the edit keys, plus ``w K_sᵀK_s`` of the sibling keys and
         ``w_o K_oᵀK_o`` of the held other prompts, :func:`other_prompt_requests`; these are prompt keys only,
         as the subject-alone key of a held prompt is the edit's own; and ``w_t K_tᵀK_t`` of the keys of the
-        requests' own text outside the edit, :func:`compute_text_keys`) and the candidates of ``pool`` held
-        in some layer.
+        requests' own text outside the edit, :func:`compute_text_keys`) and, per layer, the candidates of
+        ``pool`` held there (``{}`` without a pool).
 
         ``pool`` (``sibling_pool``): per layer, the update is first solved without siblings; the
         ``siblings × len(reqs)`` candidates with the largest ``‖ΔW k_c‖`` are then held as siblings and the
         layer is solved again."""
         rows, pos = self._bare_rows(tokenizer, reqs, hp.locus)
         factors, moments = {}, {}
-        chosen_any: dict[str, Any] = {}
-        held_per_layer: dict[int, int] = {}
+        held_by_layer: dict[int, list] = {}
         keep_frame = hp.subject_frame == "kept"
         for i, l in enumerate(layers):
             name = spec.mlp_out_name(l)
@@ -445,11 +444,9 @@ class MemitEditor:
                 if hp.sibling_leak:   # every candidate moved by ≥ sibling_leak × the batch's median own movement
                     own = ((K.to(dev) @ v) @ u.T).norm(dim=1).median().cpu()
                     top = order[: int((leak >= hp.sibling_leak * own).sum())].tolist()
-                    held_per_layer[l] = len(top)
                 else:
                     top = order[: hp.siblings * len(reqs)].tolist()
-                chosen = [pool[j] for j in top]
-                chosen_any.update({c.request_id: c for c in chosen})
+                chosen = held_by_layer[l] = [pool[j] for j in top]
                 if chosen:
                     ks, kept = self._sibling_moment(model, tokenizer, spec, chosen, l, hp, Ks=Kc[top])
                     moments[l] = moments[l] + kept
@@ -457,8 +454,7 @@ class MemitEditor:
                     u, v = self._solve(K, R, l, C0, ce, P, neurons, Kx, hp, dev)
             add_to_weight(get_module(model, name), u @ v.T)
             factors[f"{name}.weight"] = (u.float().cpu(), v.float().cpu())
-        self._held_per_layer = held_per_layer   # sibling_leak: candidates held per layer in this pass
-        return factors, moments, list(chosen_any.values())
+        return factors, moments, held_by_layer
 
     # ------------------------------------------------------------------ edit
     def edit(self, model: nn.Module, tokenizer, requests: Sequence, state: EditorState | None = None) -> EditResult:
@@ -554,10 +550,11 @@ class MemitEditor:
                         _record_held(held, sibs, hp.sibling_weight)
                 if hp.lam_ladder:
                     meta_extra["first_lam"] = lams[0]
-                factors, moments, chosen = self._spread(model, tokenizer, spec, active, layers, z, C0, C_edits, P,
-                                                        replace(hp, lam=lams[0]), sibs, holds, pool)
+                factors, moments, held_by_layer = self._spread(model, tokenizer, spec, active, layers, z, C0,
+                                                               C_edits, P, replace(hp, lam=lams[0]), sibs, holds, pool)
+                chosen = list({c.request_id: c for cs in held_by_layer.values() for c in cs}.values())
                 if hp.sibling_leak:
-                    meta_extra["sibling_leak_held"] = {str(l): c for l, c in self._held_per_layer.items()}
+                    meta_extra["sibling_leak_held"] = {str(l): len(cs) for l, cs in held_by_layer.items()}
                 if chosen:
                     meta_extra["siblings"] = {"n": len(chosen), "examples": sorted({s.subject for s in chosen})[:12]}
                     if hp.accumulate:
