@@ -163,14 +163,48 @@ def _layers_of(loaded, run) -> list[int]:
     return [l for l in range(n_layers) if loaded.spec.mlp_out_name(l) + ".weight" in names]
 
 
+def _probe_subject(request, probe) -> str | None:
+    """The subject of a neighbour probe, read against its request's template (``{}``); ``None`` where the probe's
+    prompt does not follow the template."""
+    head, _, tail = request.prompt.partition("{}")
+    p = probe.prompt
+    if p.startswith(head) and p.endswith(tail) and len(p) > len(head) + len(tail):
+        return p[len(head): len(p) - len(tail)].strip()
+    return None
+
+
 def _neighbour_subjects(reqs) -> set[str]:
-    """Subjects of the neighbour probes: each probe prompt read against its request's template (``{}``)."""
-    out = set()
-    for r in reqs:
-        head, _, tail = r.prompt.partition("{}")
-        for p in r.neighbours:
-            if p.prompt.startswith(head) and p.prompt.endswith(tail) and len(p.prompt) > len(head) + len(tail):
-                out.add(p.prompt[len(head): len(p.prompt) - len(tail)].strip())
+    """Subjects of the neighbour probes (:func:`_probe_subject`)."""
+    return {s for r in reqs for p in r.neighbours if (s := _probe_subject(r, p)) is not None}
+
+
+def neighbour_split(done, scores, base, comparison: str) -> dict:
+    """Neighbourhood × base of ``done`` with the neighbour probes split by their subject: ``subject edited``
+    (this run edited that subject in another prompt: probes of an edited prompt are left out anyway),
+    ``subject untouched`` (never edited in the run) and ``subject unread`` (the probe does not follow its
+    request's template). ``scores``: the pair scores of ``request_pairs(done)`` on the edited model.
+    Tells a leak across subjects of a kind from an edit that moves its own subject's other facts."""
+    from dataclasses import replace
+
+    from editing.metrics.facts import edited_prompts, score_requests
+
+    edited_subjects = {r.subject for r in done}
+    edited = edited_prompts(done)
+    out = {}
+    for group in ("subject edited", "subject untouched", "subject unread"):
+        def keep(r, p) -> bool:
+            if p.prompt in edited:   # a fact changed on purpose: not locality (left out as in every score)
+                return False
+            s = _probe_subject(r, p)
+            return group == ("subject unread" if s is None else
+                             "subject edited" if s in edited_subjects else "subject untouched")
+        part = [replace(r, neighbours=tuple(p for p in r.neighbours if keep(r, p))) for r in done]
+        part = [r for r in part if r.neighbours]
+        if not part:
+            continue
+        rows = score_requests(part, scores, comparison=comparison, edited=edited)
+        base_rows = score_requests(part, base.scores, comparison=comparison, edited=edited)
+        out[group] = {**_slice_scores(rows, base_rows), "n_probes": sum(len(r.neighbours) for r in part)}
     return out
 
 
@@ -216,6 +250,11 @@ def window_table(row: dict) -> str:
                      f"| {f(w)} |")
     lines += ["", "| relation | requests | at the end |", "|---|---|---|"]
     lines += [f"| {rel} | {m['n']} | {f(m)} |" for rel, m in final.get("by_relation", {}).items()]
+    split = final.get("neighbours_by_subject")
+    if split:
+        lines += ["", "| neighbour probes | probes | requests | nbhd × base at the end |", "|---|---|---|---|"]
+        lines += [f"| {group} | {m['n_probes']} | {m['n']} | {_fmt(m.get('neighbourhood_ratio'))} |"
+                  for group, m in split.items()]
     return "\n".join(lines)
 
 
@@ -228,7 +267,7 @@ def run_one(model: BenchModel, editor_name: str, batch_size: int, limit: int | N
 
     from editing.editors import get_editor
     from editing.formats import read_requests
-    from editing.metrics.facts import evaluate_facts
+    from editing.metrics.facts import evaluate_facts, request_pairs, score_pairs
     from editing.metrics.text import heldout_texts, perplexity
     from editing.models import load
     from editing.runner import run_sequential
@@ -276,6 +315,8 @@ def run_one(model: BenchModel, editor_name: str, batch_size: int, limit: int | N
         point["window"] = windows[-1]   # the edits since the last checkpoint, when edited
         if final:
             point["windows_at_end"], point["by_relation"] = windows, relations
+            pairs = score_pairs(loaded.model, loaded.tokenizer, request_pairs(done))   # once more, for the split
+            point["neighbours_by_subject"] = neighbour_split(done, pairs, base, s.comparison)
         curve.append(point)
         print(f"  [{model.name} {editor_name} b={batch_size}] {len(done)} edits: efficacy {s.efficacy:.3f} "
               f"paraphrase {s.paraphrase if s.paraphrase is not None else float('nan'):.3f} "
