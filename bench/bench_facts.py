@@ -204,7 +204,9 @@ def neighbour_split(done, scores, base, comparison: str) -> dict:
             continue
         rows = score_requests(part, scores, comparison=comparison, edited=edited)
         base_rows = score_requests(part, base.scores, comparison=comparison, edited=edited)
-        out[group] = {**_slice_scores(rows, base_rows), "n_probes": sum(len(r.neighbours) for r in part)}
+        m = _slice_scores(rows, base_rows)
+        out[group] = {"n": m["n"], "n_probes": sum(len(r.neighbours) for r in part),
+                      "neighbourhood_ratio": m["neighbourhood_ratio"]}
     return out
 
 
