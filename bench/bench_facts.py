@@ -163,19 +163,17 @@ def _layers_of(loaded, run) -> list[int]:
     return [l for l in range(n_layers) if loaded.spec.mlp_out_name(l) + ".weight" in names]
 
 
-def _probe_subject(request, probe) -> str | None:
-    """The subject of a neighbour probe, read against its request's template (``{}``); ``None`` where the probe's
-    prompt does not follow the template."""
-    head, _, tail = request.prompt.partition("{}")
-    p = probe.prompt
-    if p.startswith(head) and p.endswith(tail) and len(p) > len(head) + len(tail):
-        return p[len(head): len(p) - len(tail)].strip()
+def probe_subject(template: str, prompt: str) -> str | None:
+    """The subject that fills ``template`` (one ``{}``) to give ``prompt``, or ``None`` if it does not."""
+    head, _, tail = template.partition("{}")
+    if prompt.startswith(head) and prompt.endswith(tail) and len(prompt) > len(head) + len(tail):
+        return prompt[len(head):len(prompt) - len(tail)]
     return None
 
 
 def _neighbour_subjects(reqs) -> set[str]:
-    """Subjects of the neighbour probes (:func:`_probe_subject`)."""
-    return {s for r in reqs for p in r.neighbours if (s := _probe_subject(r, p)) is not None}
+    """Subjects of the neighbour probes, each read against its request's template (:func:`probe_subject`)."""
+    return {s for r in reqs for p in r.neighbours if (s := probe_subject(r.prompt, p.prompt)) is not None}
 
 
 def neighbour_split(done, scores, base, comparison: str) -> dict:
@@ -195,7 +193,7 @@ def neighbour_split(done, scores, base, comparison: str) -> dict:
         def keep(r, p) -> bool:
             if p.prompt in edited:   # a fact changed on purpose: not locality (left out as in every score)
                 return False
-            s = _probe_subject(r, p)
+            s = probe_subject(r.prompt, p.prompt)
             return group == ("subject unread" if s is None else
                              "subject edited" if s in edited_subjects else "subject untouched")
         part = [replace(r, neighbours=tuple(p for p in r.neighbours if keep(r, p))) for r in done]

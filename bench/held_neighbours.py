@@ -27,15 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.bench_facts import probe_subject  # noqa: E402
 from bench.para_slice import edit_slice, load_offline, probe_parser, slice_requests  # noqa: E402
-
-
-def probe_subject(template: str, prompt: str) -> str | None:
-    """The subject that fills ``template`` (one ``{}``) to give ``prompt``, or ``None`` if it does not."""
-    head, _, tail = template.partition("{}")
-    if prompt.startswith(head) and prompt.endswith(tail) and len(prompt) > len(head) + len(tail):
-        return prompt[len(head):len(prompt) - len(tail)]
-    return None
 
 
 def main(argv: list[str] | None = None) -> None:
