@@ -95,7 +95,7 @@ class EditHparams:
     # with the request's own subject, held at ΔW k ≈ 0 with other_prompts_weight: the subject's other
     # facts (its capital while its language is edited) stay (editing.editors.siblings.other_prompt_requests)
     other_prompts: int = 0
-    other_prompts_weight: float = 1.0
+    other_prompts_weight: float = 1.0        # 0: no key held (with other_prompts_kl, the value's KL alone)
     # with other_prompts: the held prompts also join the value optimisation's keep prompts (a KL term each,
     # weight value.keep_weight), so the value δ itself leaves those facts' answers as the model has them
     other_prompts_kl: bool = False
@@ -161,6 +161,12 @@ class EditHparams:
         if pooled and not self.siblings:
             raise HyperparameterError(f"{pooled[0]} holds the siblings × batch size candidates the update moves most; "
                                       "with siblings=0 none is held (set siblings ≥ 1)")
+        w = self.other_prompts_weight
+        if not (isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0):
+            raise HyperparameterError(f"other_prompts_weight={w!r} must be a number ≥ 0")
+        if self.other_prompts and not w and not self.other_prompts_kl:
+            raise HyperparameterError("other_prompts with other_prompts_weight=0 and other_prompts_kl off holds "
+                                      "nothing; give the keys a weight or set other_prompts_kl=true")
         if not _whole(self.lam_ladder, 0):
             raise HyperparameterError(f"lam_ladder={self.lam_ladder!r} must be a whole number of λ-grid steps ≥ 0")
         if self.lam_ladder and self.repasses and self.repass_lam_factor != 1:

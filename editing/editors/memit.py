@@ -425,7 +425,7 @@ class MemitEditor:
                 ks, kept = self._sibling_moment(model, tokenizer, spec, siblings, l, hp)
                 moments[l] = moments[l] + kept
                 ce = ks if ce is None else ce + ks
-            if holds:
+            if holds and hp.other_prompts_weight:
                 Ko = compute_keys(model, tokenizer, spec, holds, l, self._sibling_templates(hp), locus=hp.locus).double()
                 ko = hp.other_prompts_weight * (Ko.T @ Ko)
                 moments[l] = moments[l] + ko
@@ -542,7 +542,7 @@ class MemitEditor:
                                                    seed=n_prev)
                 if holds:
                     meta_extra["other_prompts"] = len(holds)
-                    if hp.accumulate:
+                    if hp.accumulate and hp.other_prompts_weight:
                         _record_held(held, holds, hp.other_prompts_weight)
                 if sibs:
                     meta_extra["siblings"] = {"n": len(sibs), "examples": sorted({s.subject for s in sibs})[:12]}

@@ -94,6 +94,31 @@ def test_other_prompts_kl_changes_the_value_only_when_asked(tiny_llama, facts, t
     assert not torch.allclose(dense(True, 4.0), dense(False, 4.0), atol=1e-6)
     assert torch.allclose(dense(True, 0.0), dense(False, 0.0), atol=1e-6)
 
+def test_other_prompts_weight_zero_keeps_the_value_kl_alone(tiny_llama, facts, tmp_path):
+    """``other_prompts_weight=0`` with ``other_prompts_kl``: the held prompts reach the value optimisation only.
+    With the KL weighted 0 too the edit is the plain one, and no held prompt is recorded in the state."""
+    import pytest
+
+    from editing.errors import HyperparameterError
+
+    model, tok = tiny_llama
+    reqs = one_per_relation(facts)
+    name = spec_for(model).mlp_out_name(0)
+    kw = {**KW, "value": {**KW["value"], "keep_weight": 0.0}}
+    plain = get_editor("nse", stats_dir=str(tmp_path), **kw).edit(model, tok, reqs, None)
+    kl_only = get_editor("nse", stats_dir=str(tmp_path), other_prompts=2, other_prompts_weight=0.0,
+                         other_prompts_kl=True, **kw).edit(model, tok, reqs, None)
+    assert kl_only.delta.meta["other_prompts"] == 6
+    assert torch.allclose(kl_only.delta.dense(name + ".weight"), plain.delta.dense(name + ".weight"), atol=1e-6)
+    assert torch.allclose(kl_only.state.tensors[f"{name}::C_edits"], plain.state.tensors[f"{name}::C_edits"],
+                          atol=1e-6)
+    assert kl_only.state.meta.get("held_siblings", {}) == plain.state.meta.get("held_siblings", {})
+    with pytest.raises(HyperparameterError, match="holds nothing"):
+        get_editor("nse", other_prompts=2, other_prompts_weight=0.0)
+    with pytest.raises(HyperparameterError, match="other_prompts_weight"):
+        get_editor("nse", other_prompts=2, other_prompts_weight=-1.0)
+
+
 def test_held_prompts_join_each_requests_keep_list_once(facts):
     from editing.editors.memit import _with_held_prompts
 
