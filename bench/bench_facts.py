@@ -188,15 +188,18 @@ def neighbour_split(done, scores, base, comparison: str) -> dict:
 
     edited_subjects = {r.subject for r in done}
     edited = edited_prompts(done)
+
+    def group_of(r, p) -> str | None:   # None: a fact changed on purpose, not locality (left out as in every score)
+        if p.prompt in edited:
+            return None
+        s = probe_subject(r.prompt, p.prompt)
+        return "subject unread" if s is None else "subject edited" if s in edited_subjects else "subject untouched"
+
+    groups = [[group_of(r, p) for p in r.neighbours] for r in done]
     out = {}
     for group in ("subject edited", "subject untouched", "subject unread"):
-        def keep(r, p) -> bool:
-            if p.prompt in edited:   # a fact changed on purpose: not locality (left out as in every score)
-                return False
-            s = probe_subject(r.prompt, p.prompt)
-            return group == ("subject unread" if s is None else
-                             "subject edited" if s in edited_subjects else "subject untouched")
-        part = [replace(r, neighbours=tuple(p for p in r.neighbours if keep(r, p))) for r in done]
+        part = [replace(r, neighbours=tuple(p for p, g in zip(r.neighbours, gs) if g == group))
+                for r, gs in zip(done, groups)]
         part = [r for r in part if r.neighbours]
         if not part:
             continue

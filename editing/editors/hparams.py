@@ -32,6 +32,11 @@ def _whole(value: Any, minimum: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
+def _number(value: Any, minimum: float) -> bool:
+    """``value`` is an ``int`` or ``float`` (not a ``bool``) of at least ``minimum``."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= minimum
+
+
 @dataclass
 class EditHparams:
     """One editor run's settings (``None`` = choose by preset, else by measurement)."""
@@ -150,7 +155,7 @@ class EditHparams:
             raise HyperparameterError(f"sibling_vocab={self.sibling_vocab!r} must be a whole number ≥ 0")
         pooled = [n for n in ("sibling_pool", "sibling_vocab") if getattr(self, n)]
         leak = self.sibling_leak
-        if not (isinstance(leak, (int, float)) and not isinstance(leak, bool) and leak >= 0):
+        if not _number(leak, 0):
             raise HyperparameterError(f"sibling_leak={leak!r} must be a number ≥ 0")
         if leak and not pooled:
             raise HyperparameterError("sibling_leak chooses among the sibling_pool / sibling_vocab candidates; "
@@ -162,7 +167,7 @@ class EditHparams:
             raise HyperparameterError(f"{pooled[0]} holds the siblings × batch size candidates the update moves most; "
                                       "with siblings=0 none is held (set siblings ≥ 1)")
         w = self.other_prompts_weight
-        if not (isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0):
+        if not _number(w, 0):
             raise HyperparameterError(f"other_prompts_weight={w!r} must be a number ≥ 0")
         if self.other_prompts and not w and not self.other_prompts_kl:
             raise HyperparameterError("other_prompts with other_prompts_weight=0 and other_prompts_kl off holds "
