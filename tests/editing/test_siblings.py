@@ -206,7 +206,7 @@ def test_vocabulary_neighbours_are_the_nearest_whole_words_of_the_subjects_case(
 
     import torch
 
-    from editing.editors.siblings import vocabulary_neighbours
+    from editing.editors.siblings import _word_tokens, vocabulary_neighbours
 
     model, tok = tiny_llama
     model = copy.deepcopy(model)   # the fixture is shared: its embeddings stay as trained
@@ -214,15 +214,18 @@ def test_vocabulary_neighbours_are_the_nearest_whole_words_of_the_subjects_case(
     own = tok(" " + subject, add_special_tokens=False)["input_ids"]
     assert len(own) == 2
     vocab = tok.get_vocab()
-    names = [w for w in vocab if w[:1].isupper() and w.isalpha() and vocab[w] not in own]
-    near, nearer, excluded, lowercase = names[0], names[1], names[2], "is"
+    # candidates in id order: get_vocab()'s order is a hash map's, other on each run
+    ids, words = _word_tokens(tok)
+    names = [(i, w) for i, w in zip(ids.tolist(), words) if w[0].isupper() and i not in own]
+    (near_id, near), (nearer_id, nearer), (excluded_id, excluded) = names[:3]
+    lowercase = "is"
     emb = model.get_input_embeddings().weight
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         q = emb[own].mean(0)
-        emb[vocab[nearer]] = q + 0.05 * q.norm() * torch.randn(q.shape, generator=g) / q.numel() ** 0.5
-        emb[vocab[near]] = q + 0.3 * q.norm() * torch.randn(q.shape, generator=g) / q.numel() ** 0.5
-        emb[vocab[excluded]] = q
+        emb[nearer_id] = q + 0.05 * q.norm() * torch.randn(q.shape, generator=g) / q.numel() ** 0.5
+        emb[near_id] = q + 0.3 * q.norm() * torch.randn(q.shape, generator=g) / q.numel() ** 0.5
+        emb[excluded_id] = q
         emb[vocab[lowercase]] = q
     got = vocabulary_neighbours(model, tok, [subject], 3, exclude=[excluded])[0]
     assert got[:2] == [nearer, near] and len(got) == 3
