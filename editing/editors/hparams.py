@@ -101,9 +101,10 @@ class EditHparams:
     # facts (its capital while its language is edited) stay (editing.editors.siblings.other_prompt_requests)
     other_prompts: int = 0
     other_prompts_weight: float = 1.0        # 0: no key held (with other_prompts_kl, the value's KL alone)
-    # with other_prompts: the held prompts also join the value optimisation's keep prompts (a KL term each,
-    # weight value.keep_weight), so the value δ itself leaves those facts' answers as the model has them
-    other_prompts_kl: bool = False
+    # with other_prompts: the weight of a KL term in the value optimisation on each held prompt (0: off), so
+    # the value δ itself leaves those facts' answers as the model has them; the subject's earlier edit
+    # prompts keep value.keep_weight (true/false, as older versions recorded it: value.keep_weight / 0)
+    other_prompts_kl: float = 0.0
     # keys at every token of each request's own text but the edit locus (the prompt's other tokens; the prompt
     # followed by its target_true and by its target_new, at each answer token), held at ΔW k ≈ 0 with this
     # weight: the value δ is fitted as if the update acted at the locus only, and without them it also acts
@@ -169,9 +170,12 @@ class EditHparams:
         w = self.other_prompts_weight
         if not _number(w, 0):
             raise HyperparameterError(f"other_prompts_weight={w!r} must be a number ≥ 0")
+        if not _number(self.other_prompts_kl, 0):
+            raise HyperparameterError(f"other_prompts_kl={self.other_prompts_kl!r} must be a number ≥ 0 (the "
+                                      "weight of the held prompts' KL in the value optimisation; 0: off)")
         if self.other_prompts and not w and not self.other_prompts_kl:
-            raise HyperparameterError("other_prompts with other_prompts_weight=0 and other_prompts_kl off holds "
-                                      "nothing; give the keys a weight or set other_prompts_kl=true")
+            raise HyperparameterError("other_prompts with other_prompts_weight=0 and other_prompts_kl=0 holds "
+                                      "nothing; give the keys or the value's KL a weight")
         if not _whole(self.lam_ladder, 0):
             raise HyperparameterError(f"lam_ladder={self.lam_ladder!r} must be a whole number of λ-grid steps ≥ 0")
         if self.lam_ladder and self.repasses and self.repass_lam_factor != 1:
@@ -185,20 +189,6 @@ class EditHparams:
         d = asdict(self)
         d["layers"] = list(self.layers) if self.layers is not None else None
         return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "EditHparams":
-        d = dict(d)
-        v = d.pop("value", None) or {}
-        if "context_templates" in v:
-            v["context_templates"] = tuple(v["context_templates"])
-        if d.get("layers") is not None:
-            d["layers"] = tuple(d["layers"])
-        for k in ("key_templates", "sibling_exclude"):
-            if d.get(k) is not None:
-                d[k] = tuple(d[k])
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(value=ValueHparams(**v), **{k: val for k, val in d.items() if k in known})
 
 
 def with_model_defaults(hp: EditHparams, model: nn.Module) -> EditHparams:

@@ -74,13 +74,16 @@ def _subject_ledger(ledger: dict[str, list[str]], edited: Sequence) -> dict[str,
     return out
 
 
-def _with_held_prompts(keep: list[list[str]], requests: Sequence, holds: Sequence) -> list[list[str]]:
-    """``keep`` (per request, prompts whose answers its value must leave) plus the prompts held for it
-    (``holds``: :func:`other_prompt_requests`' copies, ids ``<request_id>~<tag>``), each once."""
+def _held_prompts(keep: list[list[str]], requests: Sequence, holds: Sequence) -> list[list[str]]:
+    """Per request, the prompts held for it (``holds``: :func:`other_prompt_requests`' copies, ids
+    ``<request_id>~<tag>``), each once and none already in its ``keep`` list (an earlier edit's prompt keeps
+    its own weight)."""
     held: dict[str, list[str]] = {}
     for h in holds:
-        held.setdefault(h.request_id.rsplit("~", 1)[0], []).append(h.prompt)
-    return [k + [p for p in held.get(r.request_id, []) if p not in k] for k, r in zip(keep, requests)]
+        mine = held.setdefault(h.request_id.rsplit("~", 1)[0], [])
+        if h.prompt not in mine:
+            mine.append(h.prompt)
+    return [[p for p in held.get(r.request_id, []) if p not in k] for k, r in zip(keep, requests)]
 
 
 def _pass_lams(hp: EditHparams) -> list[float | None]:
@@ -159,6 +162,10 @@ def _hparams(kwargs: dict[str, Any]) -> EditHparams:
     value = kwargs.pop("value", None)
     if isinstance(value, dict):
         value = ValueHparams(**{k: tuple(v) if k == "context_templates" else v for k, v in value.items()})
+    if isinstance(kwargs.get("other_prompts_kl"), bool):
+        # before it had a weight of its own (versions registered then, the commands in bench/RESULTS.md up
+        # to session 31) it was a switch whose KL took value.keep_weight
+        kwargs["other_prompts_kl"] = (value or ValueHparams()).keep_weight if kwargs["other_prompts_kl"] else 0.0
     for k in ("layers", "key_templates", "sibling_exclude"):
         if kwargs.get(k) is not None:
             kwargs[k] = tuple(kwargs[k])
@@ -518,10 +525,9 @@ class MemitEditor:
                 if hp.other_prompts:
                     holds = other_prompt_requests(active, prompt_relations, hp.other_prompts, seed=n_prev,
                                                   locus=hp.locus)
-                    if hp.other_prompts_kl:
-                        keep = _with_held_prompts(keep, active, holds)
                 vr = compute_values(model, tokenizer, spec, active, layers[-1], hp.value, keep_prompts=keep,
-                                    locus=hp.locus)
+                                    locus=hp.locus, held_prompts=_held_prompts(keep, active, holds),
+                                    held_weight=hp.other_prompts_kl)
                 self._restore(model, saved)
                 rows, pos = self._bare_rows(tokenizer, active, hp.locus)
                 h0 = block_outputs_at(model, spec, layers[-1], rows, pos, pad_id_of(tokenizer)).double()

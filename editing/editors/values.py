@@ -9,6 +9,8 @@ adding it there makes ``target_new`` likely, and return ``z_i = h_i + δ_i``:
 ``          + kl_weight · KL(p₀ ‖ p_δ) on "{subject} is a"`` (keeps the subject's other properties)
 ``          + keep_weight · Σ_j KL(p₀ ‖ p_δ) on keep prompt j`` (the prompts of this subject's earlier
 ``            edits, given by the caller: the edit must not undo them)
+``          + held_weight · Σ_j KL(p₀ ‖ p_δ) on held prompt j`` (other prompts of the subject whose answers
+``            the caller wants left, at a weight of their own)
 ``          + weight_decay · ‖δ‖² / ‖h‖²``
 
 minimised with Adam (``steps``, ``lr``); a request's ``δ`` is final once its NLL is below
@@ -112,11 +114,13 @@ def _selected_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, ro
 
 def compute_values(model: nn.Module, tokenizer, spec: ArchSpec, requests: Sequence, layer: int,
                    hp: ValueHparams | None = None, stack: str | None = None,
-                   keep_prompts: Sequence[Sequence[str]] | None = None, locus: str = "subject") -> ValueResult:
+                   keep_prompts: Sequence[Sequence[str]] | None = None, locus: str = "subject",
+                   held_prompts: Sequence[Sequence[str]] | None = None, held_weight: float = 0.0) -> ValueResult:
     """Optimise ``δ`` at block ``layer``'s output, at the ``locus``, for every request (see module doc).
 
     ``keep_prompts[i]``: prompt templates (with ``{}``) whose next-token distribution request ``i``'s
-    ``δ`` must leave as the given model has it (weight ``hp.keep_weight``). The KL terms add ``δ`` at the
+    ``δ`` must leave as the given model has it (weight ``hp.keep_weight``); ``held_prompts[i]`` likewise,
+    at weight ``held_weight`` (0: not used). The KL terms add ``δ`` at the
     same locus of the other prompt; at ``locus="last"`` that is not where those prompts' keys are, so
     they act as a general regulariser of ``δ`` (measured on the fact world, 100 edits: neighbourhood
     0.82 × base with them, 0.71 × without; bench/RESULTS.md "edit locus")."""
@@ -154,6 +158,9 @@ def compute_values(model: nn.Module, tokenizer, spec: ArchSpec, requests: Sequen
         if hp.keep_weight > 0 and keep_prompts is not None:
             for prompt in keep_prompts[i]:
                 add_kl_row(i, prompt, hp.keep_weight)
+        if held_weight > 0 and held_prompts is not None:
+            for prompt in held_prompts[i]:
+                add_kl_row(i, prompt, held_weight)
     all_rows = rows + kl_rows
     all_pos = torch.tensor(pos + kl_pos)
     all_req = torch.tensor(req + kl_req)

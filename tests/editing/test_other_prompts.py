@@ -77,26 +77,32 @@ def test_held_other_prompts_barely_move_and_enter_the_accumulated_moment(tiny_ll
     assert {p for h in holds for p in held.state.meta["held_siblings"][h.subject]} >= {holds[0].prompt}
 
 
-def test_other_prompts_kl_changes_the_value_only_when_asked(tiny_llama, facts, tmp_path):
-    """``other_prompts_kl`` puts the held prompts into the value optimisation (KL, ``value.keep_weight``):
-    the edit differs from the one without it, and with ``keep_weight`` 0 it is the same edit. (Its effect on
-    the held facts is measured on SmolLM2, bench/RESULTS.md session 15: the tiny models show none.)"""
+def test_other_prompts_kl_weights_the_held_prompts_on_its_own(tiny_llama, facts, tmp_path):
+    """``other_prompts_kl=w`` puts the held prompts into the value optimisation (a KL term each, weight ``w``),
+    apart from ``value.keep_weight`` (the earlier edits' prompts): with ``keep_weight`` 0 it still changes the
+    edit, and ``w`` 0 is the edit without it. A true/false (older versions' records) means ``keep_weight`` / 0.
+    (Its effect on the held facts is measured on SmolLM2, bench/RESULTS.md sessions 15, 31, 32: the tiny models
+    show none.)"""
     model, tok = tiny_llama
     reqs = one_per_relation(facts)
     name = spec_for(model).mlp_out_name(0) + ".weight"
 
-    def dense(kl: bool, keep_weight: float) -> torch.Tensor:
+    def dense(kl, keep_weight: float) -> torch.Tensor:
         kw = {**KW, "value": {**KW["value"], "keep_weight": keep_weight}}
         res = get_editor("nse", stats_dir=str(tmp_path), other_prompts=2, other_prompts_kl=kl,
                          **kw).edit(model, tok, reqs, None)
         return res.delta.dense(name).float()
 
-    assert not torch.allclose(dense(True, 4.0), dense(False, 4.0), atol=1e-6)
-    assert torch.allclose(dense(True, 0.0), dense(False, 0.0), atol=1e-6)
+    off = dense(0.0, 0.0)
+    assert not torch.allclose(dense(4.0, 0.0), off, atol=1e-6)
+    assert torch.allclose(dense(True, 4.0), dense(4.0, 4.0), atol=1e-6)
+    assert torch.allclose(dense(False, 4.0), dense(0.0, 4.0), atol=1e-6)
+
 
 def test_other_prompts_weight_zero_keeps_the_value_kl_alone(tiny_llama, facts, tmp_path):
     """``other_prompts_weight=0`` with ``other_prompts_kl``: the held prompts reach the value optimisation only.
-    With the KL weighted 0 too the edit is the plain one, and no held prompt is recorded in the state."""
+    The edit's keys and moment are the plain edit's (its value differs), and no held prompt is recorded in
+    the state; a hold of nothing, a negative weight or a weight that is not a number is refused."""
     import pytest
 
     from editing.errors import HyperparameterError
@@ -107,25 +113,32 @@ def test_other_prompts_weight_zero_keeps_the_value_kl_alone(tiny_llama, facts, t
     kw = {**KW, "value": {**KW["value"], "keep_weight": 0.0}}
     plain = get_editor("nse", stats_dir=str(tmp_path), **kw).edit(model, tok, reqs, None)
     kl_only = get_editor("nse", stats_dir=str(tmp_path), other_prompts=2, other_prompts_weight=0.0,
-                         other_prompts_kl=True, **kw).edit(model, tok, reqs, None)
+                         other_prompts_kl=4.0, **kw).edit(model, tok, reqs, None)
     assert kl_only.delta.meta["other_prompts"] == 6
-    assert torch.allclose(kl_only.delta.dense(name + ".weight"), plain.delta.dense(name + ".weight"), atol=1e-6)
+    assert not torch.allclose(kl_only.delta.dense(name + ".weight"), plain.delta.dense(name + ".weight"),
+                              atol=1e-6)
     assert torch.allclose(kl_only.state.tensors[f"{name}::C_edits"], plain.state.tensors[f"{name}::C_edits"],
                           atol=1e-6)
     assert kl_only.state.meta.get("held_siblings", {}) == plain.state.meta.get("held_siblings", {})
     with pytest.raises(HyperparameterError, match="holds nothing"):
         get_editor("nse", other_prompts=2, other_prompts_weight=0.0)
+    with pytest.raises(HyperparameterError, match="holds nothing"):   # true with keep_weight 0 weighs nothing
+        get_editor("nse", other_prompts=2, other_prompts_weight=0.0, other_prompts_kl=True, **kw)
     with pytest.raises(HyperparameterError, match="other_prompts_weight"):
         get_editor("nse", other_prompts=2, other_prompts_weight=-1.0)
+    with pytest.raises(HyperparameterError, match="other_prompts_kl"):
+        get_editor("nse", other_prompts=2, other_prompts_kl="0.1")
 
 
-def test_held_prompts_join_each_requests_keep_list_once(facts):
-    from editing.editors.memit import _with_held_prompts
+def test_held_prompts_are_each_requests_own_once_and_not_its_keep_prompts(facts):
+    from editing.editors.memit import _held_prompts
 
     reqs = [replace(r, request_id=f"cf~{i}") for i, r in enumerate(one_per_relation(facts))]
     holds = other_prompt_requests(reqs, {r.prompt: r.relation for r in reqs}, 2, seed=0)
     earlier = [[reqs[1].prompt], [], []]          # request 0 already keeps one of the prompts it holds
-    keep = _with_held_prompts(earlier, reqs, holds)
-    for r, k, e in zip(reqs, keep, earlier):
-        mine = [h.prompt for h in holds if h.request_id.rsplit("~", 1)[0] == r.request_id]
-        assert len(mine) == 2 and k[:len(e)] == e and set(k) == set(e) | set(mine) and len(k) == len(set(k))
+    held = _held_prompts(earlier, reqs, holds)
+    for r, h, e in zip(reqs, held, earlier):
+        mine = [x.prompt for x in holds if x.request_id.rsplit("~", 1)[0] == r.request_id]
+        assert len(mine) == 2 and set(h) == set(mine) - set(e) and len(h) == len(set(h))
+    assert reqs[1].prompt in [x.prompt for x in holds if x.request_id.rsplit("~", 1)[0] == "cf~0"]
+    assert len(held[0]) == 1 and reqs[1].prompt not in held[0]
