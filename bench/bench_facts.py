@@ -180,7 +180,7 @@ def neighbour_split(done, scores, base, comparison: str) -> dict:
     """Neighbourhood × base of ``done`` with the neighbour probes split by their subject: ``subject edited``
     (this run edited that subject in another prompt: probes of an edited prompt are left out anyway),
     ``subject untouched`` (never edited in the run) and ``subject unread`` (the probe does not follow its
-    request's template). ``scores``: the pair scores of ``request_pairs(done)`` on the edited model.
+    request's template). ``scores``: the edited model's pair scores (``FactScores.pair_scores``).
     Tells a leak across subjects of a kind from an edit that moves its own subject's other facts."""
     from dataclasses import replace
 
@@ -270,7 +270,7 @@ def run_one(model: BenchModel, editor_name: str, batch_size: int, limit: int | N
 
     from editing.editors import get_editor
     from editing.formats import read_requests
-    from editing.metrics.facts import evaluate_facts, request_pairs, score_pairs
+    from editing.metrics.facts import evaluate_facts
     from editing.metrics.text import heldout_texts, perplexity
     from editing.models import load
     from editing.runner import run_sequential
@@ -307,7 +307,7 @@ def run_one(model: BenchModel, editor_name: str, batch_size: int, limit: int | N
         done = reqs[: min(len(reqs), record.index * batch_size)]
         final = record.index == n_batches
         s = evaluate_facts(loaded.model, loaded.tokenizer, done, base=base, earlier=first, heldout_texts=held)
-        point = {"n_edits": len(done), **{k: v for k, v in s.summary().items() if k != "per_request"}}
+        point = {"n_edits": len(done), **s.summary()}
         if also:
             point["drift_also"] = {spec: perplexity(loaded.model, loaded.tokenizer, texts) / also_base[spec] - 1.0
                                    for spec, texts in also.items()}
@@ -318,8 +318,7 @@ def run_one(model: BenchModel, editor_name: str, batch_size: int, limit: int | N
         point["window"] = windows[-1]   # the edits since the last checkpoint, when edited
         if final:
             point["windows_at_end"], point["by_relation"] = windows, relations
-            pairs = score_pairs(loaded.model, loaded.tokenizer, request_pairs(done))   # once more, for the split
-            point["neighbours_by_subject"] = neighbour_split(done, pairs, base, s.comparison)
+            point["neighbours_by_subject"] = neighbour_split(done, s.pair_scores, base, s.comparison)
         curve.append(point)
         print(f"  [{model.name} {editor_name} b={batch_size}] {len(done)} edits: efficacy {s.efficacy:.3f} "
               f"paraphrase {s.paraphrase if s.paraphrase is not None else float('nan'):.3f} "

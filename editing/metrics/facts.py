@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Literal, Sequence
 
@@ -283,6 +283,8 @@ class FactScores:
     n_neighbours_dropped: int = 0
     comparison: str = "mean"
     per_request: list[RequestScores] = field(default_factory=list, repr=False)
+    # the teacher-forced score of every (prompt, target) pair read, for slicing the requests otherwise
+    pair_scores: dict[Pair, PairScore] = field(default_factory=dict, repr=False)
 
     @property
     def score(self) -> float | None:
@@ -304,7 +306,7 @@ class FactScores:
 
     def summary(self) -> dict[str, Any]:
         """Flat dict of every aggregate (for JSON, MLflow metrics, benchmark tables)."""
-        d = {k: v for k, v in asdict(self).items() if k != "per_request"}
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("per_request", "pair_scores")}
         d.update(score=self.score, neighbourhood_ratio=self.neighbourhood_ratio, perplexity_drift=self.perplexity_drift)
         return d
 
@@ -484,6 +486,7 @@ def evaluate_facts(model: nn.Module, tokenizer, requests: Sequence[FactRequest],
             base._check(requests)
             base_pairs = base.scores
         result = aggregate(score_requests(requests, scores, base_pairs, comparison, edited), comparison)
+        result.pair_scores = scores
         if base is not None:
             b = aggregate(score_requests(requests, base.scores, comparison=comparison, edited=edited), comparison)
             result.base_neighbourhood, result.base_neighbourhood_acc = b.neighbourhood, b.neighbourhood_acc

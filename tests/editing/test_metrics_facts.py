@@ -171,3 +171,9 @@ def test_scores_table_and_summary(lm):
     assert s.table().row_count == len(names)
     assert set(s.summary()) >= {"efficacy", "paraphrase", "neighbourhood", "score", "perplexity_drift"}
     assert math.isfinite(s.summary()["efficacy"])
+    # the pair scores it read stay with it (to slice the requests without scoring again), out of the summary
+    from editing.metrics.facts import request_pairs, score_pairs
+
+    pairs = request_pairs([_request(0), _request(1)])
+    assert set(s.pair_scores) == set(pairs) and s.pair_scores == score_pairs(model, tok, pairs)
+    assert not {"per_request", "pair_scores"} & set(s.summary())
