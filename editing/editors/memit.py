@@ -76,13 +76,11 @@ def _subject_ledger(ledger: dict[str, list[str]], edited: Sequence) -> dict[str,
 
 def _held_prompts(keep: list[list[str]], requests: Sequence, holds: Sequence) -> list[list[str]]:
     """Per request, the prompts held for it (``holds``: :func:`other_prompt_requests`' copies, ids
-    ``<request_id>~<tag>``), each once and none already in its ``keep`` list (an earlier edit's prompt keeps
-    its own weight)."""
+    ``<request_id>~<tag>``, distinct prompts per request), none already in its ``keep`` list (an earlier
+    edit's prompt keeps its own weight)."""
     held: dict[str, list[str]] = {}
     for h in holds:
-        mine = held.setdefault(h.request_id.rsplit("~", 1)[0], [])
-        if h.prompt not in mine:
-            mine.append(h.prompt)
+        held.setdefault(h.request_id.rsplit("~", 1)[0], []).append(h.prompt)
     return [[p for p in held.get(r.request_id, []) if p not in k] for k, r in zip(keep, requests)]
 
 
