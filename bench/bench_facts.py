@@ -23,6 +23,8 @@ first or give ``--set layers=[...]``.
 ``--set blind_siblings=true`` is an ablation of the ``siblings`` option: no subject that
 a neighbour probe asks about may serve as a sibling (``sibling_exclude``), so any
 neighbourhood gain is generalisation, not the probes' keys held directly.
+``--set hold_relations=true`` sets ``relation_prompts`` to every prompt of the request file, as
+``editops edit --hold-relations`` does (with ``other_prompts``).
 
 Metric conventions: :mod:`editing.metrics.facts` (probability variants, mean
 token log-prob). Seconds per edit = time in ``edit`` + applying the delta,
@@ -269,6 +271,7 @@ def run_one(model: BenchModel, editor_name: str, batch_size: int, limit: int | N
     import torch
 
     from editing.editors import get_editor
+    from editing.editors.siblings import relation_prompts_of
     from editing.formats import read_requests
     from editing.metrics.facts import evaluate_facts
     from editing.metrics.text import heldout_texts, perplexity
@@ -285,6 +288,8 @@ def run_one(model: BenchModel, editor_name: str, batch_size: int, limit: int | N
     n_batches = -(-len(reqs) // batch_size)
     marks = sorted({max(1, round(n_batches * (i + 1) / checkpoints)) for i in range(checkpoints)})
     hparams = dict(hparams)
+    if hparams.pop("hold_relations", False):  # as `editops edit --hold-relations`: every prompt of the request file
+        hparams["relation_prompts"] = relation_prompts_of(reqs)
     if hparams.pop("blind_siblings", False):  # ablation: no neighbour probe's subject may serve as a sibling
         hparams["sibling_exclude"] = sorted(_neighbour_subjects(reqs))
     if editor_name == "ft" and "layers" not in hparams:

@@ -105,6 +105,11 @@ class EditHparams:
     # the value δ itself leaves those facts' answers as the model has them; the subject's earlier edit
     # prompts keep value.keep_weight (true/false, as older versions recorded it: value.keep_weight / 0)
     other_prompts_kl: float = 0.0
+    # with other_prompts: prompt templates the pipeline already knows (template → relation, None where unknown),
+    # in the pool of held prompts from the first batch on, as if edited before; without them a request holds only
+    # the relations edited so far, so the first relations of a run hold nothing (editops edit --hold-relations:
+    # every prompt of the request file)
+    relation_prompts: dict[str, str | None] | None = None
     # keys at every token of each request's own text but the edit locus (the prompt's other tokens; the prompt
     # followed by its target_true and by its target_new, at each answer token), held at ΔW k ≈ 0 with this
     # weight: the value δ is fitted as if the update acted at the locus only, and without them it also acts
@@ -176,6 +181,15 @@ class EditHparams:
         if self.other_prompts and not w and not self.other_prompts_kl:
             raise HyperparameterError("other_prompts with other_prompts_weight=0 and other_prompts_kl=0 holds "
                                       "nothing; give the keys or the value's KL a weight")
+        known = self.relation_prompts
+        if known is not None:
+            if not isinstance(known, dict) or any(not isinstance(t, str) or "{}" not in t or
+                                                  not (rel is None or isinstance(rel, str)) for t, rel in known.items()):
+                raise HyperparameterError("relation_prompts must map prompt templates with '{}' where the subject "
+                                          'goes to their relation (or null), e.g. {"The capital of {} is": "capital"}')
+            if not self.other_prompts:
+                raise HyperparameterError("relation_prompts join the prompts held by other_prompts; set "
+                                          "other_prompts ≥ 1")
         if not _whole(self.lam_ladder, 0):
             raise HyperparameterError(f"lam_ladder={self.lam_ladder!r} must be a whole number of λ-grid steps ≥ 0")
         if self.lam_ladder and self.repasses and self.repass_lam_factor != 1:

@@ -487,7 +487,8 @@ class MemitEditor:
         tensors = dict(state.tensors) if state is not None else {}
         held = {k: dict(v) for k, v in (state.meta.get("held_siblings", {}) if state is not None else {}).items()}
         n_prev = int(state.meta.get("n_edits", 0)) if state is not None else 0
-        prompt_relations = _prompt_relations(state.meta.get("prompt_relations", {}) if state is not None else {},
+        prompt_relations = _prompt_relations({**(hp.relation_prompts or {}),
+                                              **(state.meta.get("prompt_relations", {}) if state is not None else {})},
                                              active)
         factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         diag: dict[str, RequestDiagnostics] = {}

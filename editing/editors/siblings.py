@@ -224,6 +224,15 @@ def other_prompt_requests(requests: Sequence, prompts: Mapping[str, str | None],
     return out
 
 
+def relation_prompts_of(requests: Sequence) -> dict[str, str | None]:
+    """``prompt template → relation`` of every request (``None`` where a request names none), first occurrence
+    kept: the ``relation_prompts`` that hold, from the first batch on, every relation a request list edits."""
+    out: dict[str, str | None] = {}
+    for r in requests:
+        out.setdefault(r.prompt, getattr(r, "relation", None))
+    return out
+
+
 def candidate_requests(requests: Sequence, named: Sequence, known: Sequence[str], per_prompt: int,
                        exclude: Sequence[str] = ()) -> list:
     """Subjects that may be held for a batch (``sibling_pool``): ``named`` (copies of the requests with a

@@ -85,6 +85,8 @@ def build_editor(name: str, hyperparameters: dict[str, Any]):
         raise EditopsError(f"editor {name!r} rejected the hyperparameters {sorted(hyperparameters)}: {exc}") from exc
 
 
+HOLD_RELATIONS_HELP = ("with --set other_prompts=N: every prompt of the request file is held for each request's "
+                       "subject from the first batch on (relation_prompts), not only the relations edited so far")
 DEVICE_HELP = "where the model runs: auto (a CUDA GPU when torch sees one, else the CPU), cpu, cuda or cuda:N"
 HELDOUT_HELP = ("held-out text for perplexity: a file (one text per line), stdlib:N, or samples:N (N texts the "
                 "unedited model samples itself)")
@@ -145,6 +147,7 @@ def edit(
     evaluate: bool = typer.Option(True, "--eval/--no-eval", help="score fact requests before and after (base outputs saved)"),
     heldout: Optional[str] = typer.Option(None, "--heldout", help=HELDOUT_HELP),
     state: Optional[Path] = typer.Option(None, "--state", help="continue from a saved editor state"),
+    hold_relations: bool = typer.Option(False, "--hold-relations", help=HOLD_RELATIONS_HELP),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
@@ -163,6 +166,10 @@ def edit(
     hparams = parse_settings(settings)
     if layers:
         hparams["layers"] = parse_layers(layers)
+    if hold_relations:
+        from editing.editors.siblings import relation_prompts_of
+
+        hparams["relation_prompts"] = relation_prompts_of(reqs)
     ed = build_editor(editor_name, hparams)
     out_dir = out or default_out(model, editor_name)
     loaded = load(model, mlp_out_template=mlp_out_template, device=device)

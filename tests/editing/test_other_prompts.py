@@ -10,6 +10,7 @@ from editing.editors import get_editor
 from editing.editors.keys import compute_keys
 from editing.editors.siblings import other_prompt_requests
 from editing.models import fingerprint
+from editing.requests import FactRequest
 from tinyworld import assert_held, facts, requests, tiny_llama  # noqa: F401  (fixtures)
 
 KW = {"layers": [0], "locus": "subject", "lam": 30.0, "siblings": 0, "subject_key_weight": 0.0, "corpus": "samples:8",
@@ -142,3 +143,43 @@ def test_held_prompts_are_each_requests_own_once_and_not_its_keep_prompts(facts)
         assert len(mine) == 2 and set(h) == set(mine) - set(e) and len(h) == len(set(h))
     assert reqs[1].prompt in [x.prompt for x in holds if x.request_id.rsplit("~", 1)[0] == "cf~0"]
     assert len(held[0]) == 1 and reqs[1].prompt not in held[0]
+
+
+def test_relation_prompts_are_held_from_the_first_batch(tiny_llama, facts, tmp_path):
+    """``relation_prompts``: templates the pipeline knows join the held pool before any batch edits them, so a
+    run's first relation holds the later ones' prompts; a template of the request's own relation (a
+    paraphrase) is not held. Without them the first batch of one relation holds nothing."""
+    model, tok = tiny_llama
+    city, job, lang = sorted(one_per_relation(facts), key=lambda r: r.relation)
+    known = {job.prompt: job.relation, lang.prompt: lang.relation,
+             "Here is a fact. I read this today. {} has a home in the city of": city.relation}
+    name = spec_for(model).mlp_out_name(0) + ".weight"
+    alone = get_editor("nse", stats_dir=str(tmp_path), other_prompts=4, **KW).edit(model, tok, [city], None)
+    held = get_editor("nse", stats_dir=str(tmp_path), other_prompts=4, relation_prompts=known,
+                      **KW).edit(model, tok, [city], None)
+    assert alone.delta.meta.get("other_prompts", 0) == 0
+    assert held.delta.meta["other_prompts"] == 2
+    assert set(held.state.meta["held_siblings"][city.subject]) == {job.prompt, lang.prompt}
+    assert not torch.allclose(held.delta.dense(name), alone.delta.dense(name), atol=1e-6)
+    # the same holds as a state that had already seen those relations' edits
+    seen = replace(alone.state, meta={**alone.state.meta, "prompt_relations": known}, tensors={})
+    again = get_editor("nse", stats_dir=str(tmp_path), other_prompts=4, **KW).edit(model, tok, [city], seen)
+    assert again.delta.meta["other_prompts"] == 2
+
+
+def test_relation_prompts_are_templates_and_need_other_prompts():
+    import pytest
+
+    from editing.editors.siblings import relation_prompts_of
+    from editing.errors import HyperparameterError
+
+    with pytest.raises(HyperparameterError, match="'{}' where the subject"):
+        get_editor("nse", other_prompts=2, relation_prompts={"The capital of France is": "capital"})
+    with pytest.raises(HyperparameterError, match="'{}' where the subject"):
+        get_editor("nse", other_prompts=2, relation_prompts=["The capital of {} is"])
+    with pytest.raises(HyperparameterError, match="set other_prompts"):
+        get_editor("nse", relation_prompts={"The capital of {} is": "capital"})
+    reqs = [FactRequest("a", "The capital of {} is", "France", "Rome", relation="capital"),
+            FactRequest("b", "The capital of {} is", "Spain", "Rome", relation="seat"),
+            FactRequest("c", "{} is a country in", "Spain", "Asia")]
+    assert relation_prompts_of(reqs) == {"The capital of {} is": "capital", "{} is a country in": None}
