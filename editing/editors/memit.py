@@ -40,7 +40,7 @@ from editing.editors.keys import LOCI, block_outputs_at, check_length, compute_k
 from editing.editors.solve import alphaedit_factors, memit_factors, nullspace_projector, responsible_neurons
 from editing.editors.keys import DEFAULT_CONTEXT_TEMPLATES
 from editing.editors.siblings import candidate_requests, known_sibling_requests, other_prompt_requests, \
-    sibling_requests, vocabulary_sibling_requests
+    relation_prompts_of, sibling_requests, vocabulary_sibling_requests
 from editing.editors.values import ValueHparams, compute_values
 from editing.errors import NoOpEditError, StateError
 from editing.models import base_fingerprint
@@ -92,15 +92,6 @@ def _pass_lams(hp: EditHparams) -> list[float | None]:
     if hp.lam_ladder:
         return ladder_lams(hp.lam, hp.lam_ladder, hp.repasses)
     return [hp.lam * hp.repass_lam_factor ** p for p in range(hp.repasses + 1)]
-
-
-def _prompt_relations(seen: dict[str, str | None], edited: Sequence) -> dict[str, str | None]:
-    """``prompt template → relation`` (``None`` where unknown) of every edit so far, ``edited`` added;
-    one entry per distinct prompt (the pool of :func:`other_prompt_requests`)."""
-    out = dict(seen)
-    for r in edited:
-        out.setdefault(r.prompt, getattr(r, "relation", None))
-    return out
 
 
 def _record_held(held: dict[str, dict[str, float]], requests: Sequence, weight: float) -> None:
@@ -487,9 +478,8 @@ class MemitEditor:
         tensors = dict(state.tensors) if state is not None else {}
         held = {k: dict(v) for k, v in (state.meta.get("held_siblings", {}) if state is not None else {}).items()}
         n_prev = int(state.meta.get("n_edits", 0)) if state is not None else 0
-        prompt_relations = _prompt_relations({**(hp.relation_prompts or {}),
-                                              **(state.meta.get("prompt_relations", {}) if state is not None else {})},
-                                             active)
+        prompt_relations = relation_prompts_of(active, {**(hp.relation_prompts or {}), **(
+            state.meta.get("prompt_relations", {}) if state is not None else {})})
         factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         diag: dict[str, RequestDiagnostics] = {}
         meta_extra: dict[str, Any] = dict(self._notes)

@@ -224,10 +224,11 @@ def other_prompt_requests(requests: Sequence, prompts: Mapping[str, str | None],
     return out
 
 
-def relation_prompts_of(requests: Sequence) -> dict[str, str | None]:
-    """``prompt template → relation`` of every request (``None`` where a request names none), first occurrence
-    kept: the ``relation_prompts`` that hold, from the first batch on, every relation a request list edits."""
-    out: dict[str, str | None] = {}
+def relation_prompts_of(requests: Sequence, known: Mapping[str, str | None] | None = None) -> dict[str, str | None]:
+    """``prompt template → relation`` of ``known`` and then of every request (``None`` where a request names
+    none), one entry per distinct prompt, the first kept: the pool of :func:`other_prompt_requests`, and the
+    ``relation_prompts`` that hold every relation a request list edits from the first batch on."""
+    out: dict[str, str | None] = dict(known or {})
     for r in requests:
         out.setdefault(r.prompt, getattr(r, "relation", None))
     return out

@@ -183,3 +183,5 @@ def test_relation_prompts_are_templates_and_need_other_prompts():
             FactRequest("b", "The capital of {} is", "Spain", "Rome", relation="seat"),
             FactRequest("c", "{} is a country in", "Spain", "Asia")]
     assert relation_prompts_of(reqs) == {"The capital of {} is": "capital", "{} is a country in": None}
+    assert relation_prompts_of(reqs, {"The capital of {} is": None}) == {"The capital of {} is": None,
+                                                                         "{} is a country in": None}
