@@ -100,7 +100,9 @@ class EditHparams:
     # with the request's own subject, held at ΔW k ≈ 0 with other_prompts_weight: the subject's other
     # facts (its capital while its language is edited) stay (editing.editors.siblings.other_prompt_requests)
     other_prompts: int = 0
-    other_prompts_weight: float = 1.0        # 0: no key held (with other_prompts_kl, the value's KL alone)
+    # 0: no key held (with other_prompts_kl, the value's KL alone; the prompts that open with the subject,
+    # whose key is the subject-alone key the edit is fitted to, are then held too)
+    other_prompts_weight: float = 1.0
     # with other_prompts: the weight of a KL term in the value optimisation on each held prompt (0: off), so
     # the value δ itself leaves those facts' answers as the model has them; the subject's earlier edit
     # prompts keep value.keep_weight (true/false, as older versions recorded it: value.keep_weight / 0)

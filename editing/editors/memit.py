@@ -513,7 +513,7 @@ class MemitEditor:
                 holds = []
                 if hp.other_prompts:
                     holds = other_prompt_requests(active, prompt_relations, hp.other_prompts, seed=n_prev,
-                                                  locus=hp.locus)
+                                                  locus=hp.locus, keys_held=bool(hp.other_prompts_weight))
                 vr = compute_values(model, tokenizer, spec, active, layers[-1], hp.value, keep_prompts=keep,
                                     locus=hp.locus, held_prompts=_held_prompts(keep, active, holds),
                                     held_weight=hp.other_prompts_kl)

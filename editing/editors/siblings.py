@@ -194,7 +194,7 @@ def known_sibling_requests(requests: Sequence, known: Sequence[str], n: int, exc
 
 
 def other_prompt_requests(requests: Sequence, prompts: Mapping[str, str | None], n: int, seed: int = 0,
-                          locus: str = "subject") -> list:
+                          locus: str = "subject", keys_held: bool = True) -> list:
     """For each request, copies with its own subject in up to ``n`` of ``prompts`` (a seeded sample):
     the subject's other facts ("The capital of {}" while "The official language of {}" is edited),
     held at ``ΔW k ≈ 0`` so the edit does not carry to them. ``prompts`` maps each prompt to its
@@ -205,8 +205,15 @@ def other_prompt_requests(requests: Sequence, prompts: Mapping[str, str | None],
     subject's last token (``locus="subject"``) a key sees only the words before the subject, so these
     are a prompt with the same words before ``{}`` as the request's or with none (it opens with the
     subject); at the prompt's last token (``"last"``) the same prompt. A prompt this batch edits for the
-    same subject is left out too, and prompts with the same key count once."""
+    same subject is left out too, and prompts with the same key count once.
+
+    ``keys_held=False`` (``other_prompts_weight=0``: the prompts are held by the value's KL alone, no key
+    is held): only a prompt of the request's relation, the request's own prompt and a prompt this batch edits
+    for the same subject are left out. A prompt that opens with the subject is then held too: the
+    subject-alone key carries the edit there in full, and the KL is what keeps its answer."""
     def key_of(prompt: str) -> str:
+        if not keys_held:
+            return prompt
         return prompt.split("{}", 1)[0].strip() if locus == "subject" else prompt
 
     edited = {(r.subject, key_of(r.prompt)) for r in requests}

@@ -58,6 +58,12 @@ def test_other_prompts_are_the_subjects_other_prompts_never_its_own_or_one_openi
     last = other_prompt_requests(reqs[:1], {**prompts, **left_out}, 9, locus="last")
     assert {h.prompt for h in last} == set(prompts) - {reqs[0].prompt} | {p for p, rel in left_out.items()
                                                                          if rel != reqs[0].relation}
+    # held by the value's KL alone (no key held: other_prompts_weight=0), a prompt that opens with the subject
+    # and one with the request's words before the subject are held; the request's relation still is not
+    kl = other_prompt_requests(reqs[:1], {**prompts, **left_out}, 9, keys_held=False)
+    assert {h.prompt for h in kl} == {r.prompt for r in reqs[1:]} | {p for p, rel in left_out.items()
+                                                                     if rel != reqs[0].relation}
+    assert "{} is a person" in {h.prompt for h in kl}
 
 
 def test_held_other_prompts_barely_move_and_enter_the_accumulated_moment(tiny_llama, facts, tmp_path):
@@ -116,6 +122,14 @@ def test_other_prompts_weight_zero_keeps_the_value_kl_alone(tiny_llama, facts, t
     kl_only = get_editor("nse", stats_dir=str(tmp_path), other_prompts=2, other_prompts_weight=0.0,
                          other_prompts_kl=4.0, **kw).edit(model, tok, reqs, None)
     assert kl_only.delta.meta["other_prompts"] == 6
+    # a prompt that opens with the subject is held by the KL alone; with keys held it is not
+    opening = {**{r.prompt: r.relation for r in reqs}, "{} is a person": None}
+    kw_open = {**kw, "relation_prompts": opening}
+    opened = get_editor("nse", stats_dir=str(tmp_path), other_prompts=3, other_prompts_weight=0.0,
+                        other_prompts_kl=4.0, **kw_open).edit(model, tok, reqs, None)
+    keyed = get_editor("nse", stats_dir=str(tmp_path), other_prompts=3, other_prompts_weight=1.0,
+                       **kw_open).edit(model, tok, reqs, None)
+    assert (opened.delta.meta["other_prompts"], keyed.delta.meta["other_prompts"]) == (9, 6)
     assert not torch.allclose(kl_only.delta.dense(name + ".weight"), plain.delta.dense(name + ".weight"),
                               atol=1e-6)
     assert torch.allclose(kl_only.state.tensors[f"{name}::C_edits"], plain.state.tensors[f"{name}::C_edits"],
