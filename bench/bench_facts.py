@@ -11,9 +11,10 @@ subprocess (so its peak memory is its own): the model is loaded, the requests
 are applied sequentially with :func:`editing.runner.run_sequential`, and at a
 few checkpoints the requests edited so far are scored (efficacy, paraphrase,
 neighbourhood vs base, retention of the first batch, held-out perplexity drift); the last
-checkpoint splits the edits two ways: by checkpoint window (each
+checkpoint splits the edits three ways: by checkpoint window (each
 window's edits scored right after they were made and again at the end, so edits that never
-took well are told from edits that later batches undid) and by request relation. Prints the
+took well are told from edits that later batches undid), by request relation, and by whether a later
+request edits the same subject again (with one record per request in the JSON). Prints the
 tables, writes ``bench/results/facts.json`` (``--out``) and, beside it with the suffix ``.png``
 (``bench/results/facts.png``), a plot of the metrics against the number of edits; ``--plot`` puts it elsewhere.
 ``ft`` tunes the layers that the last ``nse`` run of this benchmark edited on the same
@@ -241,6 +242,31 @@ def split_metrics(s, done, base, windows: list[tuple[int, int]], by_relation: bo
     return out_windows, out_relations
 
 
+def _request_row(r) -> dict:
+    return {"efficacy": r.efficacy, "paraphrase": r.paraphrase, "neighbourhood": r.neighbourhood}
+
+
+def reedit_split(done, rows, base_rows, fresh_rows) -> tuple[dict, list[dict]]:
+    """The edits split by whether a later request of the run edits the same subject again (in another prompt):
+    ``subject edited again later`` / ``subject not edited again``, each scored when edited (``fresh_rows``: each
+    request's row at the first checkpoint after its batch) and at the end (``rows``), neighbourhood × base from
+    ``base_rows``. Tells erosion by the subject's own later edits (one subject-alone key per subject) from erosion
+    by the run as a whole. Also returns one record per request (id, subject, relation, edited again later, the
+    three metrics when edited and at the end)."""
+    last = {r.subject: i for i, r in enumerate(done)}
+    again = [last[r.subject] > i for i, r in enumerate(done)]
+    split = {}
+    for name, flag in (("subject edited again later", True), ("subject not edited again", False)):
+        ix = [i for i, a in enumerate(again) if a == flag]
+        if ix:
+            split[name] = {"at_end": _slice_scores([rows[i] for i in ix], [base_rows[i] for i in ix]),
+                           "when_edited": _slice_scores([fresh_rows[i] for i in ix], [base_rows[i] for i in ix])}
+    records = [{"request_id": r.request_id, "subject": r.subject, "relation": r.relation, "edited_again_later": a,
+                "when_edited": _request_row(f), "at_end": _request_row(e)}
+               for r, a, f, e in zip(done, again, fresh_rows, rows)]
+    return split, records
+
+
 def window_table(row: dict) -> str:
     """Markdown: each checkpoint window's edits when edited and at the end (efficacy / paraphrase / nbhd × base),
     then the end metrics per relation. Tells edits that never took well from edits that later batches undid."""
@@ -255,6 +281,10 @@ def window_table(row: dict) -> str:
                      f"| {f(w)} |")
     lines += ["", "| relation | requests | at the end |", "|---|---|---|"]
     lines += [f"| {rel} | {m['n']} | {f(m)} |" for rel, m in final.get("by_relation", {}).items()]
+    if final.get("by_reedit"):
+        lines += ["", "| edits | requests | when edited | at the end |", "|---|---|---|---|"]
+        lines += [f"| {group} | {m['at_end']['n']} | {f(m['when_edited'])} | {f(m['at_end'])} |"
+                  for group, m in final["by_reedit"].items()]
     split = final.get("neighbours_by_subject")
     if split:
         lines += ["", "| neighbour probes | probes | requests | nbhd × base at the end |", "|---|---|---|---|"]
@@ -273,7 +303,7 @@ def run_one(model: BenchModel, editor_name: str, batch_size: int, limit: int | N
     from editing.editors import get_editor
     from editing.editors.siblings import relation_prompts_of
     from editing.formats import read_requests
-    from editing.metrics.facts import evaluate_facts
+    from editing.metrics.facts import edited_prompts, evaluate_facts, score_requests
     from editing.metrics.text import heldout_texts, perplexity
     from editing.models import load
     from editing.runner import run_sequential
@@ -302,6 +332,7 @@ def run_one(model: BenchModel, editor_name: str, batch_size: int, limit: int | N
     editor = get_editor(editor_name, **hparams)
     first = reqs[:batch_size]
     curve: list[dict] = []
+    fresh_rows: list = []   # each request's outcome at the first checkpoint after its batch
     eval_seconds = 0.0
 
     def on_batch(record) -> None:
@@ -321,9 +352,12 @@ def run_one(model: BenchModel, editor_name: str, batch_size: int, limit: int | N
         spans = list(zip(bounds, bounds[1:]))
         windows, relations = split_metrics(s, done, base, spans if final else spans[-1:], by_relation=final)
         point["window"] = windows[-1]   # the edits since the last checkpoint, when edited
+        fresh_rows.extend(s.per_request[len(fresh_rows):])
         if final:
             point["windows_at_end"], point["by_relation"] = windows, relations
             point["neighbours_by_subject"] = neighbour_split(done, s.pair_scores, base, s.comparison)
+            base_rows = score_requests(done, base.scores, comparison=s.comparison, edited=edited_prompts(done))
+            point["by_reedit"], point["per_request"] = reedit_split(done, s.per_request, base_rows, fresh_rows)
         curve.append(point)
         print(f"  [{model.name} {editor_name} b={batch_size}] {len(done)} edits: efficacy {s.efficacy:.3f} "
               f"paraphrase {s.paraphrase if s.paraphrase is not None else float('nan'):.3f} "
