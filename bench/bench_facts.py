@@ -224,14 +224,20 @@ def _slice_scores(rows, base_rows) -> dict:
     return {"n": len(rows), "efficacy": m.efficacy, "paraphrase": m.paraphrase, "neighbourhood_ratio": ratio}
 
 
-def split_metrics(s, done, base, windows: list[tuple[int, int]], by_relation: bool) -> tuple[list[dict], dict]:
-    """Metrics of slices of the checkpoint scores ``s`` (which cover ``done`` in edit order): each window
+def base_request_rows(s, done, base) -> list:
+    """``done``'s per-request outcomes on the base model (``base``: its cached outputs), scored as the checkpoint
+    scores ``s`` are (same comparison, the same edited prompts left out)."""
+    from editing.metrics.facts import edited_prompts, score_requests
+
+    return score_requests(done, base.scores, comparison=s.comparison, edited=edited_prompts(done))
+
+
+def split_metrics(s, done, base_rows, windows: list[tuple[int, int]], by_relation: bool) -> tuple[list[dict], dict]:
+    """Metrics of slices of the checkpoint scores ``s`` (which cover ``done`` in edit order; ``base_rows``: the
+    same requests' outcomes on the base model, :func:`base_request_rows`): each window
     ``(start, end)`` of edits, and with ``by_relation`` each request relation (``relation`` field; requests
     without one under ``"-"``). Scored right after a window was edited this is how well those edits took
     ("when edited"); at the last checkpoint, how well they survived every later batch ("at the end")."""
-    from editing.metrics.facts import edited_prompts, score_requests
-
-    base_rows = score_requests(done, base.scores, comparison=s.comparison, edited=edited_prompts(done))
     rows = s.per_request
     out_windows = [{"start": a, "end": b, **_slice_scores(rows[a:b], base_rows[a:b])} for a, b in windows]
     groups: dict[str, list[int]] = {}
@@ -303,7 +309,7 @@ def run_one(model: BenchModel, editor_name: str, batch_size: int, limit: int | N
     from editing.editors import get_editor
     from editing.editors.siblings import relation_prompts_of
     from editing.formats import read_requests
-    from editing.metrics.facts import edited_prompts, evaluate_facts, score_requests
+    from editing.metrics.facts import evaluate_facts
     from editing.metrics.text import heldout_texts, perplexity
     from editing.models import load
     from editing.runner import run_sequential
@@ -350,13 +356,13 @@ def run_one(model: BenchModel, editor_name: str, batch_size: int, limit: int | N
         eval_seconds += time.perf_counter() - t0
         bounds = [0] + [p["n_edits"] for p in curve] + [len(done)]
         spans = list(zip(bounds, bounds[1:]))
-        windows, relations = split_metrics(s, done, base, spans if final else spans[-1:], by_relation=final)
+        base_rows = base_request_rows(s, done, base)
+        windows, relations = split_metrics(s, done, base_rows, spans if final else spans[-1:], by_relation=final)
         point["window"] = windows[-1]   # the edits since the last checkpoint, when edited
         fresh_rows.extend(s.per_request[len(fresh_rows):])
         if final:
             point["windows_at_end"], point["by_relation"] = windows, relations
             point["neighbours_by_subject"] = neighbour_split(done, s.pair_scores, base, s.comparison)
-            base_rows = score_requests(done, base.scores, comparison=s.comparison, edited=edited_prompts(done))
             point["by_reedit"], point["per_request"] = reedit_split(done, s.per_request, base_rows, fresh_rows)
         curve.append(point)
         print(f"  [{model.name} {editor_name} b={batch_size}] {len(done)} edits: efficacy {s.efficacy:.3f} "
