@@ -127,6 +127,10 @@ class EditHparams:
     # with subject_key_weight: also the subject as the text's first word (tokenized without a leading
     # space), so wordings that open with the subject get the edit
     subject_start: bool = False
+    # with subject_key_weight: a request whose subject an earlier batch edited (the subject ledger) is fitted at
+    # its subject-alone keys too; false: at its prompt key only, so the subject-alone keys, held in C_edits since
+    # the earlier edit, keep that edit's value for the wordings that read them
+    subject_key_again: bool = True
     # "batch": the subject-alone keys (the edits' and the siblings') act in their own batch's solve only;
     # "kept": their moments are accumulated into C_edits like the prompt keys
     subject_frame: str = "kept"

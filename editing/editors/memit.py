@@ -389,7 +389,7 @@ class MemitEditor:
 
     @torch.no_grad()
     def _spread(self, model, tokenizer, spec, reqs, layers, z, C0, C_edits, P, hp: EditHparams,
-                siblings: Sequence = (), holds: Sequence = (), pool: Sequence = ()):
+                siblings: Sequence = (), holds: Sequence = (), pool: Sequence = (), again: frozenset = frozenset()):
         """Write the update layer by layer into ``model`` (in place); returns factors, the moment
         to accumulate per layer (``KᵀK`` of the edit keys, plus ``w K_sᵀK_s`` of the sibling keys and
         ``w_o K_oᵀK_o`` of the held other prompts, :func:`other_prompt_requests`; these are prompt keys only,
@@ -399,8 +399,12 @@ class MemitEditor:
 
         ``pool`` (``sibling_pool``): per layer, the update is first solved without siblings; the
         ``siblings × len(reqs)`` candidates with the largest ``‖ΔW k_c‖`` are then held as siblings and the
-        layer is solved again."""
+        layer is solved again.
+
+        ``again``: subjects edited in earlier batches; with ``subject_key_again=False`` their requests' subject-alone
+        keys are zero rows (not fitted, not accumulated)."""
         rows, pos = self._bare_rows(tokenizer, reqs, hp.locus)
+        drop = [i for i, r in enumerate(reqs) if r.subject in again] if not hp.subject_key_again else []
         factors, moments = {}, {}
         held_by_layer: dict[int, list] = {}
         keep_frame = hp.subject_frame == "kept"
@@ -415,6 +419,8 @@ class MemitEditor:
             Kx = None
             if hp.subject_key_weight:
                 Kx = self._subject_alone_keys(model, tokenizer, spec, reqs, l, hp)
+                for X in Kx:
+                    X[drop] = 0.0
                 if keep_frame:
                     moments[l] = moments[l] + hp.subject_key_weight * sum(X.T @ X for X in Kx)
             if siblings:
@@ -546,7 +552,8 @@ class MemitEditor:
                 if hp.lam_ladder:
                     meta_extra["first_lam"] = lams[0]
                 factors, moments, held_by_layer = self._spread(model, tokenizer, spec, active, layers, z, C0,
-                                                               C_edits, P, replace(hp, lam=lams[0]), sibs, holds, pool)
+                                                               C_edits, P, replace(hp, lam=lams[0]), sibs, holds, pool,
+                                                               again=frozenset(ledger))
                 chosen = list({c.request_id: c for cs in held_by_layer.values() for c in cs}.values())
                 if hp.sibling_leak:
                     meta_extra["sibling_leak_held"] = {str(l): len(cs) for l, cs in held_by_layer.items()}
@@ -568,7 +575,7 @@ class MemitEditor:
                     sub = [active[i] for i in redo]
                     lam_p = lams[p + 1]
                     f2, _, _ = self._spread(model, tokenizer, spec, sub, layers, z[redo], C0, C_edits, P,
-                                            replace(hp, lam=lam_p), sibs, holds, pool)
+                                            replace(hp, lam=lam_p), sibs, holds, pool, again=frozenset(ledger))
                     merged = LowRankDelta(factors).compose(LowRankDelta(f2)).compact(rank=len(active))
                     factors = merged.factors
                     meta_extra.setdefault("repassed", []).append([active[i].request_id for i in redo])

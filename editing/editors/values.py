@@ -8,7 +8,8 @@ adding it there makes ``target_new`` likely, and return ``z_i = h_i + δ_i``:
 ``loss_i(δ) = NLL(target_new | prompt_c, δ) averaged over context templates c``
 ``          + kl_weight · KL(p₀ ‖ p_δ) on "{subject} is a"`` (keeps the subject's other properties)
 ``          + keep_weight · Σ_j KL(p₀ ‖ p_δ) on keep prompt j`` (the prompts of this subject's earlier
-``            edits, given by the caller: the edit must not undo them)
+``            edits, given by the caller: the edit must not undo them; with keep_contexts the mean over the
+``            context templates c of KL on keep prompt j after c)
 ``          + held_weight · Σ_j KL(p₀ ‖ p_δ) on held prompt j`` (other prompts of the subject whose answers
 ``            the caller wants left, at a weight of their own)
 ``          + weight_decay · ‖δ‖² / ‖h‖²``
@@ -55,12 +56,17 @@ class ValueHparams:
     stop: str = "nll"
     kl_prompt: str = "{} is a"
     keep_weight: float = 0.0   # weight of the KL on the caller's keep prompts (0: not used)
+    # the keep prompts' KL also after each context template (the NLL's wordings), averaged over the templates,
+    # so the total weight stays keep_weight: the earlier edit is held in more wordings than its bare prompt
+    keep_contexts: bool = False
     context_templates: tuple[str, ...] = DEFAULT_CONTEXT_TEMPLATES
     chunk: int = 64
 
     def __post_init__(self) -> None:
         if self.stop not in ("nll", "top1"):
             raise HyperparameterError(f"value stop={self.stop!r} is not one of nll, top1")
+        if not isinstance(self.keep_contexts, bool):
+            raise HyperparameterError(f"value keep_contexts={self.keep_contexts!r} must be true or false")
 
 
 @dataclass
@@ -157,7 +163,11 @@ def compute_values(model: nn.Module, tokenizer, spec: ArchSpec, requests: Sequen
             add_kl_row(i, hp.kl_prompt, hp.kl_weight)
         if hp.keep_weight > 0 and keep_prompts is not None:
             for prompt in keep_prompts[i]:
-                add_kl_row(i, prompt, hp.keep_weight)
+                if hp.keep_contexts:
+                    for ctx in templates:
+                        add_kl_row(i, fill(ctx, prompt), hp.keep_weight / len(templates))
+                else:
+                    add_kl_row(i, prompt, hp.keep_weight)
         if held_weight > 0 and held_prompts is not None:
             for prompt in held_prompts[i]:
                 add_kl_row(i, prompt, held_weight)

@@ -165,3 +165,34 @@ def test_a_subject_that_is_the_texts_first_token_is_named_in_the_diagnostics(tin
     d = res.diagnostics[1]
     assert not d.succeeded and "first token (no BOS token)" in d.message   # it does not take here either
     assert "first token" not in res.diagnostics[0].message
+
+
+def test_a_subject_edited_again_can_leave_its_subject_alone_keys_to_the_earlier_edit(tiny_llama, facts, tmp_path):
+    """``subject_key_again=False``: batch 2 edits a subject of batch 1 in another relation, and that request's
+    subject-alone keys are neither fitted nor accumulated. The two runs' moments differ by exactly
+    ``w Σ XᵀX`` (X: its subject-alone keys in both frames; layer 0's keys do not depend on the edits); a
+    subject never edited before is edited the same way under both settings."""
+    model, tok = tiny_llama
+    spec = spec_for(model)
+    every = requests(facts, 36)
+    a = every[0]
+    b = next(r for r in every if r.subject == a.subject and r.relation != a.relation)
+    c = next(r for r in every if r.subject != a.subject)
+    w = 3.0
+    name = spec.mlp_out_name(0)
+    runs = {}
+    for again in (True, False):
+        editor = get_editor("nse", **{**KW, "stats_dir": str(tmp_path), "subject_key_weight": w,
+                                      "subject_key_again": again})
+        s1 = editor.edit(model, tok, [a], None).state
+        runs[again] = (s1, editor.edit(model, tok, [b], s1), editor.edit(model, tok, [c], s1))
+    assert torch.equal(runs[True][0].tensors[name + "::C_edits"], runs[False][0].tensors[name + "::C_edits"])
+    alone = [replace(b, prompt="{}")]
+    x = sum(compute_keys(model, tok, spec, alone, 0, t).double().T @ compute_keys(model, tok, spec, alone, 0, t).double()
+            for t in (("Note that {}",), ("{}",)))
+    diff = runs[True][1].state.tensors[name + "::C_edits"].double() - runs[False][1].state.tensors[name + "::C_edits"].double()
+    assert torch.allclose(diff, w * x, atol=1e-4 * float((w * x).abs().max()))
+    dw = {k: r[1].delta.dense(name + ".weight") for k, r in runs.items()}
+    assert not torch.allclose(dw[True], dw[False])
+    assert torch.equal(runs[True][2].delta.dense(name + ".weight"), runs[False][2].delta.dense(name + ".weight"))
+    assert runs[False][1].delta.hyperparameters["subject_key_again"] is False
