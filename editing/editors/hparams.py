@@ -129,7 +129,9 @@ class EditHparams:
     subject_start: bool = False
     # with subject_key_weight: a request whose subject an earlier batch edited (the subject ledger) is fitted at
     # its subject-alone keys too; false: at its prompt key only, so the subject-alone keys, held in C_edits since
-    # the earlier edit, keep that edit's value for the wordings that read them
+    # the earlier edit, keep that edit's value for the wordings that read them. On: on SmolLM2's 217 (b10, session 34's
+    # best setting) false kept the earlier edits' paraphrase (0.797 at the end against 0.734) but the re-edits took
+    # less (34 not taken against 14; 0.949 / 0.773 / 0.892 × base in all; bench/RESULTS.md, session 36)
     subject_key_again: bool = True
     # "batch": the subject-alone keys (the edits' and the siblings') act in their own batch's solve only;
     # "kept": their moments are accumulated into C_edits like the prompt keys

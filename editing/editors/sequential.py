@@ -43,7 +43,9 @@ Same pipeline as MEMIT (:mod:`editing.editors.memit`) with sequential choices, e
   (``subject_prompts``); a later edit of the same subject adds a KL term per earlier prompt to its value
   optimisation, so the new value leaves the subject's earlier edits as the model now answers them.
   On those 42 requests, first batch kept 0.6 → 0.9, efficacy 0.64 → 0.81, earlier capital edits
-  0.67 → 1.00 (bench/RESULTS.md, 2026-12-01 session 7);
+  0.67 → 1.00 (bench/RESULTS.md, 2026-12-01 session 7); ``value.keep_contexts`` takes that KL after every
+  context template too, and ``subject_key_again=false`` fits such a re-edit at its prompt key only (both off:
+  neither did better on SmolLM2's 217, bench/RESULTS.md session 36);
 - ``release_siblings`` (default off): a subject held as a sibling in a prompt (ledger ``held_siblings``,
   weights summed over batches) and later edited in that same prompt is first taken out of ``C_edits``
   (``C_edits −= w k kᵀ``, ``k`` its current key), so its old answer no longer resists its own edit;

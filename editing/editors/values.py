@@ -57,7 +57,9 @@ class ValueHparams:
     kl_prompt: str = "{} is a"
     keep_weight: float = 0.0   # weight of the KL on the caller's keep prompts (0: not used)
     # the keep prompts' KL also after each context template (the NLL's wordings), averaged over the templates,
-    # so the total weight stays keep_weight: the earlier edit is held in more wordings than its bare prompt
+    # so the total weight stays keep_weight: the earlier edit is held in more wordings than its bare prompt. Off: on
+    # SmolLM2's 217 (b10, session 34's best setting) paraphrase 0.794 against 0.786, efficacy 0.945 against 0.968,
+    # neighbourhood 0.878 × against 0.899 × base (bench/RESULTS.md, session 36)
     keep_contexts: bool = False
     context_templates: tuple[str, ...] = DEFAULT_CONTEXT_TEMPLATES
     chunk: int = 64
