@@ -515,6 +515,7 @@ class MemitEditor:
                         tensors.setdefault(f"{n}::W0", w.detach().cpu().clone())
                         add_to_weight(get_module(model, n), tensors[f"{n}::W0"].to(device=w.device, dtype=w.dtype) - w)
                 ledger = state.meta.get("subject_prompts", {}) if state is not None else {}
+                edited_before = frozenset(ledger)   # subjects of earlier batches (subject_key_again)
                 keep = [[t for t in ledger.get(r.subject, []) if t != r.prompt] for r in active]
                 holds = []
                 if hp.other_prompts:
@@ -553,7 +554,7 @@ class MemitEditor:
                     meta_extra["first_lam"] = lams[0]
                 factors, moments, held_by_layer = self._spread(model, tokenizer, spec, active, layers, z, C0,
                                                                C_edits, P, replace(hp, lam=lams[0]), sibs, holds, pool,
-                                                               again=frozenset(ledger))
+                                                               again=edited_before)
                 chosen = list({c.request_id: c for cs in held_by_layer.values() for c in cs}.values())
                 if hp.sibling_leak:
                     meta_extra["sibling_leak_held"] = {str(l): len(cs) for l, cs in held_by_layer.items()}
@@ -575,7 +576,7 @@ class MemitEditor:
                     sub = [active[i] for i in redo]
                     lam_p = lams[p + 1]
                     f2, _, _ = self._spread(model, tokenizer, spec, sub, layers, z[redo], C0, C_edits, P,
-                                            replace(hp, lam=lam_p), sibs, holds, pool, again=frozenset(ledger))
+                                            replace(hp, lam=lam_p), sibs, holds, pool, again=edited_before)
                     merged = LowRankDelta(factors).compose(LowRankDelta(f2)).compact(rank=len(active))
                     factors = merged.factors
                     meta_extra.setdefault("repassed", []).append([active[i].request_id for i in redo])

@@ -188,8 +188,8 @@ def test_a_subject_edited_again_can_leave_its_subject_alone_keys_to_the_earlier_
         runs[again] = (s1, editor.edit(model, tok, [b], s1), editor.edit(model, tok, [c], s1))
     assert torch.equal(runs[True][0].tensors[name + "::C_edits"], runs[False][0].tensors[name + "::C_edits"])
     alone = [replace(b, prompt="{}")]
-    x = sum(compute_keys(model, tok, spec, alone, 0, t).double().T @ compute_keys(model, tok, spec, alone, 0, t).double()
-            for t in (("Note that {}",), ("{}",)))
+    frames = [compute_keys(model, tok, spec, alone, 0, t).double() for t in (("Note that {}",), ("{}",))]
+    x = sum(X.T @ X for X in frames)
     diff = runs[True][1].state.tensors[name + "::C_edits"].double() - runs[False][1].state.tensors[name + "::C_edits"].double()
     assert torch.allclose(diff, w * x, atol=1e-4 * float((w * x).abs().max()))
     dw = {k: r[1].delta.dense(name + ".weight") for k, r in runs.items()}
