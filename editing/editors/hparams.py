@@ -133,6 +133,15 @@ class EditHparams:
     # best setting) false kept the earlier edits' paraphrase (0.797 at the end against 0.734) but the re-edits took
     # less (34 not taken against 14; 0.949 / 0.773 / 0.892 × base in all; bench/RESULTS.md, session 36)
     subject_key_again: bool = True
+    # with subject_key_weight and subject_frame="kept": a request whose subject an earlier batch edited first takes
+    # that edit's subject-alone hold out of C_edits (the state's ``subject_holds``: w per earlier edit of the
+    # subject, ``C_edits −= w Σ XᵀX`` with X its subject-alone keys as they are now), so the re-edit, whose value
+    # keeps the earlier answers (value.keep_weight), writes its whole residual there instead of half against the
+    # earlier value. With it the edits' subject-alone holds are taken once their batch is in (the keys the later
+    # releases see), and what a release leaves below zero is cut (a negative direction undoes the regulariser): a
+    # first version, holding the first pass's keys and cutting nothing, collapsed SmolLM2's 217 after 150 edits
+    # at b10 (perplexity +4e8 %; bench/RESULTS.md, session 37)
+    release_subject: bool = False
     # "batch": the subject-alone keys (the edits' and the siblings') act in their own batch's solve only;
     # "kept": their moments are accumulated into C_edits like the prompt keys
     subject_frame: str = "kept"
@@ -177,6 +186,12 @@ class EditHparams:
         if pooled and self.release_siblings:
             raise HyperparameterError(f"{pooled[0]} holds a candidate in some layers only, release_siblings takes a held "
                                       "key out of every layer's C_edits; use one of them")
+        if self.release_subject and not (self.subject_key_weight and self.subject_frame == "kept"):
+            raise HyperparameterError("release_subject takes earlier edits' subject-alone keys out of C_edits; they are "
+                                      "held only with subject_key_weight > 0 and subject_frame='kept'")
+        if self.release_subject and not self.subject_key_again:
+            raise HyperparameterError("release_subject frees a re-edited subject's subject-alone keys for the re-edit, "
+                                      "subject_key_again=false leaves them to the earlier edit; use one of them")
         if pooled and not self.siblings:
             raise HyperparameterError(f"{pooled[0]} holds the siblings × batch size candidates the update moves most; "
                                       "with siblings=0 none is held (set siblings ≥ 1)")

@@ -37,7 +37,7 @@ from editing.editors.hparams import (DEFAULT_LAMBDA_GRID, EditHparams, ladder_la
                                      with_preset)
 from editing.editors.keys import LOCI, block_outputs_at, check_length, compute_keys, compute_keys_multi, \
     compute_text_keys, edit_position, generated_context_templates, pad_id_of, prompt_ids, score_targets
-from editing.editors.solve import alphaedit_factors, memit_factors, nullspace_projector, responsible_neurons
+from editing.editors.solve import alphaedit_factors, memit_factors, nullspace_projector, psd_part, responsible_neurons
 from editing.editors.keys import DEFAULT_CONTEXT_TEMPLATES
 from editing.editors.siblings import candidate_requests, known_sibling_requests, other_prompt_requests, \
     relation_prompts_of, sibling_requests, vocabulary_sibling_requests
@@ -361,6 +361,30 @@ class MemitEditor:
             C_edits[l] = C_edits[l] - (k * w[:, None]).T @ k
         return [r.request_id for r, _ in hit]
 
+    @torch.no_grad()
+    def _release_subjects(self, model, tokenizer, spec, reqs, layers, C_edits, holds: dict[str, float],
+                          hp: EditHparams) -> list[str]:
+        """For each subject of ``reqs`` that earlier batches edited (``holds[subject] = w``, the subject-alone
+        weight accumulated by its edits): ``C_edits −= w Σ_frames XᵀX`` with ``X`` its subject-alone keys as they
+        are now, and the entry is dropped. Those holds were taken with the keys as they were once their batch was
+        in (``edit``), and later batches hold them in place, so the difference is small; what it leaves below zero
+        is cut (:func:`psd_part`), as a negative direction would undo the regulariser. Returns the subjects
+        released."""
+        reps = list({r.subject: r for r in reqs if r.subject in holds}.values())
+        if not reps:
+            return []
+        w = torch.tensor([holds.pop(r.subject) for r in reps], dtype=torch.float64)
+        for l in C_edits:
+            for X in self._subject_alone_keys(model, tokenizer, spec, reps, l, hp):
+                C_edits[l] = C_edits[l] - (X * w[:, None]).T @ X
+            kept = psd_part(C_edits[l])
+            cut = float((kept.trace() - C_edits[l].trace()) / kept.trace().clamp(min=1e-30))
+            if cut > 0.01:
+                log.warning("release_subject: layer %d: %.1f%% of C_edits' trace was below zero after the release and "
+                            "is cut (the released keys had moved since they were held)", l, 100 * cut)
+            C_edits[l] = kept
+        return [r.subject for r in reps]
+
     def _solve(self, K, R, l, C0, ce, P, neurons, Kx, hp: EditHparams, dev) -> tuple[torch.Tensor, torch.Tensor]:
         """One layer's factors ``(U, V)`` (MEMIT's solve, or AlphaEdit's with ``nullspace``) on device ``dev``:
         the solve runs where the model runs (float64 either way)."""
@@ -421,7 +445,7 @@ class MemitEditor:
                 Kx = self._subject_alone_keys(model, tokenizer, spec, reqs, l, hp)
                 for X in Kx:
                     X[drop] = 0.0
-                if keep_frame:
+                if keep_frame and not hp.release_subject:   # release_subject: held after the batch (edit())
                     moments[l] = moments[l] + hp.subject_key_weight * sum(X.T @ X for X in Kx)
             if siblings:
                 ks, kept = self._sibling_moment(model, tokenizer, spec, siblings, l, hp)
@@ -483,6 +507,7 @@ class MemitEditor:
         saved = self._save(model, spec, layers)
         tensors = dict(state.tensors) if state is not None else {}
         held = {k: dict(v) for k, v in (state.meta.get("held_siblings", {}) if state is not None else {}).items()}
+        subject_holds = dict(state.meta.get("subject_holds", {})) if state is not None else {}
         n_prev = int(state.meta.get("n_edits", 0)) if state is not None else 0
         prompt_relations = relation_prompts_of(active, {**(hp.relation_prompts or {}), **(
             state.meta.get("prompt_relations", {}) if state is not None else {})})
@@ -501,6 +526,13 @@ class MemitEditor:
                             tensors[f"{n}::C_edits"] = C_edits[l].float()
                     if released:
                         meta_extra["released_siblings"] = released
+                if hp.release_subject and C_edits:
+                    released = self._release_subjects(model, tokenizer, spec, active, layers, C_edits, subject_holds, hp)
+                    for l, n in zip(layers, names):
+                        if l in C_edits:
+                            tensors[f"{n}::C_edits"] = C_edits[l].float()
+                    if released:
+                        meta_extra["released_subjects"] = released
                 P = {}
                 if hp.nullspace:
                     for l, n in zip(layers, names):
@@ -555,6 +587,10 @@ class MemitEditor:
                 factors, moments, held_by_layer = self._spread(model, tokenizer, spec, active, layers, z, C0,
                                                                C_edits, P, replace(hp, lam=lams[0]), sibs, holds, pool,
                                                                again=edited_before)
+                if hp.accumulate and hp.subject_key_weight and hp.subject_frame == "kept":
+                    for r in active:   # the subject-alone weight each edit leaves in C_edits (release_subject)
+                        if hp.subject_key_again or r.subject not in edited_before:
+                            subject_holds[r.subject] = subject_holds.get(r.subject, 0.0) + hp.subject_key_weight
                 chosen = list({c.request_id: c for cs in held_by_layer.values() for c in cs}.values())
                 if hp.sibling_leak:
                     meta_extra["sibling_leak_held"] = {str(l): len(cs) for l, cs in held_by_layer.items()}
@@ -591,6 +627,11 @@ class MemitEditor:
                                      hyperparameters=hp.to_dict(), request_ids=[r.request_id for r in active])
                 # diagnostics with the delta applied temporarily
                 delta.apply(model)
+                if hp.accumulate and hp.release_subject:
+                    for l, n in zip(layers, names):   # the subject-alone hold as the keys are once the batch is in
+                        x = hp.subject_key_weight * sum(X.T @ X for X in
+                                                        self._subject_alone_keys(model, tokenizer, spec, active, l, hp))
+                        tensors[f"{n}::C_edits"] = tensors[f"{n}::C_edits"] + x.float()
                 h1 = block_outputs_at(model, spec, layers[-1], rows, pos, pad_id_of(tokenizer)).double()
                 top1, lp_new = score_targets(model, tokenizer, [r.text for r in active], [r.target_new for r in active])
                 trues = [r for r in active if r.target_true]
@@ -638,6 +679,7 @@ class MemitEditor:
         if self._stateful():
             meta["subject_prompts"] = _subject_ledger(state.meta.get("subject_prompts", {}) if state else {}, active)
             meta["held_siblings"] = held
+            meta["subject_holds"] = subject_holds
             meta["prompt_relations"] = prompt_relations
         new_state = EditorState(editor=self.name, tensors=tensors if self._stateful() else {}, meta=meta)
         return EditResult(delta=delta, state=new_state, diagnostics=diagnostics)

@@ -89,6 +89,14 @@ def memit_factors(K: torch.Tensor, R: torch.Tensor, C0: torch.Tensor | None, lam
     return R64.T.contiguous(), v
 
 
+def psd_part(C: torch.Tensor) -> torch.Tensor:
+    """The positive semi-definite part of a symmetric ``C``: ``V max(Λ, 0) Vᵀ`` for ``C = V Λ Vᵀ`` (the nearest
+    PSD matrix in Frobenius norm), in ``C``'s dtype."""
+    sym = (C + C.T) / 2
+    lam, V = torch.linalg.eigh(sym.double())
+    return ((V * lam.clamp(min=0)) @ V.T).to(C.dtype)
+
+
 def nullspace_projector(C0: torch.Tensor, threshold: float = 2e-2, relative: bool = True,
                         min_dim: int = 0) -> tuple[torch.Tensor, int]:
     """``P = Û Ûᵀ`` over the eigen-directions of ``C0`` with eigenvalue ``< threshold``.

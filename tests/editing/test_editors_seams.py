@@ -6,8 +6,8 @@ import torch
 
 from editing.arch import get_module, spec_for, weight_view
 from editing.editors.keys import compute_keys, prompt_ids, subject_last_token, subject_positions
-from editing.editors.solve import alphaedit_factors, memit_factors, nullspace_projector, residual_norms, \
-    responsible_neurons
+from editing.editors.solve import alphaedit_factors, memit_factors, nullspace_projector, psd_part, \
+    residual_norms, responsible_neurons
 from editing.editors.values import ValueHparams, compute_values
 from editing.errors import SubjectNotInPromptError
 from editing.models import fingerprint
@@ -146,6 +146,28 @@ def test_closed_form_solves_hit_their_targets():
     outside = torch.ones(d_in, dtype=torch.bool)
     outside[S] = False
     assert 0 < len(S) < d_in and float(vn[outside].abs().max()) == 0.0
+
+
+def test_psd_part_cuts_the_negative_directions_only():
+    """``psd_part``: a PSD matrix comes back as it was; from ``C = A − B`` with a negative direction, the result is
+    PSD, keeps ``C``'s positive eigen-directions, and is nearer ``C`` than any other PSD matrix tried."""
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(12, 6, generator=g, dtype=torch.float64)
+    psd = A @ A.T
+    assert torch.allclose(psd_part(psd), psd, atol=1e-10)
+    x = torch.randn(12, 1, generator=g, dtype=torch.float64)
+    C = psd - 3 * float(psd.trace()) * (x @ x.T) / float(x.norm() ** 2)
+    assert float(torch.linalg.eigvalsh(C).min()) < 0
+    P = psd_part(C)
+    lam, V = torch.linalg.eigh(C)
+    assert float(torch.linalg.eigvalsh(P).min()) > -1e-9
+    pos = V[:, lam > 0]
+    assert torch.allclose(P @ pos, C @ pos, atol=1e-8)
+    for _ in range(5):   # any other PSD matrix is further from C
+        B = torch.randn(12, 12, generator=g, dtype=torch.float64)
+        other = P + 0.1 * (B @ B.T)
+        assert float((C - other).norm()) > float((C - P).norm())
+    assert psd_part(C.float()).dtype == torch.float32
 
 
 def test_extra_keys_solve_the_stacked_least_squares_problem_at_rank_n():

@@ -196,3 +196,81 @@ def test_a_subject_edited_again_can_leave_its_subject_alone_keys_to_the_earlier_
     assert not torch.allclose(dw[True], dw[False])
     assert torch.equal(runs[True][2].delta.dense(name + ".weight"), runs[False][2].delta.dense(name + ".weight"))
     assert runs[False][1].delta.hyperparameters["subject_key_again"] is False
+
+
+def test_a_subject_edited_again_can_take_its_earlier_subject_alone_hold_out_first(tiny_llama, facts, tmp_path):
+    """``release_subject``: before batch 2 re-edits a subject of batch 1, the hold batch 1 left at its
+    subject-alone keys (``subject_holds``: w) is taken out of ``C_edits``. Layer 0's keys do not depend on the
+    edits, so the two runs' moments after batch 2 differ by exactly ``w Σ XᵀX``, the re-edit moves the subject
+    alone further, and ``subject_holds`` holds just the re-edit's own weight; a subject never edited before is
+    edited the same way under both settings, float rounding apart (batch 1's hold is added once the batch is in)."""
+    model, tok = tiny_llama
+    spec = spec_for(model)
+    every = requests(facts, 36)
+    a = every[0]
+    b = next(r for r in every if r.subject == a.subject and r.relation != a.relation)
+    c = next(r for r in every if r.subject != a.subject)
+    w = 3.0
+    name = spec.mlp_out_name(0)
+    runs = {}
+    for release in (False, True):
+        editor = get_editor("nse", **{**KW, "stats_dir": str(tmp_path), "subject_key_weight": w,
+                                      "release_subject": release})
+        s1 = editor.edit(model, tok, [a], None).state
+        runs[release] = (s1, editor.edit(model, tok, [b], s1), editor.edit(model, tok, [c], s1))
+    assert runs[True][0].meta["subject_holds"] == {a.subject: w}
+    alone = [replace(b, prompt="{}")]
+    frames = [compute_keys(model, tok, spec, alone, 0, t).double() for t in (("Note that {}",), ("{}",))]
+    x = sum(X.T @ X for X in frames)
+    c_edits = {k: r[1].state.tensors[name + "::C_edits"].double() for k, r in runs.items()}
+    assert torch.allclose(c_edits[False] - c_edits[True], w * x, atol=1e-4 * float((w * x).abs().max()))
+    assert runs[True][1].state.meta["subject_holds"] == {a.subject: w}        # the re-edit's own hold
+    assert runs[False][1].state.meta["subject_holds"] == {a.subject: 2 * w}   # both edits' holds
+    assert runs[True][1].delta.meta["released_subjects"] == [a.subject]
+
+    def moved(res):  # how far the update moves the subject-alone keys
+        return float((frames[0] @ res.delta.dense(name + ".weight").double().T).norm())
+
+    assert moved(runs[True][1]) > moved(runs[False][1])
+    # batch 1's hold is the same (layer 0's keys do not move with the edit)
+    assert torch.allclose(runs[True][0].tensors[name + "::C_edits"], runs[False][0].tensors[name + "::C_edits"],
+                          rtol=1e-5, atol=1e-5)
+
+
+    def apart(i):  # relative distance between the two runs' deltas of batch i
+        d = {k: r[i].delta.dense(name + ".weight").double() for k, r in runs.items()}
+        return float((d[True] - d[False]).norm() / d[False].norm())
+
+    assert apart(2) < 1e-2 and apart(1) > 10 * apart(2), (apart(1), apart(2))
+    assert "released_subjects" not in runs[True][2].delta.meta
+    assert runs[True][1].delta.hyperparameters["release_subject"] is True
+
+
+def test_release_subject_needs_the_subject_alone_keys_it_releases():
+    with pytest.raises(HyperparameterError, match="subject_key_weight > 0"):
+        get_editor("nse", release_subject=True, subject_key_weight=0.0)
+    with pytest.raises(HyperparameterError, match="use one of them"):
+        get_editor("nse", release_subject=True, subject_key_again=False)
+
+
+def test_a_release_larger_than_the_hold_is_cut_at_zero_and_said(tiny_llama, facts, tmp_path, caplog):
+    """If the released keys moved since they were held (or the ledger's weight is off), ``C_edits − w Σ XᵀX`` has
+    negative directions, which would undo the regulariser: they are cut (the nearest PSD matrix) and the cut is
+    logged. Here the state claims ten times the weight batch 1 held."""
+    import logging
+
+    model, tok = tiny_llama
+    spec = spec_for(model)
+    every = requests(facts, 36)
+    a = every[0]
+    b = next(r for r in every if r.subject == a.subject and r.relation != a.relation)
+    editor = get_editor("nse", **{**KW, "stats_dir": str(tmp_path), "subject_key_weight": 3.0,
+                                  "release_subject": True})
+    s1 = editor.edit(model, tok, [a], None).state
+    s1.meta["subject_holds"] = {a.subject: 30.0}
+    with caplog.at_level(logging.WARNING, logger="editing.editors.memit"):
+        res = editor.edit(model, tok, [b], s1)
+    assert any("is cut" in m for m in caplog.messages), caplog.messages
+    c = res.state.tensors[spec.mlp_out_name(0) + "::C_edits"].double()
+    assert float(torch.linalg.eigvalsh(c).min()) > -1e-4 * float(c.diagonal().max())
+    assert res.delta.meta["released_subjects"] == [a.subject]
