@@ -519,20 +519,16 @@ class MemitEditor:
                 C0 = self._c0(model, tokenizer, spec, layers, hp, fp)
                 C_edits = {l: tensors[f"{n}::C_edits"].double() for l, n in zip(layers, names)
                            if f"{n}::C_edits" in tensors}
-                if hp.release_siblings and C_edits:
-                    released = self._release_siblings(model, tokenizer, spec, active, layers, C_edits, held, hp)
-                    for l, n in zip(layers, names):
-                        if l in C_edits:
-                            tensors[f"{n}::C_edits"] = C_edits[l].float()
-                    if released:
-                        meta_extra["released_siblings"] = released
-                if hp.release_subject and C_edits:
-                    released = self._release_subjects(model, tokenizer, spec, active, layers, C_edits, subject_holds, hp)
-                    for l, n in zip(layers, names):
-                        if l in C_edits:
-                            tensors[f"{n}::C_edits"] = C_edits[l].float()
-                    if released:
-                        meta_extra["released_subjects"] = released
+                for on, release, ledger_of, key in (
+                        (hp.release_siblings, self._release_siblings, held, "released_siblings"),
+                        (hp.release_subject, self._release_subjects, subject_holds, "released_subjects")):
+                    if on and C_edits:
+                        released = release(model, tokenizer, spec, active, layers, C_edits, ledger_of, hp)
+                        for l, n in zip(layers, names):
+                            if l in C_edits:
+                                tensors[f"{n}::C_edits"] = C_edits[l].float()
+                        if released:
+                            meta_extra[key] = released
                 P = {}
                 if hp.nullspace:
                     for l, n in zip(layers, names):

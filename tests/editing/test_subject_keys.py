@@ -167,28 +167,34 @@ def test_a_subject_that_is_the_texts_first_token_is_named_in_the_diagnostics(tin
     assert "first token" not in res.diagnostics[0].message
 
 
+def _edited_again(model, tok, facts, tmp_path, flag: str, w: float):
+    """Batch 1 edits a subject ``a``; from its state, batch 2 edits that subject in another relation (``b``) or a
+    subject never edited (``c``). Returns ``a``, ``{flag value: (state 1, result b, result c)}`` for ``flag``
+    true and false, and ``b``'s subject-alone keys in both frames (layer 0's keys do not depend on the edits)."""
+    spec = spec_for(model)
+    every = requests(facts, 36)
+    a = every[0]
+    b = next(r for r in every if r.subject == a.subject and r.relation != a.relation)
+    c = next(r for r in every if r.subject != a.subject)
+    runs = {}
+    for value in (True, False):
+        editor = get_editor("nse", **{**KW, "stats_dir": str(tmp_path), "subject_key_weight": w, flag: value})
+        s1 = editor.edit(model, tok, [a], None).state
+        runs[value] = (s1, editor.edit(model, tok, [b], s1), editor.edit(model, tok, [c], s1))
+    alone = [replace(b, prompt="{}")]
+    return a, runs, [compute_keys(model, tok, spec, alone, 0, t).double() for t in (("Note that {}",), ("{}",))]
+
+
 def test_a_subject_edited_again_can_leave_its_subject_alone_keys_to_the_earlier_edit(tiny_llama, facts, tmp_path):
     """``subject_key_again=False``: batch 2 edits a subject of batch 1 in another relation, and that request's
     subject-alone keys are neither fitted nor accumulated. The two runs' moments differ by exactly
     ``w Σ XᵀX`` (X: its subject-alone keys in both frames; layer 0's keys do not depend on the edits); a
     subject never edited before is edited the same way under both settings."""
     model, tok = tiny_llama
-    spec = spec_for(model)
-    every = requests(facts, 36)
-    a = every[0]
-    b = next(r for r in every if r.subject == a.subject and r.relation != a.relation)
-    c = next(r for r in every if r.subject != a.subject)
     w = 3.0
-    name = spec.mlp_out_name(0)
-    runs = {}
-    for again in (True, False):
-        editor = get_editor("nse", **{**KW, "stats_dir": str(tmp_path), "subject_key_weight": w,
-                                      "subject_key_again": again})
-        s1 = editor.edit(model, tok, [a], None).state
-        runs[again] = (s1, editor.edit(model, tok, [b], s1), editor.edit(model, tok, [c], s1))
+    name = spec_for(model).mlp_out_name(0)
+    _, runs, frames = _edited_again(model, tok, facts, tmp_path, "subject_key_again", w)
     assert torch.equal(runs[True][0].tensors[name + "::C_edits"], runs[False][0].tensors[name + "::C_edits"])
-    alone = [replace(b, prompt="{}")]
-    frames = [compute_keys(model, tok, spec, alone, 0, t).double() for t in (("Note that {}",), ("{}",))]
     x = sum(X.T @ X for X in frames)
     diff = runs[True][1].state.tensors[name + "::C_edits"].double() - runs[False][1].state.tensors[name + "::C_edits"].double()
     assert torch.allclose(diff, w * x, atol=1e-4 * float((w * x).abs().max()))
@@ -205,22 +211,10 @@ def test_a_subject_edited_again_can_take_its_earlier_subject_alone_hold_out_firs
     alone further, and ``subject_holds`` holds just the re-edit's own weight; a subject never edited before is
     edited the same way under both settings, float rounding apart (batch 1's hold is added once the batch is in)."""
     model, tok = tiny_llama
-    spec = spec_for(model)
-    every = requests(facts, 36)
-    a = every[0]
-    b = next(r for r in every if r.subject == a.subject and r.relation != a.relation)
-    c = next(r for r in every if r.subject != a.subject)
     w = 3.0
-    name = spec.mlp_out_name(0)
-    runs = {}
-    for release in (False, True):
-        editor = get_editor("nse", **{**KW, "stats_dir": str(tmp_path), "subject_key_weight": w,
-                                      "release_subject": release})
-        s1 = editor.edit(model, tok, [a], None).state
-        runs[release] = (s1, editor.edit(model, tok, [b], s1), editor.edit(model, tok, [c], s1))
+    name = spec_for(model).mlp_out_name(0)
+    a, runs, frames = _edited_again(model, tok, facts, tmp_path, "release_subject", w)
     assert runs[True][0].meta["subject_holds"] == {a.subject: w}
-    alone = [replace(b, prompt="{}")]
-    frames = [compute_keys(model, tok, spec, alone, 0, t).double() for t in (("Note that {}",), ("{}",))]
     x = sum(X.T @ X for X in frames)
     c_edits = {k: r[1].state.tensors[name + "::C_edits"].double() for k, r in runs.items()}
     assert torch.allclose(c_edits[False] - c_edits[True], w * x, atol=1e-4 * float((w * x).abs().max()))
