@@ -583,10 +583,9 @@ class MemitEditor:
                 factors, moments, held_by_layer = self._spread(model, tokenizer, spec, active, layers, z, C0,
                                                                C_edits, P, replace(hp, lam=lams[0]), sibs, holds, pool,
                                                                again=edited_before)
-                if hp.accumulate and hp.subject_key_weight and hp.subject_frame == "kept":
-                    for r in active:   # the subject-alone weight each edit leaves in C_edits (release_subject)
-                        if hp.subject_key_again or r.subject not in edited_before:
-                            subject_holds[r.subject] = subject_holds.get(r.subject, 0.0) + hp.subject_key_weight
+                if hp.accumulate and hp.release_subject:
+                    for r in active:   # the subject-alone weight each edit leaves in C_edits (held after the batch)
+                        subject_holds[r.subject] = subject_holds.get(r.subject, 0.0) + hp.subject_key_weight
                 chosen = list({c.request_id: c for cs in held_by_layer.values() for c in cs}.values())
                 if hp.sibling_leak:
                     meta_extra["sibling_leak_held"] = {str(l): len(cs) for l, cs in held_by_layer.items()}
