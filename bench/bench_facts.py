@@ -74,6 +74,10 @@ MODELS = {
     "factworld-profiles": BenchModel("factworld-profiles", ".editops/factworld-profiles/model",
                                      ".editops/factworld-profiles/requests.jsonl",
                                      ".editops/factworld-profiles/heldout.txt"),
+    # the fact world with biographies (experiment: `... --section factworld_bios`)
+    "factworld-bios": BenchModel("factworld-bios", ".editops/factworld-bios/model",
+                                 ".editops/factworld-bios/requests.jsonl",
+                                 ".editops/factworld-bios/heldout.txt"),
     # a tiny fact model trained on the fly (development; built under .editops/bench/tiny)
     "tiny": BenchModel("tiny", ".editops/bench/tiny/model", ".editops/bench/tiny/requests.jsonl",
                        ".editops/bench/tiny/heldout.txt"),

@@ -25,6 +25,13 @@ attributes (biography-style augmentation), the pressure that makes LLMs enrich t
 subject's representation; the templates alone never ask for an attribute there.
 They come from their own seeded generator: the requests do not change with them.
 
+Biographies (``n_biographies`` per entity, default 0; Allen-Zhu & Li's "Physics of Language
+Models 3.1" augmentation): ``bio_facts`` of the entity's facts, drawn and ordered afresh each
+time, as sentences of its training templates; the first names the subject, the others say
+"they". An object in a "they" sentence can only come from the name earlier in the text, and
+the shuffled order makes the other sentences useless for it: the pressure that makes a model
+store an entity's attributes at its name.
+
 Everything is a pure function of the arguments: the same seed gives the same
 world, byte for byte.
 """
@@ -117,6 +124,7 @@ class World:
     heldout_filler: list[str]  # general text never trained on (perplexity)
     requests: list[FactRequest] = field(default_factory=list)
     profiles: list[str] = field(default_factory=list)  # profile lines (see the module docstring)
+    biographies: list[str] = field(default_factory=list)  # biographies (see the module docstring)
 
     def relation(self, name: str) -> Relation:
         return next(r for r in self.relations if r.name == name)
@@ -134,8 +142,8 @@ class World:
         return out
 
     def training_texts(self) -> list[str]:
-        """Fact sentences, profile lines and filler (the corpus a world model is trained on)."""
-        return self.fact_sentences() + list(self.profiles) + list(self.filler)
+        """Fact sentences, profile lines, biographies and filler (the corpus a world model is trained on)."""
+        return self.fact_sentences() + list(self.profiles) + list(self.biographies) + list(self.filler)
 
     def probes(self, split: str) -> list[Probe]:
         """Prompts with their true objects: ``train`` (training templates), ``para_seen``,
@@ -176,7 +184,8 @@ def _filler(rng: random.Random, n: int) -> list[str]:
 
 def generate_world(seed: int = 0, n_entities: int = 40, n_relations: int = len(RELATIONS), *,
                    n_train_templates: int = 3, para_seen_share: float = 0.5, n_filler: int = 400,
-                   n_heldout_filler: int = 100, n_neighbours: int = 6, n_profile_lines: int = 0) -> World:
+                   n_heldout_filler: int = 100, n_neighbours: int = 6, n_profile_lines: int = 0,
+                   n_biographies: int = 0, bio_facts: int = 4) -> World:
     """Generate a world deterministically from ``seed``.
 
     ``n_relations`` ≤ 12 relations are used, each with ``n_train_templates``
@@ -204,6 +213,7 @@ def generate_world(seed: int = 0, n_entities: int = 40, n_relations: int = len(R
     world = World(seed, names, relations, facts, n_train_templates, para_seen, filler, heldout)
     world.requests = _requests(world, rng, n_neighbours)
     world.profiles = _profiles(world, n_profile_lines)
+    world.biographies = _biographies(world, n_biographies, bio_facts)
     return world
 
 
@@ -216,6 +226,23 @@ def _profiles(world: World, n_per_entity: int) -> list[str]:
         for _ in range(n_per_entity):
             rng.shuffle(objs)
             out.append(f"{e} " + ", ".join(objs) + ".")
+    return out
+
+
+def _biographies(world: World, n_per_entity: int, n_facts: int) -> list[str]:
+    """``n_per_entity`` texts per entity: ``n_facts`` of its facts in a fresh order, each as one of
+    its relation's training templates; the first sentence names the subject, the others say "they"."""
+    rng = random.Random(f"{world.seed}-biographies")
+    k = min(n_facts, len(world.relations))
+    out = []
+    for e in world.entities:
+        for _ in range(n_per_entity):
+            sentences = []
+            for j, r in enumerate(rng.sample(world.relations, k)):
+                t = rng.choice(r.templates[: world.n_train_templates])
+                who = e if j == 0 else ("They" if t.startswith("{}") else "they")
+                sentences.append(f"{t.format(who)} {world.facts[(e, r.name)]}.")
+            out.append(" ".join(sentences))
     return out
 
 

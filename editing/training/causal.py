@@ -164,7 +164,7 @@ def build_fact_model(out_dir: str | Path, *, seed: int = 0, n_entities: int = 40
                      n_layer: int = 2, n_embd: int = 128, n_head: int = 4, n_inner: int | None = None,
                      vocab_size: int = 512,
                      steps: int = 1200, batch_size: int = 64, lr: float = 3e-3, n_filler: int = 400,
-                     n_profile_lines: int = 0,
+                     n_profile_lines: int = 0, n_biographies: int = 0, bio_facts: int = 4, n_positions: int = 64,
                      model_dir: str | Path | None = None, requests_path: str | Path | None = None,
                      corpus_path: str | Path | None = None, metrics_path: str | Path | None = None,
                      log_every: int = 0) -> FactModelPaths:
@@ -173,6 +173,9 @@ def build_fact_model(out_dir: str | Path, *, seed: int = 0, n_entities: int = 40
     Default layout under ``out_dir``: ``model/``, ``requests.jsonl``, ``corpus.txt``
     (filler = general text), ``heldout.txt`` (filler never trained on),
     ``metrics.json`` (top-1 accuracy on training templates and paraphrases, times).
+    ``n_profile_lines`` / ``n_biographies`` (with ``bio_facts``) add the world's augmentation texts
+    (:mod:`editing.data.world`); ``n_positions`` is the context length of model and tokenizer
+    (biographies of several sentences need more than the default 64).
     """
     from editing.data.world import generate_world, write_jsonl
 
@@ -185,17 +188,20 @@ def build_fact_model(out_dir: str | Path, *, seed: int = 0, n_entities: int = 40
     metrics_path = Path(metrics_path or out / "metrics.json")
 
     t0 = time.perf_counter()
-    world = generate_world(seed, n_entities, n_relations, n_filler=n_filler, n_profile_lines=n_profile_lines)
+    world = generate_world(seed, n_entities, n_relations, n_filler=n_filler, n_profile_lines=n_profile_lines,
+                           n_biographies=n_biographies, bio_facts=bio_facts)
     texts = world.training_texts()
-    tokenizer = build_tokenizer(texts + world.heldout_filler, vocab_size=vocab_size)
-    config = gpt2_config(tokenizer, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_inner=n_inner)
+    tokenizer = build_tokenizer(texts + world.heldout_filler, vocab_size=vocab_size, model_max_length=n_positions)
+    config = gpt2_config(tokenizer, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_inner=n_inner,
+                         n_positions=n_positions)
     t1 = time.perf_counter()
     model, losses = train_causal_lm(texts, tokenizer, config, steps, batch_size=batch_size, lr=lr, seed=seed,
                                     log_every=log_every)
     t2 = time.perf_counter()
     metrics = {
         "seed": seed, "n_entities": n_entities, "n_relations": n_relations, "n_requests": len(world.requests),
-        "n_train_sentences": len(texts), "n_profile_lines": n_profile_lines, "vocab_size": len(tokenizer), "n_layer": n_layer, "n_embd": n_embd,
+        "n_train_sentences": len(texts), "n_profile_lines": n_profile_lines,
+        **({"n_biographies": n_biographies, "bio_facts": bio_facts} if n_biographies else {}), "vocab_size": len(tokenizer), "n_layer": n_layer, "n_embd": n_embd,
         "d_ff": config.n_inner or 4 * n_embd,
         "n_params": sum(p.numel() for p in model.parameters()), "steps": steps, "batch_size": batch_size,
         "final_loss": round(sum(losses[-20:]) / len(losses[-20:]), 4),

@@ -42,6 +42,28 @@ def test_profile_lines_list_every_object_after_the_name_and_leave_requests_alone
     assert set(with_profiles.profiles) <= set(with_profiles.training_texts())
 
 
+def test_biographies_name_the_subject_once_state_its_true_facts_and_leave_requests_alone():
+    plain, with_bios = generate_world(0, 20), generate_world(0, 20, n_biographies=3, bio_facts=4)
+    assert plain.biographies == [] and _dump(plain) == _dump(with_bios)
+    assert len(with_bios.biographies) == 3 * 20
+    sentences_of = {}  # every training sentence a biography may use, per (entity, "who")
+    for e in with_bios.entities:
+        for who in (e, "they", "They"):
+            for r in with_bios.relations:
+                for t in r.templates[: with_bios.n_train_templates]:
+                    if who == "They" and not t.startswith("{}") or who == "they" and t.startswith("{}"):
+                        continue
+                    sentences_of.setdefault((e, who == e), set()).add(f"{t.format(who)} {with_bios.facts[(e, r.name)]}.")
+    for bio in with_bios.biographies:
+        (e,) = [x for x in with_bios.entities if x in bio.split(". ")[0]]
+        assert bio.count(e) == 1
+        parts = [p + "." for p in bio.split(". ")]
+        parts[-1] = parts[-1][:-1]
+        assert len(parts) == 4 and parts[0] in sentences_of[(e, True)]
+        assert all(p in sentences_of[(e, False)] for p in parts[1:])
+    assert set(with_bios.biographies) <= set(with_bios.training_texts())
+
+
 def test_paraphrase_templates_held_out_for_unseen_subjects():
     world = generate_world(0, 20)
     corpus = "\n".join(world.training_texts())
