@@ -583,9 +583,6 @@ class MemitEditor:
                 factors, moments, held_by_layer = self._spread(model, tokenizer, spec, active, layers, z, C0,
                                                                C_edits, P, replace(hp, lam=lams[0]), sibs, holds, pool,
                                                                again=edited_before)
-                if hp.accumulate and hp.release_subject:
-                    for r in active:   # the subject-alone weight each edit leaves in C_edits (held after the batch)
-                        subject_holds[r.subject] = subject_holds.get(r.subject, 0.0) + hp.subject_key_weight
                 chosen = list({c.request_id: c for cs in held_by_layer.values() for c in cs}.values())
                 if hp.sibling_leak:
                     meta_extra["sibling_leak_held"] = {str(l): len(cs) for l, cs in held_by_layer.items()}
@@ -627,6 +624,8 @@ class MemitEditor:
                         x = hp.subject_key_weight * sum(X.T @ X for X in
                                                         self._subject_alone_keys(model, tokenizer, spec, active, l, hp))
                         tensors[f"{n}::C_edits"] = tensors[f"{n}::C_edits"] + x.float()
+                    for r in active:   # and its weight in the ledger a later release reads
+                        subject_holds[r.subject] = subject_holds.get(r.subject, 0.0) + hp.subject_key_weight
                 h1 = block_outputs_at(model, spec, layers[-1], rows, pos, pad_id_of(tokenizer)).double()
                 top1, lp_new = score_targets(model, tokenizer, [r.text for r in active], [r.target_new for r in active])
                 trues = [r for r in active if r.target_true]

@@ -230,7 +230,6 @@ def test_a_subject_edited_again_can_take_its_earlier_subject_alone_hold_out_firs
     assert torch.allclose(runs[True][0].tensors[name + "::C_edits"], runs[False][0].tensors[name + "::C_edits"],
                           rtol=1e-5, atol=1e-5)
 
-
     def apart(i):  # relative distance between the two runs' deltas of batch i
         d = {k: r[i].delta.dense(name + ".weight").double() for k, r in runs.items()}
         return float((d[True] - d[False]).norm() / d[False].norm())
