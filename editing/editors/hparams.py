@@ -140,8 +140,10 @@ class EditHparams:
     # earlier value. With it the edits' subject-alone holds are taken once their batch is in (the keys the later
     # releases see), and what a release leaves below zero is cut (a negative direction undoes the regulariser): a
     # first version, holding the first pass's keys and cutting nothing, collapsed SmolLM2's 217 after 150 edits
-    # at b10 (perplexity +4e8 %; bench/RESULTS.md, session 37)
-    release_subject: bool = False
+    # at b10 (perplexity +4e8 %; bench/RESULTS.md, session 37). A number in (0, 1] releases that share of the hold
+    # (``C_edits −= s w Σ XᵀX``, the ledger keeps ``(1 − s) w``), so the earlier edit keeps part of its hold against
+    # the re-edit; ``true`` is 1 (all of it), ``false`` / 0 off
+    release_subject: float = 0.0
     # "batch": the subject-alone keys (the edits' and the siblings') act in their own batch's solve only;
     # "kept": their moments are accumulated into C_edits like the prompt keys
     subject_frame: str = "kept"
@@ -165,6 +167,11 @@ class EditHparams:
                 "locus": ("auto", "subject", "last"), "repass_on": ("residual", "not_taken")}
 
     def __post_init__(self) -> None:
+        if isinstance(self.release_subject, bool):   # ``true`` / ``false``: all of the hold, or none
+            self.release_subject = float(self.release_subject)
+        if not _number(self.release_subject, 0) or self.release_subject > 1:
+            raise HyperparameterError(f"release_subject={self.release_subject!r} is the share of an earlier hold "
+                                      "released: a number in [0, 1] (or true = 1, false = 0)")
         for name, allowed in self._CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise HyperparameterError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")

@@ -365,15 +365,21 @@ class MemitEditor:
     def _release_subjects(self, model, tokenizer, spec, reqs, layers, C_edits, holds: dict[str, float],
                           hp: EditHparams) -> list[str]:
         """For each subject of ``reqs`` that earlier batches edited (``holds[subject] = w``, the subject-alone
-        weight accumulated by its edits): ``C_edits −= w Σ_frames XᵀX`` with ``X`` its subject-alone keys as they
-        are now, and the entry is dropped. Those holds were taken with the keys as they were once their batch was
+        weight accumulated by its edits): ``C_edits −= s w Σ_frames XᵀX`` with ``X`` its subject-alone keys as
+        they are now and ``s = hp.release_subject`` the share released; the ledger keeps ``(1 − s) w`` (the entry
+        is dropped at ``s = 1``). Those holds were taken with the keys as they were once their batch was
         in (``edit``), and later batches hold them in place, so the difference is small; what it leaves below zero
         is cut (:func:`psd_part`), as a negative direction would undo the regulariser. Returns the subjects
         released."""
         reps = list({r.subject: r for r in reqs if r.subject in holds}.values())
         if not reps:
             return []
-        w = torch.tensor([holds.pop(r.subject) for r in reps], dtype=torch.float64)
+        share = float(hp.release_subject)
+        w = torch.tensor([share * holds[r.subject] for r in reps], dtype=torch.float64)
+        for r in reps:
+            rest = (1.0 - share) * holds.pop(r.subject)
+            if rest > 0:
+                holds[r.subject] = rest
         for l in C_edits:
             for X in self._subject_alone_keys(model, tokenizer, spec, reps, l, hp):
                 C_edits[l] = C_edits[l] - (X * w[:, None]).T @ X

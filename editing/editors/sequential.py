@@ -47,7 +47,8 @@ Same pipeline as MEMIT (:mod:`editing.editors.memit`) with sequential choices, e
   context template too, and ``subject_key_again=false`` fits such a re-edit at its prompt key only (both off:
   neither did better on SmolLM2's 217, bench/RESULTS.md session 36); ``release_subject`` (off) takes the
   subject's earlier subject-alone hold out of ``C_edits`` first (the state's ``subject_holds``), so the
-  re-edit writes its value there in full; its negative remainder is cut (bench/RESULTS.md session 37);
+  re-edit writes its value there in full; its negative remainder is cut (bench/RESULTS.md session 37); a
+  number s in (0, 1] releases that share of the hold and leaves the rest to the earlier edit;
 - ``release_siblings`` (default off): a subject held as a sibling in a prompt (ledger ``held_siblings``,
   weights summed over batches) and later edited in that same prompt is first taken out of ``C_edits``
   (``C_edits −= w k kᵀ``, ``k`` its current key), so its old answer no longer resists its own edit;

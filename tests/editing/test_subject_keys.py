@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
@@ -167,10 +168,11 @@ def test_a_subject_that_is_the_texts_first_token_is_named_in_the_diagnostics(tin
     assert "first token" not in res.diagnostics[0].message
 
 
-def _edited_again(model, tok, facts, tmp_path, flag: str, w: float):
+def _edited_again(model, tok, facts, tmp_path, flag: str, w: float, on: Any = True):
     """Batch 1 edits a subject ``a``; from its state, batch 2 edits that subject in another relation (``b``) or a
     subject never edited (``c``). Returns ``a``, ``{flag value: (state 1, result b, result c)}`` for ``flag``
-    true and false, and ``b``'s subject-alone keys in both frames (layer 0's keys do not depend on the edits)."""
+    ``on`` (keyed ``True``) and false, and ``b``'s subject-alone keys in both frames (layer 0's keys do not
+    depend on the edits)."""
     spec = spec_for(model)
     every = requests(facts, 36)
     a = every[0]
@@ -178,7 +180,8 @@ def _edited_again(model, tok, facts, tmp_path, flag: str, w: float):
     c = next(r for r in every if r.subject != a.subject)
     runs = {}
     for value in (True, False):
-        editor = get_editor("nse", **{**KW, "stats_dir": str(tmp_path), "subject_key_weight": w, flag: value})
+        editor = get_editor("nse", **{**KW, "stats_dir": str(tmp_path), "subject_key_weight": w,
+                                      flag: on if value else False})
         s1 = editor.edit(model, tok, [a], None).state
         runs[value] = (s1, editor.edit(model, tok, [b], s1), editor.edit(model, tok, [c], s1))
     alone = [replace(b, prompt="{}")]
@@ -204,21 +207,24 @@ def test_a_subject_edited_again_can_leave_its_subject_alone_keys_to_the_earlier_
     assert runs[False][1].delta.hyperparameters["subject_key_again"] is False
 
 
-def test_a_subject_edited_again_can_take_its_earlier_subject_alone_hold_out_first(tiny_llama, facts, tmp_path):
-    """``release_subject``: before batch 2 re-edits a subject of batch 1, the hold batch 1 left at its
-    subject-alone keys (``subject_holds``: w) is taken out of ``C_edits``. Layer 0's keys do not depend on the
-    edits, so the two runs' moments after batch 2 differ by exactly ``w Σ XᵀX``, the re-edit moves the subject
-    alone further, and ``subject_holds`` holds just the re-edit's own weight; a subject never edited before is
-    edited the same way under both settings, float rounding apart (batch 1's hold is added once the batch is in)."""
+@pytest.mark.parametrize("share", [True, 0.5])
+def test_a_subject_edited_again_can_take_its_earlier_subject_alone_hold_out_first(tiny_llama, facts, tmp_path,
+                                                                                   share):
+    """``release_subject`` (share s; ``true`` is 1): before batch 2 re-edits a subject of batch 1, s of the hold
+    batch 1 left at its subject-alone keys (``subject_holds``: w) is taken out of ``C_edits``. Layer 0's keys do
+    not depend on the edits, so the two runs' moments after batch 2 differ by exactly ``s w Σ XᵀX``, the re-edit
+    moves the subject alone further, and ``subject_holds`` holds the rest of the earlier hold, ``(1 − s) w``, plus
+    the re-edit's own weight; a subject never edited before is edited the same way under both settings, float
+    rounding apart (batch 1's hold is added once the batch is in)."""
     model, tok = tiny_llama
-    w = 3.0
+    w, s = 3.0, float(share)
     name = spec_for(model).mlp_out_name(0)
-    a, runs, frames = _edited_again(model, tok, facts, tmp_path, "release_subject", w)
+    a, runs, frames = _edited_again(model, tok, facts, tmp_path, "release_subject", w, on=share)
     assert runs[True][0].meta["subject_holds"] == {a.subject: w}
     x = sum(X.T @ X for X in frames)
     c_edits = {k: r[1].state.tensors[name + "::C_edits"].double() for k, r in runs.items()}
-    assert torch.allclose(c_edits[False] - c_edits[True], w * x, atol=1e-4 * float((w * x).abs().max()))
-    assert runs[True][1].state.meta["subject_holds"] == {a.subject: w}        # the re-edit's own hold
+    assert torch.allclose(c_edits[False] - c_edits[True], s * w * x, atol=1e-4 * float((w * x).abs().max()))
+    assert runs[True][1].state.meta["subject_holds"] == {a.subject: pytest.approx((1 - s) * w + w)}
     assert runs[False][1].state.meta["subject_holds"] == {}   # only holds taken after their batch are released
     assert runs[True][1].delta.meta["released_subjects"] == [a.subject]
 
@@ -236,7 +242,7 @@ def test_a_subject_edited_again_can_take_its_earlier_subject_alone_hold_out_firs
 
     assert apart(2) < 1e-2 and apart(1) > 10 * apart(2), (apart(1), apart(2))
     assert "released_subjects" not in runs[True][2].delta.meta
-    assert runs[True][1].delta.hyperparameters["release_subject"] is True
+    assert runs[True][1].delta.hyperparameters["release_subject"] == s
 
 
 def test_release_subject_needs_the_subject_alone_keys_it_releases():
@@ -244,6 +250,9 @@ def test_release_subject_needs_the_subject_alone_keys_it_releases():
         get_editor("nse", release_subject=True, subject_key_weight=0.0)
     with pytest.raises(HyperparameterError, match="use one of them"):
         get_editor("nse", release_subject=True, subject_key_again=False)
+    for share in (-0.1, 1.5, "half"):
+        with pytest.raises(HyperparameterError, match=r"a number in \[0, 1\]"):
+            get_editor("nse", release_subject=share, subject_key_weight=1.0)
 
 
 def test_a_release_larger_than_the_hold_is_cut_at_zero_and_said(tiny_llama, facts, tmp_path, caplog):
