@@ -119,7 +119,8 @@ class EditHparams:
     text_key_weight: float = 0.0
     sibling_contexts: bool = False           # sibling keys averaged over the edit keys' context templates (else bare)
     # a subject held as a sibling in a prompt and later edited in that prompt: its held key is taken out of
-    # C_edits first (the state lists held (subject, prompt) pairs), so the old answer no longer resists the edit
+    # C_edits first (the state lists held (subject, prompt) pairs), so the old answer no longer resists the edit;
+    # what the release leaves below zero (the key moved since it was held) is cut, as for release_subject
     release_siblings: bool = False
     # per request, a second key: the subject alone after the context prefixes (no prompt words), fitted
     # to the same residual with this weight, so the edit follows the subject, not the prompt's wording

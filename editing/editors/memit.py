@@ -102,6 +102,18 @@ def _record_held(held: dict[str, dict[str, float]], requests: Sequence, weight: 
         prompts[r.prompt] = prompts.get(r.prompt, 0.0) + weight
 
 
+def _cut_below_zero(C: torch.Tensor, layer: int, what: str) -> torch.Tensor:
+    """``C_edits`` after a release, cut to its positive semi-definite part (:func:`psd_part`): a key released
+    as it is now, where it moved since it was held, leaves negative directions, which would undo the
+    regulariser ``λ C0 + C_edits``. A cut of more than 1 % of the trace is logged."""
+    kept = psd_part(C)
+    cut = float((kept.trace() - C.trace()) / kept.trace().clamp(min=1e-30))
+    if cut > 0.01:
+        log.warning("%s: layer %d: %.1f%% of C_edits' trace was below zero after the release and is cut (the "
+                    "released keys had moved since they were held)", what, layer, 100 * cut)
+    return kept
+
+
 def _at_locus(hp: EditHparams) -> EditHparams:
     """``hp`` with the subject-alone keys (``subject_key_weight``) switched off at a locus other than the
     subject's last token: they are keys of that token."""
@@ -348,7 +360,8 @@ class MemitEditor:
     def _release_siblings(self, model, tokenizer, spec, reqs, layers, C_edits, held, hp: EditHparams) -> list[str]:
         """For each request whose subject an earlier batch held as a sibling in this request's prompt
         (``held[subject][prompt] = w``, summed over batches): ``C_edits −= w k kᵀ`` with ``k`` the held
-        key as it is now (the subject was held, so edits have barely moved it), and the entry is dropped.
+        key as it is now (the subject was held, so edits have barely moved it), and the entry is dropped;
+        what the release leaves below zero, where the key did move, is cut (:func:`_cut_below_zero`).
         Returns the request ids released."""
         hit = [(r, held[r.subject].pop(r.prompt)) for r in reqs if r.prompt in held.get(r.subject, {})]
         if not hit:
@@ -358,7 +371,7 @@ class MemitEditor:
         w = torch.tensor([wt for _, wt in hit], dtype=torch.float64)
         for l in C_edits:
             k = keys[l].double()
-            C_edits[l] = C_edits[l] - (k * w[:, None]).T @ k
+            C_edits[l] = _cut_below_zero(C_edits[l] - (k * w[:, None]).T @ k, l, "release_siblings")
         return [r.request_id for r, _ in hit]
 
     @torch.no_grad()
@@ -369,8 +382,7 @@ class MemitEditor:
         they are now and ``s = hp.release_subject`` the share released; the ledger keeps ``(1 − s) w`` (the entry
         is dropped at ``s = 1``). Those holds were taken with the keys as they were once their batch was
         in (``edit``), and later batches hold them in place, so the difference is small; what it leaves below zero
-        is cut (:func:`psd_part`), as a negative direction would undo the regulariser. Returns the subjects
-        released."""
+        is cut (:func:`_cut_below_zero`). Returns the subjects released."""
         reps = list({r.subject: r for r in reqs if r.subject in holds}.values())
         if not reps:
             return []
@@ -383,12 +395,7 @@ class MemitEditor:
         for l in C_edits:
             for X in self._subject_alone_keys(model, tokenizer, spec, reps, l, hp):
                 C_edits[l] = C_edits[l] - (X * w[:, None]).T @ X
-            kept = psd_part(C_edits[l])
-            cut = float((kept.trace() - C_edits[l].trace()) / kept.trace().clamp(min=1e-30))
-            if cut > 0.01:
-                log.warning("release_subject: layer %d: %.1f%% of C_edits' trace was below zero after the release and "
-                            "is cut (the released keys had moved since they were held)", l, 100 * cut)
-            C_edits[l] = kept
+            C_edits[l] = _cut_below_zero(C_edits[l], l, "release_subject")
         return [r.subject for r in reps]
 
     def _solve(self, K, R, l, C0, ce, P, neurons, Kx, hp: EditHparams, dev) -> tuple[torch.Tensor, torch.Tensor]:

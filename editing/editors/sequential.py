@@ -51,7 +51,8 @@ Same pipeline as MEMIT (:mod:`editing.editors.memit`) with sequential choices, e
   number s in (0, 1] releases that share of the hold and leaves the rest to the earlier edit;
 - ``release_siblings`` (default off): a subject held as a sibling in a prompt (ledger ``held_siblings``,
   weights summed over batches) and later edited in that same prompt is first taken out of ``C_edits``
-  (``C_edits −= w k kᵀ``, ``k`` its current key), so its old answer no longer resists its own edit;
+  (``C_edits −= w k kᵀ``, ``k`` its current key, the negative remainder cut), so its old answer no longer
+  resists its own edit;
 - ``repasses``: requests whose residual ``‖z − h‖/‖z − h₀‖`` is still above
   ``residual_tol`` (``repass_on="residual"``), or whose target is not yet the top prediction
   (``"not_taken"``), are edited again (≤ 2 passes in NSE); the passes are merged and

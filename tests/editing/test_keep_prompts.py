@@ -106,6 +106,35 @@ def test_a_sibling_edited_later_in_the_same_prompt_is_released(tiny_llama, facts
     assert "released_siblings" not in runs[False].delta.meta
 
 
+def test_a_sibling_release_larger_than_its_hold_is_cut_at_zero_and_said(tiny_llama, facts, tmp_path, monkeypatch,
+                                                                        caplog):
+    """As for ``release_subject``: where ``C_edits − w k kᵀ`` has negative directions (the key moved since it was
+    held, or the ledger's weight is off; here the state claims fifty times the weight batch 1 held), they are cut
+    (the nearest PSD matrix) and the cut is logged."""
+    import logging
+
+    from editing.editors import siblings as siblings_mod
+
+    model, tok = tiny_llama
+    spec = spec_for(model)
+    every = requests(facts, 36)
+    a = every[0]
+    b = next(r for r in every if r.relation == a.relation and r.subject != a.subject)
+    monkeypatch.setattr(siblings_mod, "sibling_lists",
+                        lambda m, t, subjects, n, exclude=(), **kw: [[b.subject] for _ in subjects])
+    editor = get_editor("nse", layers=[0], locus="subject", lam=30.0, siblings=1, sibling_weight=2.0,
+                        subject_key_weight=0.0, corpus="samples:8", stats_dir=str(tmp_path),
+                        value={"context_templates": ("{}",), "steps": 10}, release_siblings=True)
+    s1 = editor.edit(model, tok, [a], None).state
+    s1.meta["held_siblings"] = {b.subject: {a.prompt: 100.0}}
+    with caplog.at_level(logging.WARNING, logger="editing.editors.memit"):
+        res = editor.edit(model, tok, [b], s1)
+    assert any("release_siblings" in m and "is cut" in m for m in caplog.messages), caplog.messages
+    c = res.state.tensors[spec.mlp_out_name(0) + "::C_edits"].double()
+    assert float(torch.linalg.eigvalsh(c).min()) > -1e-4 * float(c.diagonal().max())
+    assert res.delta.meta["released_siblings"] == [b.request_id]
+
+
 def test_keep_contexts_hold_the_earlier_prompt_after_each_context_template(tiny_llama, facts):
     """``keep_contexts``: the keep prompt's KL is taken after every context template (total weight
     ``keep_weight``), so ``δ`` moves the kept answer less in those wordings than a KL on the bare prompt
