@@ -143,7 +143,7 @@ class EditHparams:
     # first version, holding the first pass's keys and cutting nothing, collapsed SmolLM2's 217 after 150 edits
     # at b10 (perplexity +4e8 %; bench/RESULTS.md, session 37). A number in (0, 1] releases that share of the hold
     # (``C_edits −= s w Σ XᵀX``, the ledger keeps ``(1 − s) w``), so the earlier edit keeps part of its hold against
-    # the re-edit; ``true`` is 1 (all of it), ``false`` / 0 off
+    # the re-edit (0.5 did worse than 0 or 1 on SmolLM2's 217 at b10, session 39); ``true`` is 1, ``false`` / 0 off
     release_subject: float = 0.0
     # "batch": the subject-alone keys (the edits' and the siblings') act in their own batch's solve only;
     # "kept": their moments are accumulated into C_edits like the prompt keys
