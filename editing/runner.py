@@ -24,6 +24,7 @@ from torch import nn
 from editing.delta import LowRankDelta
 from editing.editors.base import Editor, EditorState, EditResult, RequestDiagnostics
 from editing.errors import EditopsError
+from editing.memory import trim_heap
 
 
 @dataclass
@@ -177,6 +178,7 @@ def run_sequential(model: nn.Module, tokenizer, requests: Sequence, editor: Edit
             record = BatchRecord(i, [r.request_id for r in chunk], replace(result, state=None),
                                  time.perf_counter() - t0)
             run.batches.append(record)
+            trim_heap()   # freed pages back to the system: without it a long run's resident size climbs
             if bar is not None:
                 bar.update(len(chunk))
                 bar.set_postfix(failed=len(run.failed))
