@@ -89,8 +89,6 @@ bounded by ``preserve_max``).
 """
 from __future__ import annotations
 
-import difflib
-import json
 import os
 import random
 from dataclasses import dataclass, field, asdict, replace
@@ -104,15 +102,14 @@ from editing.arch import ArchSpec, get_module, spec_for
 from editing.atomic import replace_atomically
 from editing.delta import LowRankDelta
 from editing.editors.base import EditorState, EditResult, RequestDiagnostics
+from editing.editors.deletion_corpus import read_corpus_file, training_corpus_for
+from editing.editors.forward_patch import ForwardPatch
+from editing.editors.rewrite import apply_rewrite, rewrite_of
 from editing.errors import EditopsError, NothingToDeleteError, PromptTooLongError, RequestError, StateError
 from editing.metrics.deletion import contains_span, generate_outputs, is_seq2seq, prompt_ids
 from editing.requests import DeletionRequest
 
 NAME = "rank-one"
-
-# Project models whose training sources are the default statistics corpus (catalog name -> file).
-TRAINING_SOURCES = {"translator-marian": "data/translation/train.jsonl"}
-
 
 @dataclass(frozen=True)
 class Site:
@@ -145,48 +142,6 @@ class _Example:
         return self.trigger if where == "trigger" else self.logit_row
 
 
-# ----------------------------------------------------------------- hooks
-class _Patch:
-    """Forward hooks that change an MLP output at one position per batch row, or add a low-rank ΔW everywhere."""
-
-    def __init__(self) -> None:
-        self.handles: list = []
-
-    def set_at(self, module: nn.Module, pos: int, value: torch.Tensor) -> None:
-        def hook(_m, _a, out):
-            out = out.clone()
-            out[:, pos] = value.to(device=out.device, dtype=out.dtype)
-            return out
-        self.handles.append(module.register_forward_hook(hook))
-
-    def add_lowrank(self, module: nn.Module, u: torch.Tensor, v: torch.Tensor) -> None:
-        """``out += x V Uᵀ`` (``ΔW = U Vᵀ`` applied to the module input ``x``)."""
-        w = module.weight
-        uf, vf = u.to(device=w.device, dtype=torch.float32), v.to(device=w.device, dtype=torch.float32)
-
-        def hook(_m, args, out):
-            return out + ((args[0].to(vf.dtype) @ vf) @ uf.T).to(out.dtype)
-        self.handles.append(module.register_forward_hook(hook))
-
-    def capture_input(self, module: nn.Module, store: dict, key: str) -> None:
-        def hook(_m, args):
-            store[key] = args[0].detach()
-        self.handles.append(module.register_forward_pre_hook(hook))
-
-    def capture_output(self, module: nn.Module, store: dict, key: str) -> None:
-        def hook(_m, _a, out):
-            store[key] = out.detach()
-        self.handles.append(module.register_forward_hook(hook))
-
-    def __enter__(self) -> "_Patch":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles.clear()
-
-
 def _top1_margins(lp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per position ``log P(target) − max_{other} log P(other)`` (> 0: the target is the greedy token)."""
     tgt = lp.gather(1, targets[:, None])[:, 0]
@@ -194,88 +149,11 @@ def _top1_margins(lp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return tgt - others.max(1).values
 
 
-def rewrite_of(greedy: str, positive: str, unwanted: str) -> tuple[list[str], list[str]] | None:
-    """The word-level edit the positive example makes to the greedy output around the unwanted span:
-    ``(old words, new words)`` from :mod:`difflib` opcodes touching the span (``(["zise"], [])`` for a
-    deleted hallucination, ``(["rizor"], ["kabu"])`` for a mistranslation); None if the span is absent."""
-    g, p, u = greedy.split(), positive.split(), unwanted.split()
-    at = next((i for i in range(len(g) - len(u) + 1) if g[i:i + len(u)] == u), None)
-    if at is None or not u:
-        return None
-    lo, hi = at, at + len(u)
-    # replaced/deleted words that overlap the span, and insertions strictly inside it
-    ops = [op for op in difflib.SequenceMatcher(None, g, p, autojunk=False).get_opcodes()
-           if op[0] != "equal" and ((op[1] < hi and op[2] > lo) or (op[1] == op[2] and lo < op[1] < hi))]
-    if not ops:
-        return u, []
-    i1, i2 = min(op[1] for op in ops), max(op[2] for op in ops)
-    j1, j2 = min(op[3] for op in ops), max(op[4] for op in ops)
-    return g[i1:i2], p[j1:j2]
-
-
-def apply_rewrite(output: str, rewrite: tuple[list[str], list[str]], unwanted: str) -> str | None:
-    """``output`` with the rewrite applied at the one occurrence of the unwanted span; None if the span
-    does not occur exactly once or the rewrite's old words do not cover it there."""
-    words, u = output.split(), unwanted.split()
-    hits = [i for i in range(len(words) - len(u) + 1) if words[i:i + len(u)] == u]
-    old, new = rewrite
-    if len(hits) != 1 or not old:
-        return None
-    # align the old words so that they cover the unwanted span at hits[0]
-    k = next((j for j in range(len(old) - len(u) + 1) if old[j:j + len(u)] == u), None)
-    if k is None:
-        return None
-    start = hits[0] - k
-    if start < 0 or words[start:start + len(old)] != old:
-        return None
-    out = words[:start] + new + words[start + len(old):]
-    return " ".join(out) if out else None
-
-
 def _gone_share(outputs: Sequence[str], requests: Sequence[DeletionRequest]) -> float:
     """Share of ``requests`` whose output does not show their unwanted span (1.0 when there are none)."""
     if not requests:
         return 1.0
     return sum(not contains_span(o, r.unwanted) for o, r in zip(outputs, requests)) / len(requests)
-
-
-def read_corpus_file(path: str | Path) -> list[str]:
-    """Texts of a statistics corpus file: one per line, or JSONL with a ``source``/``text``/``sentence``/
-    ``prompt`` field."""
-    p = Path(path)
-    if not p.is_file():
-        raise EditopsError(f"statistics corpus file {p} does not exist; give a text file (one sentence per line) "
-                           "or a JSONL file with a 'source' or 'text' field")
-    out = []
-    for line in p.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if line.startswith("{"):
-            try:
-                rec = json.loads(line)
-                line = next((str(rec[k]) for k in ("source", "text", "sentence", "prompt") if rec.get(k)), "")
-            except json.JSONDecodeError:
-                pass
-        if line:
-            out.append(line)
-    return out
-
-
-def training_corpus_for(model) -> Path | None:
-    """The training-sources file of a project model (:data:`TRAINING_SOURCES`), if the model was loaded
-    from that model's directory and the file exists; else None."""
-    from editing import catalog
-
-    src = getattr(model.config, "_name_or_path", None) or getattr(model, "name_or_path", None)
-    if not src or not Path(src).is_dir():
-        return None
-    here = Path(src).resolve()
-    root = catalog.project_root(here)
-    for name, rel in TRAINING_SOURCES.items():
-        entry = catalog.CATALOG.get(name)
-        if entry is not None and entry.model_path(root).resolve() == here:
-            path = catalog.resolve(rel, root)
-            return path if path.is_file() else None
-    return None
 
 
 # ------------------------------------------------------------ the editor
@@ -502,7 +380,7 @@ class RankOneDeletionEditor:
         counts: dict[str, int] = {n: 0 for n in names}
         store: dict[str, torch.Tensor] = {}
         for b in batches:
-            with _Patch() as p:
+            with ForwardPatch() as p:
                 for n in names:
                     p.capture_output(get_module(model, n), store, n)
                 model(**b)
@@ -619,7 +497,7 @@ class RankOneDeletionEditor:
                 mean = state.tensors[f"trace::{name}::mean"].to(device)
                 drops = []
                 for e, b in zip(exs, bases):
-                    with _Patch() as p:
+                    with ForwardPatch() as p:
                         p.set_at(get_module(model, name), e.pos(where), mean)
                         drops.append(b - self._margin(model, e))
                 group.append((Site(stack, layer, ex.pos(where), where), sum(drops) / len(drops)))
@@ -717,7 +595,7 @@ class RankOneDeletionEditor:
         store: dict[str, torch.Tensor] = {}
         rows = []
         for e in exs:
-            with _Patch() as p:
+            with ForwardPatch() as p:
                 p.capture_input(get_module(model, spec.mlp_out_name(site.layer, site.stack)), store, "k")
                 self._forward(model, e)
             k = store["k"][0].float().cpu()
@@ -778,7 +656,7 @@ class RankOneDeletionEditor:
         name = spec.mlp_out_name(site.layer, site.stack)
         module = get_module(model, name)
         store: dict[str, torch.Tensor] = {}
-        with torch.no_grad(), _Patch() as p:
+        with torch.no_grad(), ForwardPatch() as p:
             p.capture_output(module, store, "v")
             self._forward(model, ex)
         device = store["v"].device
@@ -800,7 +678,7 @@ class RankOneDeletionEditor:
         loss_val, margin, share = float("nan"), float("-inf"), 0.0
         try:
             for _ in range(self.steps):
-                with _Patch() as p:
+                with ForwardPatch() as p:
                     p.add_lowrank(module, delta[:, None], u[:, None])
                     lps = [torch.log_softmax(l.float(), -1) for l in self._forward_many(model, exs)]
                     kl = 0.0
@@ -843,7 +721,7 @@ class RankOneDeletionEditor:
         """With the update installed as hooks: the instances' greedy outputs, whether each edit took (span
         gone AND the positive token wins at the decision position), the share of variants without the span,
         and the share of held-out sentences whose output is unchanged."""
-        with _Patch() as p:
+        with ForwardPatch() as p:
             for w, (u, v) in factors.items():
                 p.add_lowrank(get_module(model, w[: -len(".weight")]), u, v)
             srcs = [ex.request.source for ex in examples] + [v.request.source for v in variants] + heldout

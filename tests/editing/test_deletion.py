@@ -6,7 +6,9 @@ import torch
 
 from editing.editors import get_editor
 from editing.editors.base import EditorState
-from editing.editors.deletion import RankOneDeletionEditor, apply_rewrite, rewrite_of, training_corpus_for
+from editing.editors.deletion import RankOneDeletionEditor
+from editing.editors.deletion_corpus import training_corpus_for
+from editing.editors.rewrite import apply_rewrite, rewrite_of
 from editing.errors import NothingToDeleteError, PromptTooLongError, RequestError
 from editing.metrics.deletion import (cache_base_outputs, chrf, contains_span, evaluate_deletions,
                                       generate_outputs)
