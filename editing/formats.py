@@ -306,3 +306,30 @@ def write_requests(path: str | Path, requests: Iterable[EditRequest]) -> int:
             f.write(json.dumps(req.to_dict(), ensure_ascii=False) + "\n")
             n += 1
     return n
+
+
+# the fields a JSONL line of a text file may hold its text in, first non-empty one taken
+TEXT_FIELDS = ("source", "text", "sentence", "prompt")
+
+
+def read_texts(path: str | Path, what: str = "text file") -> list[str]:
+    """The texts of a plain text file (one per line) or of a JSONL file (a line that is a JSON object gives
+    its first non-empty field of :data:`TEXT_FIELDS`): key-statistics corpora, held-out text, the deletion
+    editor's statistics sources. Blank lines are skipped; a :class:`FormatError` names ``what`` when the
+    file does not exist."""
+    p = Path(path)
+    if not p.is_file():
+        raise FormatError(f"{what} {p} does not exist; give a text file (one text per line) or a JSONL file "
+                          f"with a {' / '.join(repr(f) for f in TEXT_FIELDS)} field")
+    out = []
+    for line in p.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                rec = json.loads(line)
+                line = next((str(rec[k]) for k in TEXT_FIELDS if rec.get(k)), "")
+            except json.JSONDecodeError:
+                pass
+        if line:
+            out.append(line)
+    return out

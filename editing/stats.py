@@ -23,7 +23,7 @@ Corpora (:func:`corpus_texts`), all available offline:
 - ``stdlib`` — the docstrings of Python's standard library: English prose
   shipped with every Python, a stand-in for "general text" for models with a
   general vocabulary (SmolLM2).
-- ``file:PATH`` — one text per line (or a JSONL file with a ``text`` field), e.g.
+- ``file:PATH`` — one text per line, or JSONL (:func:`editing.formats.read_texts`), e.g.
   a generated world's filler sentences.
 Names can be joined with ``+`` (``samples:64+stdlib``).
 """
@@ -42,6 +42,7 @@ from torch import nn
 from editing.arch import ArchSpec, get_module
 from editing.atomic import replace_atomically
 from editing.errors import EditopsError
+from editing.formats import read_texts
 
 log = logging.getLogger(__name__)
 
@@ -229,21 +230,7 @@ def corpus_texts(name: str, model: nn.Module | None = None, tokenizer=None) -> l
         elif part == "stdlib":
             texts.extend(_stdlib_docstrings())
         elif part.startswith("file:"):
-            path = Path(part[5:])
-            if not path.is_file():
-                raise EditopsError(f"corpus file {path} does not exist")
-            for line in path.read_text().splitlines():
-                line = line.strip()
-                if not line:
-                    continue
-                if line.startswith("{"):
-                    try:
-                        rec = json.loads(line)
-                        line = rec.get("text") or rec.get("sentence") or ""
-                    except json.JSONDecodeError:
-                        pass
-                if line:
-                    texts.append(line)
+            texts.extend(read_texts(part[5:], "corpus file"))
         else:
             raise EditopsError(f"unknown corpus {part!r}; use samples:N, stdlib or file:PATH")
     if not texts:

@@ -102,10 +102,11 @@ from editing.arch import ArchSpec, get_module, spec_for
 from editing.atomic import replace_atomically
 from editing.delta import LowRankDelta
 from editing.editors.base import EditorState, EditResult, RequestDiagnostics
-from editing.editors.deletion_corpus import read_corpus_file, training_corpus_for
+from editing.editors.deletion_corpus import training_corpus_for
 from editing.editors.forward_patch import ForwardPatch
 from editing.editors.rewrite import apply_rewrite, rewrite_of
 from editing.errors import EditopsError, NothingToDeleteError, PromptTooLongError, RequestError, StateError
+from editing.formats import read_texts
 from editing.metrics.deletion import contains_span, generate_outputs, is_seq2seq, prompt_ids
 from editing.requests import DeletionRequest
 
@@ -313,9 +314,9 @@ class RankOneDeletionEditor:
         if self.stats_sources:
             texts, origin = list(self.stats_sources), "stats_sources"
         elif self.stats_corpus:
-            texts, origin = read_corpus_file(self.stats_corpus) + locality, f"file:{self.stats_corpus}+locality"
+            texts, origin = read_texts(self.stats_corpus, "statistics corpus file") + locality, f"file:{self.stats_corpus}+locality"
         elif (path := training_corpus_for(model)) is not None:
-            texts, origin = read_corpus_file(path), f"training:{path.name}"
+            texts, origin = read_texts(path, "training sources file"), f"training:{path.name}"
         else:
             texts, origin = locality, "locality"
         texts = list(dict.fromkeys(texts))[: self.max_stats_sources]

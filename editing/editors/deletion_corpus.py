@@ -1,35 +1,11 @@
-"""Where the deletion editor's statistics corpus comes from: a user's corpus file, or the training sources
-of a project model known offline."""
+"""The training sources of the project models known offline: the deletion editor's default statistics corpus
+for them (a user's own corpus file is read by :func:`editing.formats.read_texts`)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
-
-from editing.errors import EditopsError
 
 # Project models whose training sources are the default statistics corpus (catalog name -> file).
 TRAINING_SOURCES = {"translator-marian": "data/translation/train.jsonl"}
-
-
-def read_corpus_file(path: str | Path) -> list[str]:
-    """Texts of a statistics corpus file: one per line, or JSONL with a ``source``/``text``/``sentence``/
-    ``prompt`` field."""
-    p = Path(path)
-    if not p.is_file():
-        raise EditopsError(f"statistics corpus file {p} does not exist; give a text file (one sentence per line) "
-                           "or a JSONL file with a 'source' or 'text' field")
-    out = []
-    for line in p.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if line.startswith("{"):
-            try:
-                rec = json.loads(line)
-                line = next((str(rec[k]) for k in ("source", "text", "sentence", "prompt") if rec.get(k)), "")
-            except json.JSONDecodeError:
-                pass
-        if line:
-            out.append(line)
-    return out
 
 
 def training_corpus_for(model) -> Path | None:

@@ -162,10 +162,10 @@ def heldout_texts(spec: str, max_length_chars: int = 2000, model: nn.Module | No
     seed 0; they exist for any model and are text of the kind it was trained on, where
     the standard library's docstrings are one narrow kind.
     """
-    import json
     from pathlib import Path
 
     from editing.errors import EditopsError
+    from editing.formats import read_texts
 
     if spec.startswith("samples"):
         from editing.stats import model_samples
@@ -187,16 +187,7 @@ def heldout_texts(spec: str, max_length_chars: int = 2000, model: nn.Module | No
     if not path.is_file():
         raise EditopsError(f"held-out text file {path} does not exist; give a text file (one text per line), "
                            "stdlib:N or samples:N")
-    texts = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if line.startswith("{"):
-            try:
-                line = str(json.loads(line).get("text", ""))
-            except json.JSONDecodeError:
-                pass
-        if line:
-            texts.append(line[:max_length_chars])
+    texts = [t[:max_length_chars] for t in read_texts(path, "held-out text file")]
     if not texts:
         raise EditopsError(f"held-out text file {path} is empty")
     return texts

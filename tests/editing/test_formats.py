@@ -6,7 +6,7 @@ import json
 import pytest
 
 from editing.errors import FormatError, SubjectNotInPromptError
-from editing.formats import detect_format, read_requests, request_kind, write_requests
+from editing.formats import detect_format, read_requests, read_texts, request_kind, write_requests
 from editing.requests import DeletionRequest, FactRequest, Probe
 
 COUNTERFACT = {
@@ -184,3 +184,13 @@ def test_roundtrip_property(tmp_path_factory):
         assert read_requests(path) == [req]
 
     check()
+
+
+def test_text_files_are_read_as_lines_or_as_jsonl_fields(tmp_path):
+    p = tmp_path / "corpus.jsonl"
+    p.write_text("plain line\n\n  " + json.dumps({"source": "a source", "target": "ignored", "text": "not this"})
+                 + "\n" + json.dumps({"text": "a text"}) + "\n" + json.dumps({"sentence": "", "prompt": "a prompt"})
+                 + "\n" + json.dumps({"other": "x"}) + "\n{not json\n", encoding="utf-8")
+    assert read_texts(p) == ["plain line", "a source", "a text", "a prompt", "{not json"]
+    with pytest.raises(FormatError, match="held-out text file .*missing.txt does not exist"):
+        read_texts(tmp_path / "missing.txt", "held-out text file")
