@@ -51,11 +51,21 @@ class EditorState:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
     def save(self, path: str | Path) -> None:
+        """Write the state as safetensors. An exactly symmetric square tensor (``C_edits``, ``C0``) is stored as
+        its upper triangle, row by row (half the bytes), and listed in the ``packed_symmetric`` metadata;
+        :meth:`load` restores it bit for bit."""
         from safetensors.torch import save_file
 
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.tensors.items()}
-        save_file(tensors, str(path), metadata={"editor": self.editor, "meta": json.dumps(self.meta, default=str)})
+        tensors, packed = {}, []
+        for k, v in self.tensors.items():
+            t = v.detach().contiguous().cpu()
+            if t.dim() == 2 and t.shape[0] == t.shape[1] > 1 and torch.equal(t, t.T):
+                packed.append(k)
+                t = t[_upper(t.shape[0])]
+            tensors[k] = t
+        save_file(tensors, str(path), metadata={"editor": self.editor, "meta": json.dumps(self.meta, default=str),
+                                                "packed_symmetric": json.dumps(packed)})
 
     @classmethod
     def load(cls, path: str | Path, editor: str | None = None) -> "EditorState":
@@ -65,11 +75,29 @@ class EditorState:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
+            for k in json.loads(meta.get("packed_symmetric", "[]")):
+                tensors[k] = _unpack_symmetric(tensors[k])
         except Exception as exc:
             raise StateError(f"cannot read editor state {path}: {exc}") from exc
         if editor is not None and meta.get("editor") != editor:
             raise StateError(f"state {path} belongs to editor {meta.get('editor')!r}, not {editor!r}")
         return cls(editor=meta.get("editor", ""), tensors=tensors, meta=json.loads(meta.get("meta", "{}")))
+
+
+def _upper(n: int) -> torch.Tensor:
+    """Mask of the upper triangle (diagonal included) of an ``n × n`` matrix."""
+    return torch.ones(n, n, dtype=torch.bool).triu()
+
+
+def _unpack_symmetric(upper: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix whose upper triangle, row by row, is ``upper`` (``n (n + 1) / 2`` values)."""
+    n = int(round(((8 * upper.numel() + 1) ** 0.5 - 1) / 2))
+    if upper.dim() != 1 or n * (n + 1) // 2 != upper.numel():
+        raise StateError(f"a packed symmetric tensor holds {upper.numel()} values, not n (n + 1) / 2 for any n")
+    mask = _upper(n)
+    full = upper.new_zeros(n, n)
+    full[mask] = upper
+    return torch.where(mask, full, full.T)
 
 
 @dataclass

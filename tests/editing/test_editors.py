@@ -11,7 +11,7 @@ from editing.editors import get_editor
 from editing.editors.base import EditorState
 from editing.editors.memit import EditDidNotTakeWarning
 from editing.errors import EmptyTargetError, NoOpEditError, PromptTooLongError, SubjectNotInPromptError, \
-    UnsupportedArchitectureError
+    StateError, UnsupportedArchitectureError
 from editing.models import fingerprint
 from editing.requests import FactRequest
 from tinyworld import facts, requests, tiny_gpt2, tiny_llama, top1  # noqa: F401  (fixtures)
@@ -94,6 +94,32 @@ def test_state_save_load_continues_exactly(tiny_llama, facts, tmp_path):
     c_key = next(k for k in s.tensors if k.endswith("::C_edits"))
     assert float(s.tensors[c_key].trace()) > float(a1.state.tensors[c_key].trace())
     assert fingerprint(model) == a2.delta.base_fingerprint
+
+
+def test_state_stores_symmetric_moments_as_half_and_restores_them_bit_for_bit(tmp_path):
+    from safetensors import safe_open
+
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(40, 64, generator=g)
+    c = k.T @ k
+    c = (c + c.T) / 2                       # exactly symmetric, as C_edits is
+    other = torch.randn(64, 64, generator=g)   # square, not symmetric: stored whole
+    state = EditorState("nse", {"w::C_edits": c, "w::W0": other, "v": torch.arange(5.0)}, {"n_edits": 3})
+    state.save(tmp_path / "s.safetensors")
+    with safe_open(str(tmp_path / "s.safetensors"), framework="pt") as f:
+        assert f.get_slice("w::C_edits").get_shape() == [64 * 65 // 2] and f.get_slice("w::W0").get_shape() == [64, 64]
+    back = EditorState.load(tmp_path / "s.safetensors", editor="nse")
+    assert all(torch.equal(back.tensors[n], t) for n, t in state.tensors.items()) and back.meta == {"n_edits": 3}
+    # a state written before packing (no packed_symmetric metadata) loads as it was
+    from safetensors.torch import save_file
+
+    save_file({"w::C_edits": c}, str(tmp_path / "old.safetensors"), metadata={"editor": "nse", "meta": "{}"})
+    assert torch.equal(EditorState.load(tmp_path / "old.safetensors").tensors["w::C_edits"], c)
+    # a packed entry of the wrong length is a StateError, not a wrong matrix
+    save_file({"w::C_edits": torch.zeros(7)}, str(tmp_path / "bad.safetensors"),
+              metadata={"editor": "nse", "meta": "{}", "packed_symmetric": '["w::C_edits"]'})
+    with pytest.raises(StateError, match="n \\(n \\+ 1\\) / 2"):
+        EditorState.load(tmp_path / "bad.safetensors")
 
 
 def test_bad_input_is_typed(tiny_llama, facts, tmp_path):
