@@ -37,6 +37,7 @@ from prefect.cache_policies import NO_CACHE
 
 from editing.atomic import write_text_atomic
 from editing.errors import EditopsError, RegistryUnavailableError, StaleParentError
+from editing.memory import trim_heap
 from flows.config import LineConfig, ProjectConfig, load_config
 from flows.intake import scan_inbox, write_outbox_ids
 from flows.ledger import Ledger, holder_id
@@ -371,6 +372,7 @@ def _probes_for(ctx: LineContext, requests) -> Any:
 
 def process_batch(ctx: LineContext, tickets: list, call: Callable) -> None:
     """Edit → gates → register → ledger for ``tickets``; on a gate failure, reject or bisect."""
+    trim_heap()   # what earlier batches freed goes back to the system, as in editing.runner.run_sequential
     rep, t = ctx.report, ctx.report.timings
     requests = [tk.to_request() for tk in tickets]
     ids = [r.request_id for r in requests]
