@@ -312,15 +312,16 @@ def write_requests(path: str | Path, requests: Iterable[EditRequest]) -> int:
 TEXT_FIELDS = ("source", "text", "sentence", "prompt")
 
 
-def read_texts(path: str | Path, what: str = "text file") -> list[str]:
+def read_texts(path: str | Path, what: str = "text file", alternatives: str = "") -> list[str]:
     """The texts of a plain text file (one per line) or of a JSONL file (a line that is a JSON object gives
     its first non-empty field of :data:`TEXT_FIELDS`): key-statistics corpora, held-out text, the deletion
     editor's statistics sources. Blank lines are skipped; a :class:`FormatError` names ``what`` when the
-    file does not exist."""
+    file does not exist, and ``alternatives`` (what else the caller accepts in place of a file)."""
     p = Path(path)
     if not p.is_file():
         raise FormatError(f"{what} {p} does not exist; give a text file (one text per line) or a JSONL file "
-                          f"with a {' / '.join(repr(f) for f in TEXT_FIELDS)} field")
+                          f"with a {' / '.join(repr(f) for f in TEXT_FIELDS)} field"
+                          + (f", or {alternatives}" if alternatives else ""))
     out = []
     for line in p.read_text(encoding="utf-8").splitlines():
         line = line.strip()

@@ -184,10 +184,7 @@ def heldout_texts(spec: str, max_length_chars: int = 2000, model: nn.Module | No
             raise EditopsError("no standard-library docstrings beyond the key-statistics corpus; use a file")
         return [t[:max_length_chars] for t in texts]
     path = Path(spec[5:] if spec.startswith("file:") else spec)
-    if not path.is_file():
-        raise EditopsError(f"held-out text file {path} does not exist; give a text file (one text per line), "
-                           "stdlib:N or samples:N")
-    texts = [t[:max_length_chars] for t in read_texts(path, "held-out text file")]
+    texts = [t[:max_length_chars] for t in read_texts(path, "held-out text file", "stdlib:N or samples:N")]
     if not texts:
         raise EditopsError(f"held-out text file {path} is empty")
     return texts

@@ -192,5 +192,5 @@ def test_text_files_are_read_as_lines_or_as_jsonl_fields(tmp_path):
                  + "\n" + json.dumps({"text": "a text"}) + "\n" + json.dumps({"sentence": "", "prompt": "a prompt"})
                  + "\n" + json.dumps({"other": "x"}) + "\n{not json\n", encoding="utf-8")
     assert read_texts(p) == ["plain line", "a source", "a text", "a prompt", "{not json"]
-    with pytest.raises(FormatError, match="held-out text file .*missing.txt does not exist"):
-        read_texts(tmp_path / "missing.txt", "held-out text file")
+    with pytest.raises(FormatError, match="held-out text file .*missing.txt does not exist.*, or stdlib:N or samples:N"):
+        read_texts(tmp_path / "missing.txt", "held-out text file", "stdlib:N or samples:N")
