@@ -24,8 +24,9 @@ first or give ``--set layers=[...]``.
 ``--set blind_siblings=true`` is an ablation of the ``siblings`` option: no subject that
 a neighbour probe asks about may serve as a sibling (``sibling_exclude``), so any
 neighbourhood gain is generalisation, not the probes' keys held directly.
-``--set hold_relations=true`` sets ``relation_prompts`` to every prompt of the request file, as
-``editops edit --hold-relations`` does (with ``other_prompts``).
+``relation_prompts`` is every prompt of the request file where ``nse`` holds a subject's other facts
+(``other_prompts``, given or the model's preset's), as ``editops edit`` does by default (``--hold-relations``);
+``--set hold_relations=false`` leaves them out (before session 41 they were off unless ``--set hold_relations=true``).
 
 Metric conventions: :mod:`editing.metrics.facts` (probability variants, mean
 token log-prob). Seconds per edit = time in ``edit`` + applying the delta,
@@ -311,12 +312,12 @@ def run_one(model: BenchModel, editor_name: str, batch_size: int, limit: int | N
     import torch
 
     from editing.editors import get_editor
-    from editing.editors.siblings import relation_prompts_of
     from editing.formats import read_requests
     from editing.metrics.facts import evaluate_facts
     from editing.metrics.text import heldout_texts, perplexity
     from editing.models import load
     from editing.runner import run_sequential
+    from flows.cli.edit_cmd import settings_of, with_relations_held
 
     loaded = load(model.model_dir)
     reqs = read_requests(model.requests, kind="fact", limit=limit or model.default_limit)
@@ -328,8 +329,7 @@ def run_one(model: BenchModel, editor_name: str, batch_size: int, limit: int | N
     n_batches = -(-len(reqs) // batch_size)
     marks = sorted({max(1, round(n_batches * (i + 1) / checkpoints)) for i in range(checkpoints)})
     hparams = dict(hparams)
-    if hparams.pop("hold_relations", False):  # as `editops edit --hold-relations`: every prompt of the request file
-        hparams["relation_prompts"] = relation_prompts_of(reqs)
+    hold_relations = hparams.pop("hold_relations", True)   # as `editops edit`: every prompt of the request file
     if hparams.pop("blind_siblings", False):  # ablation: no neighbour probe's subject may serve as a sibling
         hparams["sibling_exclude"] = sorted(_neighbour_subjects(reqs))
     if editor_name == "ft" and "layers" not in hparams:
@@ -340,6 +340,8 @@ def run_one(model: BenchModel, editor_name: str, batch_size: int, limit: int | N
             print(f"  [{model.name} ft] no nse run of this benchmark recorded for this model: ft uses its own "
                   "default layers (run nse first, or --set layers=[...])", flush=True)
     editor = get_editor(editor_name, **hparams)
+    if hold_relations:
+        editor = with_relations_held(editor_name, editor, hparams, reqs, loaded.model)
     first = reqs[:batch_size]
     curve: list[dict] = []
     fresh_rows: list = []   # each request's outcome at the first checkpoint after its batch
@@ -392,7 +394,9 @@ def run_one(model: BenchModel, editor_name: str, batch_size: int, limit: int | N
         "model": model.name, "editor": editor_name, "batch_size": batch_size, "n_requests": len(reqs),
         "date": time.strftime("%Y-%m-%d"), "requests_file": model.requests, "heldout": heldout,
         "also_heldout": {spec: {"base_perplexity": also_base[spec]} for spec in also},
-        "hyperparameters": getattr(editor, "hyperparameters", hparams), "edited_layers": edited_layers,
+        # what the edit started from (the model's preset applied)
+        "hyperparameters": settings_of(editor, loaded.model) or getattr(editor, "hyperparameters", hparams),
+        "edited_layers": edited_layers,
         "lam_used": run.state.meta.get("lam") if run.state is not None else None,  # λ after calibration
         # every hyperparameter as the editor resolved it (corpus, layers, λ, locus), where it keeps them
         "hyperparameters_resolved": run.state.meta.get("hyperparameters") if run.state is not None else None,

@@ -240,18 +240,24 @@ def test_failure_reasons_print_each_distinct_message_once_most_frequent_first():
 
 
 def test_edit_hold_relations_holds_every_prompt_of_the_request_file(cli, random_model_dir, tmp_path):
-    """``--hold-relations``: the request file's prompts become ``relation_prompts`` (recorded with the run);
-    without ``other_prompts`` nothing would hold them, and the command says so."""
-    from editing.errors import HyperparameterError
-
+    """``--hold-relations`` (the default): where the editor holds other prompts, the request file's prompts become
+    ``relation_prompts`` (recorded with the run); without ``other_prompts`` nothing would hold them and none are
+    given; ``--no-hold-relations`` leaves them out."""
     runner, app = cli
     reqs = random_model_dir / "requests.jsonl"
     args = ["edit", "--model", str(random_model_dir / "model"), "--requests", str(reqs), "--editor", "nse",
-            "--hold-relations", "--no-eval", "--no-progress", "--device", "cpu", "--layers", "0",
+            "--no-eval", "--no-progress", "--device", "cpu", "--layers", "0",
             "--set", "lam=30", "--set", "corpus=samples:8", "--set", "siblings=0", "--set", f"stats_dir={tmp_path}"]
-    res = runner.invoke(app, [*args, "--out", str(tmp_path / "held"), "--set", "other_prompts=2"])
-    assert res.exit_code == 0, res.output
-    summary = json.loads((tmp_path / "held" / "edit_summary.json").read_text())
-    assert summary["hyperparameters"]["relation_prompts"] == {"The capital of {} is": None, "{} plays the": None}
-    res = runner.invoke(app, [*args, "--out", str(tmp_path / "none")])
-    assert isinstance(res.exception, HyperparameterError) and "other_prompts" in str(res.exception)
+
+    def recorded(*extra: str) -> dict:
+        out = tmp_path / f"run{len(list(tmp_path.glob('run*')))}"
+        res = runner.invoke(app, [*args, *extra, "--out", str(out)])
+        assert res.exit_code == 0, res.output
+        return json.loads((out / "edit_summary.json").read_text())["hyperparameters"]
+
+    held = recorded("--set", "other_prompts=2")
+    assert held["other_prompts"] == 2
+    assert held["relation_prompts"] == {"The capital of {} is": None, "{} plays the": None}
+    assert recorded("--set", "other_prompts=2", "--no-hold-relations")["relation_prompts"] is None
+    plain = recorded("--hold-relations")
+    assert plain["other_prompts"] == 0 and plain["relation_prompts"] is None

@@ -76,9 +76,9 @@ class EditHparams:
     # candidates per request (0: off): the model's lists name this many per request, and every subject held or
     # edited earlier in the run (the ledgers, the latest sibling_pool × batch size of them) is a candidate in each
     # prompt of the batch; per layer, the siblings × batch size candidates that the batch's update, solved
-    # without them, moves most (‖ΔW k‖) are held, in place of each list's first `siblings` names. Off: on SmolLM2's
-    # 217 requests (b10, λ ladder) 24 gave neighbourhood 0.85 × base against 0.82 for 0.013 of paraphrase and
-    # efficacy, short of the Bar (bench/RESULTS.md, session 28)
+    # without them, moves most (‖ΔW k‖) are held, in place of each list's first `siblings` names. Off, but 24 in
+    # SmolLM2's preset (presets.SMOLLM2_SEQUENTIAL): on its 217 requests (b10, λ ladder) 24 gave neighbourhood 0.85 ×
+    # base against 0.82 for 0.013 of paraphrase and efficacy (bench/RESULTS.md, session 28)
     sibling_pool: int = 0
     # per request, this many whole words of the vocabulary nearest the subject by input embedding join the candidates
     # (editing.editors.siblings.vocabulary_neighbours: the kind's population, not a sampled list); the same choice
@@ -107,10 +107,11 @@ class EditHparams:
     # the value δ itself leaves those facts' answers as the model has them; the subject's earlier edit
     # prompts keep value.keep_weight (true/false, as older versions recorded it: value.keep_weight / 0)
     other_prompts_kl: float = 0.0
-    # with other_prompts: prompt templates the pipeline already knows (template → relation, None where unknown),
-    # in the pool of held prompts from the first batch on, as if edited before; without them a request holds only
-    # the relations edited so far, so the first relations of a run hold nothing (editops edit --hold-relations:
-    # every prompt of the request file)
+    # with other_prompts (given, or the model's preset's): prompt templates the pipeline already knows (template →
+    # relation, None where unknown), in the pool of held prompts from the first batch on, as if edited before;
+    # without them a request holds only the relations edited so far, so the first relations of a run hold nothing
+    # (editops edit --hold-relations, the default: every prompt of the request file). Without other_prompts an
+    # edit refuses them (MemitEditor.settings_for: the preset is known only once the model is)
     relation_prompts: dict[str, str | None] | None = None
     # keys at every token of each request's own text but the edit locus (the prompt's other tokens; the prompt
     # followed by its target_true and by its target_new, at each answer token), held at ΔW k ≈ 0 with this
@@ -218,9 +219,6 @@ class EditHparams:
                                                   not (rel is None or isinstance(rel, str)) for t, rel in known.items()):
                 raise HyperparameterError("relation_prompts must map prompt templates with '{}' where the subject "
                                           'goes to their relation (or null), e.g. {"The capital of {} is": "capital"}')
-            if not self.other_prompts:
-                raise HyperparameterError("relation_prompts join the prompts held by other_prompts; set "
-                                          "other_prompts ≥ 1")
         if not _whole(self.lam_ladder, 0):
             raise HyperparameterError(f"lam_ladder={self.lam_ladder!r} must be a whole number of λ-grid steps ≥ 0")
         if self.lam_ladder and self.repasses and self.repass_lam_factor != 1:

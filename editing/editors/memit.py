@@ -42,7 +42,8 @@ from editing.editors.keys import DEFAULT_CONTEXT_TEMPLATES
 from editing.editors.siblings import candidate_requests, known_sibling_requests, other_prompt_requests, \
     relation_prompts_of, sibling_requests, vocabulary_sibling_requests
 from editing.editors.values import ValueHparams, compute_values
-from editing.errors import NoOpEditError, StateError
+from editing.editors.presets import preset_for
+from editing.errors import HyperparameterError, NoOpEditError, StateError
 from editing.models import base_fingerprint
 
 log = logging.getLogger(__name__)
@@ -185,12 +186,37 @@ class MemitEditor:
         if isinstance(self.defaults.get("value"), dict) and isinstance(kwargs.get("value"), dict):
             merged["value"] = {**self.defaults["value"], **kwargs["value"]}  # a user's value keys refine the defaults
         self.hp = _hparams(merged)
+        # the settings the user gave (None: all, an EditHparams); a model's preset fills the others (settings_for)
+        self._given: frozenset[str] | None = None if "hparams" in kwargs else frozenset(kwargs)
         self.calibration_requests = list(calibration_requests or [])
         self._base_fp = base_fingerprint
 
     @property
     def hyperparameters(self) -> dict[str, Any]:
         return self.hp.to_dict()
+
+    # whether a model's preset sets this editor's sequential options (Preset.sequential): nse's, not MEMIT's
+    takes_sequential_preset = False
+
+    def settings_for(self, model: nn.Module) -> EditHparams:
+        """The hyperparameters an edit of ``model`` starts from: the editor's, with the model's preset sequential
+        settings (:attr:`Preset.sequential`) for every key the user did not give (an editor built from a complete
+        ``EditHparams``, e.g. a registered version's, takes none). A combination the validation refuses is a
+        ``HyperparameterError`` that names the preset's keys."""
+        p = preset_for(model) if self.takes_sequential_preset and self._given is not None else None
+        extra = {k: v for k, v in (p.sequential if p is not None else {}).items() if k not in self._given}
+        hp = self.hp
+        if extra:
+            try:
+                hp = replace(self.hp, **extra)
+            except HyperparameterError as exc:
+                given = ", ".join(f"{k}={v!r}" for k, v in extra.items())
+                raise HyperparameterError(f"{exc} (the model's preset sets {given}; give those keys with --set to "
+                                          "choose otherwise)") from exc
+        if hp.relation_prompts is not None and not hp.other_prompts:
+            raise HyperparameterError("relation_prompts join the prompts held by other_prompts, which neither the "
+                                      "settings nor the model's preset turn on; set other_prompts ≥ 1")
+        return hp
 
     # ------------------------------------------------------------ resolution
     def _key_templates(self, hp: EditHparams) -> tuple[str, ...]:
@@ -243,7 +269,7 @@ class MemitEditor:
         (no preset naming one) both loci are measured, at the calibrated λ or at the λ given, and the one
         whose calibration edits take more often is kept (the subject's on a tie, and without trying the other
         once the subject's all take)."""
-        hp = with_model_defaults(self._with_context(model, tokenizer, self.hp, state, fp), model)
+        hp = with_model_defaults(self._with_context(model, tokenizer, self.settings_for(model), state, fp), model)
         if state is not None and state.meta.get("layers"):
             return _at_locus(replace(hp, layers=tuple(state.meta["layers"]), lam=state.meta.get("lam", hp.lam),
                                      source=state.meta.get("source", hp.source),

@@ -1,15 +1,17 @@
 """Presets for known models and the key-statistics corpus each model uses.
 
 What a model gets when the user gives nothing: ``PRESETS`` keyed by ``(model_type, n_layers)`` (edited layers,
-λ, value clamp, corpus, locus, each with where its numbers come from), and :func:`corpus_for`, the corpus of the
-key statistics C0 (the preset's, else :func:`default_corpus`: the model's own samples sized to its MLP width).
+λ, value clamp, corpus, locus and the sequential editor's settings, each with where its numbers come from), and
+:func:`corpus_for`, the corpus of the key statistics C0 (the preset's, else :func:`default_corpus`: the model's own
+samples sized to its MLP width).
 
 Kept apart from the editor hyperparameters (:mod:`editing.editors.hparams`) because the key statistics stages
 (``dvc.yaml``: ``stats``) depend on exactly this: which layers and which corpus a model's C0 is computed for.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
@@ -51,6 +53,23 @@ class Preset:
     note: str
     corpus: str | None = None        # None: default_corpus(model)
     locus: str = "subject"
+    # ``nse`` settings for this model where the user gave none (MemitEditor.settings_for); MEMIT takes none
+    sequential: dict[str, Any] = field(default_factory=dict)
+
+
+# The sequential editor's best measured setting on SmolLM2-135M (bench/RESULTS.md, sessions 34, 38, 39: all 217
+# countryinfo requests; efficacy / paraphrase / neighbourhood × base / perplexity drift / first batch kept):
+# b1 0.968 / 0.788 / 0.81 × / +4.8 % / 1.00, b10 0.968 / 0.786 / 0.90 × / +4.3 % / 1.00, b100 0.949 / 0.762 /
+# 0.89 × / +5.8 % / 0.95, against the nse defaults' 0.95 / 0.79 / 0.77 × / +8.4 %, 0.97 / 0.82 / 0.78 × / +7.9 %
+# and 0.96 / 0.80 / 0.85 × / +8.1 % (sessions 21, 14, 13): neighbourhood and drift far better, paraphrase a little
+# worse (at b100 0.04 worse). The λ ladder (one grid step above the calibrated λ, two repasses of the requests not
+# yet taken), the 24 candidates per request of which the update's most moved are held (sibling_pool), and the
+# subject's other facts (8 prompts of other relations) kept by the value's KL alone at weight 0.01. The measured
+# runs also held every relation of the request file from the first batch (editops edit --hold-relations, the default)
+SMOLLM2_SEQUENTIAL: dict[str, Any] = {
+    "lam_ladder": 1, "repasses": 2, "repass_on": "not_taken", "sibling_pool": 24,
+    "other_prompts": 8, "other_prompts_weight": 0.0, "other_prompts_kl": 0.01,
+}
 
 
 PRESETS: dict[tuple[str, int], Preset] = {
@@ -71,7 +90,8 @@ PRESETS: dict[tuple[str, int], Preset] = {
     # edits perplexity drift +1.1 % instead of +6.2 %, efficacy/paraphrase/retention unchanged
     # (bench/RESULTS.md "Fact editing", 2026-11-22).
     ("llama", 30): Preset((4, 5, 6, 7, 8), None, 4.0,
-                          "SmolLM2-135M: layers by causal trace, λ calibrated on the first batch", corpus="stdlib"),
+                          "SmolLM2-135M: layers by causal trace, λ calibrated on the first batch", corpus="stdlib",
+                          sequential=SMOLLM2_SEQUENTIAL),
 }
 
 

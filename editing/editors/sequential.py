@@ -66,6 +66,12 @@ Same pipeline as MEMIT (:mod:`editing.editors.memit`) with sequential choices, e
   cuts the drift at batch sizes 10 and 100 (+7.9 % → +4.7 %, +8.1 % → +5.1 %), but at batch size 1 it costs
   neighbourhood, and on the fact world efficacy and paraphrase (bench/RESULTS.md, session 24).
 
+A model's preset may set these options where the user gives none (``Preset.sequential``,
+:meth:`MemitEditor.settings_for`): SmolLM2-135M's turns on its best measured setting, the λ ladder with
+``sibling_pool=24`` and the subject's other facts kept by the value's KL (``other_prompts=8``,
+``other_prompts_weight=0``, ``other_prompts_kl=0.01``; :data:`editing.editors.presets.SMOLLM2_SEQUENTIAL`, where
+the figures are). Other models keep the defaults above.
+
 State per edited layer (fixed size, whatever the number of earlier edits), plus the two ledgers in the
 metadata (strings and weights; they grow with the distinct (subject, prompt) pairs, and a batch reads only
 its own subjects' entries):
@@ -85,6 +91,7 @@ class SequentialEditor(MemitEditor):
     """``nse``: MEMIT plus accumulated keys, weight rewinding, optional null-space/neuron restriction, re-editing."""
 
     name = "nse"
+    takes_sequential_preset = True
     defaults: dict[str, Any] = {"accumulate": True, "rewind": False, "nullspace": False, "neuron_share": None,
                                 "repasses": 1, "siblings": 8, "sibling_weight": 0.25, "subject_key_weight": 3.0,
                                 "subject_start": True,

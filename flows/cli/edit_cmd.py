@@ -85,11 +85,30 @@ def build_editor(name: str, hyperparameters: dict[str, Any]):
         raise EditopsError(f"editor {name!r} rejected the hyperparameters {sorted(hyperparameters)}: {exc}") from exc
 
 
-HOLD_RELATIONS_HELP = ("with --set other_prompts=N: every prompt of the request file is held for each request's "
-                       "subject from the first batch on (relation_prompts), not only the relations edited so far")
+HOLD_RELATIONS_HELP = ("where the editor holds a subject's other facts (other_prompts, given or the model's preset's): "
+                       "every prompt of the request file is held for each request's subject from the first batch on "
+                       "(relation_prompts), not only the relations edited so far")
 DEVICE_HELP = "where the model runs: auto (a CUDA GPU when torch sees one, else the CPU), cpu, cuda or cuda:N"
 HELDOUT_HELP = ("held-out text for perplexity: a file (one text per line), stdlib:N, or samples:N (N texts the "
                 "unedited model samples itself)")
+
+
+def settings_of(editor, model) -> dict[str, Any] | None:
+    """The hyperparameters an edit of ``model`` starts from (the model's preset applied), for editors that have
+    them; ``None`` for the others."""
+    settings_for = getattr(editor, "settings_for", None)
+    return settings_for(model).to_dict() if settings_for is not None else None
+
+
+def with_relations_held(editor_name: str, editor, hyperparameters: dict[str, Any], requests, model):
+    """``editor``, rebuilt with ``relation_prompts`` = every prompt of ``requests`` where it holds a subject's other
+    facts (``other_prompts``, given or from ``model``'s preset); else ``editor`` as it is."""
+    settings = settings_of(editor, model)
+    if not settings or not settings.get("other_prompts"):
+        return editor
+    from editing.editors.siblings import relation_prompts_of
+
+    return build_editor(editor_name, {**hyperparameters, "relation_prompts": relation_prompts_of(requests)})
 
 
 def load_heldout(spec: str | None, model=None, tokenizer=None) -> list[str] | None:
@@ -147,7 +166,7 @@ def edit(
     evaluate: bool = typer.Option(True, "--eval/--no-eval", help="score fact requests before and after (base outputs saved)"),
     heldout: Optional[str] = typer.Option(None, "--heldout", help=HELDOUT_HELP),
     state: Optional[Path] = typer.Option(None, "--state", help="continue from a saved editor state"),
-    hold_relations: bool = typer.Option(False, "--hold-relations", help=HOLD_RELATIONS_HELP),
+    hold_relations: bool = typer.Option(True, "--hold-relations/--no-hold-relations", help=HOLD_RELATIONS_HELP),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
@@ -166,13 +185,11 @@ def edit(
     hparams = parse_settings(settings)
     if layers:
         hparams["layers"] = parse_layers(layers)
-    if hold_relations:
-        from editing.editors.siblings import relation_prompts_of
-
-        hparams["relation_prompts"] = relation_prompts_of(reqs)
     ed = build_editor(editor_name, hparams)
     out_dir = out or default_out(model, editor_name)
     loaded = load(model, mlp_out_template=mlp_out_template, device=device)
+    if hold_relations and req_kind == "fact":
+        ed = with_relations_held(editor_name, ed, hparams, reqs, loaded.model)
     base_fp = loaded.fingerprint
     console.print(f"[bold]{len(reqs)}[/] {req_kind} requests from {requests} → {loaded.source} "
                   f"({loaded.spec.model_type}, base {base_fp[:12]}…), editor [bold]{editor_name}[/], batch size {batch_size}")
@@ -196,7 +213,8 @@ def edit(
     out_dir.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {
         "source": loaded.source, "base_fingerprint": base_fp, "requests": str(requests), "kind": req_kind,
-        "editor": editor_name, "hyperparameters": getattr(ed, "hyperparameters", hparams), **run.summary(),
+        "editor": editor_name, "hyperparameters": settings_of(ed, loaded.model) or getattr(ed, "hyperparameters", hparams),
+        **run.summary(),
     }
     scores = None
     if base is not None:

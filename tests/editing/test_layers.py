@@ -139,3 +139,40 @@ def test_value_clamp_is_the_users_else_the_presets_in_every_batch(tiny_llama, fa
 
     assert clamps() == [1.5, 1.5]
     assert clamps(clamp_norm_factor=2.0) == [2.0, 2.0]
+
+
+def test_a_presets_sequential_settings_fill_what_the_user_did_not_give(tiny_llama, facts, tmp_path, monkeypatch):
+    """``Preset.sequential``: ``nse`` starts from the preset's settings for every key the user left out, the delta
+    records them; a key the user gave wins, MEMIT takes none, and an editor built from a complete ``EditHparams`` (a
+    registered version's) takes none; a combination the preset makes invalid names the preset's keys."""
+    import pytest
+
+    from editing.editors import presets
+    from editing.errors import HyperparameterError
+
+    model, tok = tiny_llama
+    key = (model.config.model_type, model.config.num_hidden_layers)
+    monkeypatch.setitem(presets.PRESETS, key, presets.Preset(
+        (0,), 30.0, 1.5, "test preset", corpus="samples:8",
+        sequential={"lam_ladder": 1, "repasses": 2, "repass_on": "not_taken", "other_prompts": 2,
+                    "other_prompts_weight": 0.0, "other_prompts_kl": 0.01}))
+    kw = {"stats_dir": str(tmp_path), "siblings": 0, "value": {"steps": 3}}
+
+    nse = get_editor("nse", **kw)
+    assert nse.hp.lam_ladder == 0 and nse.hp.repasses == 1          # the editor's own defaults, before a model
+    hp = nse.settings_for(model)
+    assert (hp.lam_ladder, hp.repasses, hp.repass_on, hp.other_prompts, hp.other_prompts_kl) == \
+        (1, 2, "not_taken", 2, 0.01)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = nse.edit(model, tok, requests(facts, 2), None)
+    recorded = res.delta.hyperparameters
+    assert (recorded["lam_ladder"], recorded["repasses"], recorded["other_prompts"]) == (1, 2, 2)
+    assert res.delta.meta["first_lam"] == 100.0 and recorded["lam"] == 30.0   # the ladder: one grid step above λ
+
+    assert get_editor("nse", **kw, repasses=0, lam_ladder=0).settings_for(model).repasses == 0
+    assert get_editor("memit", **kw).settings_for(model).lam_ladder == 0
+    complete = get_editor("nse", hparams=nse.hp)
+    assert complete.settings_for(model) == nse.hp
+    with pytest.raises(HyperparameterError, match="the model's preset sets"):
+        get_editor("nse", **kw, repass_lam_factor=0.5).settings_for(model)
