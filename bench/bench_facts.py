@@ -26,7 +26,8 @@ a neighbour probe asks about may serve as a sibling (``sibling_exclude``), so an
 neighbourhood gain is generalisation, not the probes' keys held directly.
 ``relation_prompts`` is every prompt of the request file where ``nse`` holds a subject's other facts
 (``other_prompts``, given or the model's preset's), as ``editops edit`` does by default (``--hold-relations``);
-``--set hold_relations=false`` leaves them out (before session 41 they were off unless ``--set hold_relations=true``).
+``--set hold_relations=false`` leaves them out (before session 41 they were off unless ``--set hold_relations=true``);
+``--set hold_relations=true`` where the editor holds no other prompts is an error.
 
 Metric conventions: :mod:`editing.metrics.facts` (probability variants, mean
 token log-prob). Seconds per edit = time in ``edit`` + applying the delta,
@@ -329,7 +330,7 @@ def run_one(model: BenchModel, editor_name: str, batch_size: int, limit: int | N
     n_batches = -(-len(reqs) // batch_size)
     marks = sorted({max(1, round(n_batches * (i + 1) / checkpoints)) for i in range(checkpoints)})
     hparams = dict(hparams)
-    hold_relations = hparams.pop("hold_relations", True)   # as `editops edit`: every prompt of the request file
+    hold_relations = hparams.pop("hold_relations", None)   # as `editops edit`: every prompt of the request file
     if hparams.pop("blind_siblings", False):  # ablation: no neighbour probe's subject may serve as a sibling
         hparams["sibling_exclude"] = sorted(_neighbour_subjects(reqs))
     if editor_name == "ft" and "layers" not in hparams:
@@ -340,8 +341,8 @@ def run_one(model: BenchModel, editor_name: str, batch_size: int, limit: int | N
             print(f"  [{model.name} ft] no nse run of this benchmark recorded for this model: ft uses its own "
                   "default layers (run nse first, or --set layers=[...])", flush=True)
     editor = get_editor(editor_name, **hparams)
-    if hold_relations:
-        editor = with_relations_held(editor_name, editor, hparams, reqs, loaded.model)
+    if hold_relations is not False:
+        editor = with_relations_held(editor_name, editor, hparams, reqs, loaded.model, asked=bool(hold_relations))
     first = reqs[:batch_size]
     curve: list[dict] = []
     fresh_rows: list = []   # each request's outcome at the first checkpoint after its batch

@@ -240,9 +240,12 @@ def test_failure_reasons_print_each_distinct_message_once_most_frequent_first():
 
 
 def test_edit_hold_relations_holds_every_prompt_of_the_request_file(cli, random_model_dir, tmp_path):
-    """``--hold-relations`` (the default): where the editor holds other prompts, the request file's prompts become
-    ``relation_prompts`` (recorded with the run); without ``other_prompts`` nothing would hold them and none are
-    given; ``--no-hold-relations`` leaves them out."""
+    """``--hold-relations`` (the default where it applies): where the editor holds other prompts, the request file's
+    prompts become ``relation_prompts`` (recorded with the run); without ``other_prompts`` nothing would hold them:
+    by default none are given, and asked for explicitly the command says so; ``--no-hold-relations`` leaves them
+    out."""
+    from editing.errors import HyperparameterError
+
     runner, app = cli
     reqs = random_model_dir / "requests.jsonl"
     args = ["edit", "--model", str(random_model_dir / "model"), "--requests", str(reqs), "--editor", "nse",
@@ -259,5 +262,7 @@ def test_edit_hold_relations_holds_every_prompt_of_the_request_file(cli, random_
     assert held["other_prompts"] == 2
     assert held["relation_prompts"] == {"The capital of {} is": None, "{} plays the": None}
     assert recorded("--set", "other_prompts=2", "--no-hold-relations")["relation_prompts"] is None
-    plain = recorded("--hold-relations")
+    plain = recorded()
     assert plain["other_prompts"] == 0 and plain["relation_prompts"] is None
+    res = runner.invoke(app, [*args, "--hold-relations", "--out", str(tmp_path / "none")])
+    assert isinstance(res.exception, HyperparameterError) and "other_prompts" in str(res.exception)

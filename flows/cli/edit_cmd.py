@@ -100,11 +100,18 @@ def settings_of(editor, model) -> dict[str, Any] | None:
     return settings_for(model).to_dict() if settings_for is not None else None
 
 
-def with_relations_held(editor_name: str, editor, hyperparameters: dict[str, Any], requests, model):
+def with_relations_held(editor_name: str, editor, hyperparameters: dict[str, Any], requests, model,
+                        asked: bool = False):
     """``editor``, rebuilt with ``relation_prompts`` = every prompt of ``requests`` where it holds a subject's other
-    facts (``other_prompts``, given or from ``model``'s preset); else ``editor`` as it is."""
+    facts (``other_prompts``, given or from ``model``'s preset); else ``editor`` as it is, or, where the user
+    ``asked`` for the relations to be held, a ``HyperparameterError``: nothing would hold them."""
     settings = settings_of(editor, model)
     if not settings or not settings.get("other_prompts"):
+        if asked:
+            from editing.errors import HyperparameterError
+
+            raise HyperparameterError(f"--hold-relations holds the request file's prompts where the editor holds a "
+                                      f"subject's other facts; {editor_name!r} holds none here: set other_prompts ≥ 1")
         return editor
     from editing.editors.siblings import relation_prompts_of
 
@@ -166,7 +173,8 @@ def edit(
     evaluate: bool = typer.Option(True, "--eval/--no-eval", help="score fact requests before and after (base outputs saved)"),
     heldout: Optional[str] = typer.Option(None, "--heldout", help=HELDOUT_HELP),
     state: Optional[Path] = typer.Option(None, "--state", help="continue from a saved editor state"),
-    hold_relations: bool = typer.Option(True, "--hold-relations/--no-hold-relations", help=HOLD_RELATIONS_HELP),
+    hold_relations: Optional[bool] = typer.Option(None, "--hold-relations/--no-hold-relations",
+                                                  help=HOLD_RELATIONS_HELP + " [default: on where it applies]"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
@@ -188,8 +196,8 @@ def edit(
     ed = build_editor(editor_name, hparams)
     out_dir = out or default_out(model, editor_name)
     loaded = load(model, mlp_out_template=mlp_out_template, device=device)
-    if hold_relations and req_kind == "fact":
-        ed = with_relations_held(editor_name, ed, hparams, reqs, loaded.model)
+    if hold_relations is not False and req_kind == "fact":
+        ed = with_relations_held(editor_name, ed, hparams, reqs, loaded.model, asked=bool(hold_relations))
     base_fp = loaded.fingerprint
     console.print(f"[bold]{len(reqs)}[/] {req_kind} requests from {requests} → {loaded.source} "
                   f"({loaded.spec.model_type}, base {base_fp[:12]}…), editor [bold]{editor_name}[/], batch size {batch_size}")
