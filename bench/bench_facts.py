@@ -318,7 +318,7 @@ def run_one(model: BenchModel, editor_name: str, batch_size: int, limit: int | N
     from editing.metrics.text import heldout_texts, perplexity
     from editing.models import load
     from editing.runner import run_sequential
-    from flows.cli.edit_cmd import settings_of, with_relations_held
+    from editing.editors.held_relations import settings_of, with_relations_held
 
     loaded = load(model.model_dir)
     reqs = read_requests(model.requests, kind="fact", limit=limit or model.default_limit)

@@ -14,6 +14,7 @@ the promotion policy::
         kind: fact                         # fact | deletion
         editor: nse
         hyperparameters: {}
+        hold_relations: null               # hold the subject's other relations (every ticket's prompt) from batch 1
         batch_size: 8
         allowed_requesters: ["*"]          # "*" = anyone
         promotion: auto                    # auto (gates pass -> champion) | manual
@@ -57,6 +58,9 @@ class LineConfig:
     gates: GateThresholds = field(default_factory=GateThresholds)
     heldout: str | None = None  # held-out text for perplexity: a file (one text per line), stdlib:N or samples:N
     max_new_tokens: int = 40    # deletion lines: generation length for the gates
+    # fact lines whose editor holds a subject's other facts (other_prompts): hold every prompt of the line's applied
+    # and queued tickets from the first batch on (None: where it applies; true: an error where nothing holds them)
+    hold_relations: bool | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -66,6 +70,9 @@ class LineConfig:
         if int(self.batch_size) < 1:
             raise ConfigError(f"line {self.name!r}: batch_size must be ≥ 1")
         self.batch_size = int(self.batch_size)
+        if self.hold_relations is not None and not isinstance(self.hold_relations, bool):
+            raise ConfigError(f"line {self.name!r}: hold_relations must be true, false or left out, "
+                              f"not {self.hold_relations!r}")
 
     def allows(self, requester: str) -> bool:
         return "*" in self.allowed_requesters or requester in self.allowed_requesters

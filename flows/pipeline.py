@@ -38,7 +38,7 @@ from prefect.cache_policies import NO_CACHE
 from editing.atomic import write_text_atomic
 from editing.errors import EditopsError, RegistryUnavailableError, StaleParentError
 from editing.memory import trim_heap
-from flows.config import LineConfig, ProjectConfig, load_config
+from flows.config import ConfigError, LineConfig, ProjectConfig, load_config
 from flows.intake import scan_inbox, write_outbox_ids
 from flows.ledger import Ledger, holder_id
 
@@ -160,6 +160,7 @@ class LineContext:
     tokenizer: Any = None
     head: Any = None
     state: Any = None
+    editor: Any = None
     base_cache: Any = None
     earlier: list = field(default_factory=list)
     heldout: list[str] | None = None
@@ -176,10 +177,7 @@ def intake_task(cfg: ProjectConfig, ledger: Ledger) -> list[dict[str, Any]]:
 @task(name="edit", cache_policy=NO_CACHE)
 def edit_task(ctx: LineContext, requests: Sequence[Any]):
     """``editor.edit`` on the head model (left unchanged; the result's delta is the change)."""
-    from editing.editors import get_editor
-
-    editor = get_editor(ctx.line.editor, **ctx.line.hyperparameters)
-    return editor.edit(ctx.model, ctx.tokenizer, list(requests), ctx.state)
+    return ctx.editor.edit(ctx.model, ctx.tokenizer, list(requests), ctx.state)
 
 
 @task(name="gates", cache_policy=NO_CACHE)
@@ -462,6 +460,28 @@ def _materialize(ctx: LineContext) -> None:
     ctx.report.timings.materialize += time.perf_counter() - t0
 
 
+def line_editor(line: LineConfig, model, known_requests: Sequence[Any]):
+    """The line's editor for a run: its ``editor`` and ``hyperparameters``; a fact line whose editor holds a
+    subject's other facts (``other_prompts``, given or from the model's preset) holds every prompt of
+    ``known_requests`` (the line's applied and queued tickets) from the first batch on, unless the line sets
+    ``hold_relations: false``. A line the editor refuses is a :class:`ConfigError` (its tickets stay queued)."""
+    from editing.editors import get_editor
+    from editing.editors.held_relations import with_relations_held
+
+    try:
+        editor = get_editor(line.editor, **line.hyperparameters)
+        if line.hold_relations is not False and line.kind == "fact":
+            editor = with_relations_held(line.editor, editor, line.hyperparameters, known_requests, model,
+                                         asked=bool(line.hold_relations))
+        settings_for = getattr(editor, "settings_for", None)
+        if settings_for is not None:
+            settings_for(model)   # the model's preset joined with the line's settings: refused now, not per batch
+    except EditopsError as exc:
+        raise ConfigError(f"line {line.name!r}: {exc} (fix the line's editor settings in the config; its tickets "
+                          "stay queued)") from exc
+    return editor
+
+
 def _earlier_requests(ctx: LineContext) -> list:
     return [row.ticket().to_request() for row in ctx.ledger.rows(line=ctx.line.name, state="applied")
             if row.payload and "kind" in row.payload]
@@ -503,6 +523,7 @@ def process_line(cfg: ProjectConfig, ledger: Ledger, registry, line: LineConfig,
             _sampled_heldout(ctx)
             ctx.earlier = _earlier_requests(ctx)
             tickets = [row.ticket() for row in queued]
+            ctx.editor = line_editor(line, ctx.model, [*ctx.earlier, *(tk.to_request() for tk in tickets)])
             try:
                 for i in range(0, len(tickets), line.batch_size):
                     if use_lock:

@@ -27,7 +27,10 @@ def get_editor(name: str, **hyperparameters: Any) -> Editor:
     if name not in EDITORS:
         raise EditopsError(f"unknown editor {name!r}; choose one of {', '.join(EDITORS)}")
     module, cls = EDITORS[name].split(":")
-    return getattr(import_module(module), cls)(**hyperparameters)
+    try:
+        return getattr(import_module(module), cls)(**hyperparameters)
+    except TypeError as exc:
+        raise EditopsError(f"editor {name!r} rejected the hyperparameters {sorted(hyperparameters)}: {exc}") from exc
 
 
 __all__ = ["EDITORS", "Editor", "EditorState", "EditResult", "RequestDiagnostics", "get_editor",

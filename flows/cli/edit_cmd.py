@@ -74,48 +74,12 @@ def parse_settings(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
-def build_editor(name: str, hyperparameters: dict[str, Any]):
-    """``get_editor`` with an actionable error for hyperparameters the editor does not take."""
-    from editing.editors import get_editor
-    from editing.errors import EditopsError
-
-    try:
-        return get_editor(name, **hyperparameters)
-    except TypeError as exc:
-        raise EditopsError(f"editor {name!r} rejected the hyperparameters {sorted(hyperparameters)}: {exc}") from exc
-
-
 HOLD_RELATIONS_HELP = ("where the editor holds a subject's other facts (other_prompts, given or the model's preset's): "
                        "every prompt of the request file is held for each request's subject from the first batch on "
                        "(relation_prompts), not only the relations edited so far")
 DEVICE_HELP = "where the model runs: auto (a CUDA GPU when torch sees one, else the CPU), cpu, cuda or cuda:N"
 HELDOUT_HELP = ("held-out text for perplexity: a file (one text per line), stdlib:N, or samples:N (N texts the "
                 "unedited model samples itself)")
-
-
-def settings_of(editor, model) -> dict[str, Any] | None:
-    """The hyperparameters an edit of ``model`` starts from (the model's preset applied), for editors that have
-    them; ``None`` for the others."""
-    settings_for = getattr(editor, "settings_for", None)
-    return settings_for(model).to_dict() if settings_for is not None else None
-
-
-def with_relations_held(editor_name: str, editor, hyperparameters: dict[str, Any], requests, model,
-                        asked: bool = False):
-    """``editor``, rebuilt with ``relation_prompts`` = every prompt of ``requests`` where it holds a subject's other
-    facts (``other_prompts``, given or from ``model``'s preset); else ``editor`` as it is, or, where the user
-    ``asked`` for the relations to be held, a ``HyperparameterError``: nothing would hold them."""
-    settings = settings_of(editor, model)
-    if not settings or not settings.get("other_prompts"):
-        if asked:
-            from editing.errors import HyperparameterError
-
-            raise HyperparameterError(f"--hold-relations holds the request file's prompts where the editor holds a "
-                                      f"subject's other facts; {editor_name!r} holds none here: set other_prompts ≥ 1")
-        return editor
-    from editing.editors.siblings import relation_prompts_of
-
-    return build_editor(editor_name, {**hyperparameters, "relation_prompts": relation_prompts_of(requests)})
 
 
 def load_heldout(spec: str | None, model=None, tokenizer=None) -> list[str] | None:
@@ -179,7 +143,8 @@ def edit(
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
     """Apply requests sequentially in batches and write the edited model, the deltas and the editor state."""
-    from editing.editors import DEFAULT_DELETION_EDITOR, DEFAULT_FACT_EDITOR, EditorState
+    from editing.editors import DEFAULT_DELETION_EDITOR, DEFAULT_FACT_EDITOR, EditorState, get_editor
+    from editing.editors.held_relations import settings_of, with_relations_held
     from editing.formats import read_requests, request_kind
     from editing.metrics.facts import BaseOutputs, evaluate_facts
     from editing.models import load
@@ -193,7 +158,7 @@ def edit(
     hparams = parse_settings(settings)
     if layers:
         hparams["layers"] = parse_layers(layers)
-    ed = build_editor(editor_name, hparams)
+    ed = get_editor(editor_name, **hparams)
     out_dir = out or default_out(model, editor_name)
     loaded = load(model, mlp_out_template=mlp_out_template, device=device)
     if hold_relations is not False and req_kind == "fact":
