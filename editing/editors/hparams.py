@@ -3,7 +3,7 @@
 ``EditHparams`` holds everything an editor run depends on; it is recorded in
 every delta (``delta.hyperparameters``) so a version says how it was made.
 
-Presets (:mod:`editing.editors.presets`) are keyed by ``(model_type, n_layers)``. Each says where
+Presets (:mod:`editing.editors.presets`) are keyed by ``(model_type, n_layers, d_model)``. Each says where
 its numbers come from. A model with no preset gets its layers from a causal
 trace (:func:`editing.editors.layers.choose_layers`) and its ``λ`` from a calibration on a few
 held-out requests over :data:`DEFAULT_LAMBDA_GRID` (``MemitEditor._calibrate``); the choice is recorded with

@@ -1,9 +1,10 @@
 """Presets for known models and the key-statistics corpus each model uses.
 
-What a model gets when the user gives nothing: ``PRESETS`` keyed by ``(model_type, n_layers)`` (edited layers,
-λ, value clamp, corpus, locus and the sequential editor's settings, each with where its numbers come from), and
-:func:`corpus_for`, the corpus of the key statistics C0 (the preset's, else :func:`default_corpus`: the model's own
-samples sized to its MLP width).
+What a model gets when the user gives nothing: ``PRESETS`` (edited layers, λ, value clamp, corpus, locus and the
+sequential editor's settings, each with where its numbers come from), keyed by ``(model_type, n_layers, d_model)``
+(:func:`preset_key`: the width too, so that another model of the same family and depth is measured rather than
+handed a preset tuned for a different one), and :func:`corpus_for`, the corpus of the key statistics C0 (the
+preset's, else :func:`default_corpus`: the model's own samples sized to its MLP width).
 
 Kept apart from the editor hyperparameters (:mod:`editing.editors.hparams`) because the key statistics stages
 (``dvc.yaml``: ``stats``) depend on exactly this: which layers and which corpus a model's C0 is computed for.
@@ -72,13 +73,13 @@ SMOLLM2_SEQUENTIAL: dict[str, Any] = {
 }
 
 
-PRESETS: dict[tuple[str, int], Preset] = {
+PRESETS: dict[tuple[str, int, int], Preset] = {
     # MEMIT's published settings (read from its public hparams files)
-    ("gpt2", 48): Preset((13, 14, 15, 16, 17), 2e4, 0.75, "GPT-2 XL, MEMIT paper"),
-    ("gptj", 28): Preset((3, 4, 5, 6, 7, 8), 1.5e4, 0.75, "GPT-J 6B, MEMIT paper"),
-    ("llama", 32): Preset((4, 5, 6, 7, 8), 1.5e4, 0.75, "Llama-3-8B, AlphaEdit public hparams"),
+    ("gpt2", 48, 1600): Preset((13, 14, 15, 16, 17), 2e4, 0.75, "GPT-2 XL, MEMIT paper"),
+    ("gptj", 28, 4096): Preset((3, 4, 5, 6, 7, 8), 1.5e4, 0.75, "GPT-J 6B, MEMIT paper"),
+    ("llama", 32, 4096): Preset((4, 5, 6, 7, 8), 1.5e4, 0.75, "Llama-3-8B, AlphaEdit public hparams"),
     # GPT-2 small (12 layers): MEMIT's layer share of GPT-2 XL scaled to depth; not measured here
-    ("gpt2", 12): Preset((3, 4, 5), 2e4, 0.75, "GPT-2 small, scaled from GPT-2 XL (unmeasured)"),
+    ("gpt2", 12, 768): Preset((3, 4, 5), 2e4, 0.75, "GPT-2 small, scaled from GPT-2 XL (unmeasured)"),
     # SmolLM2-135M (the project's default model): layers from editops' causal trace (8 facts of
     # 3 relations, window 1: layer 0 is the detokenising MLP, excluded; the largest 5-layer window
     # after it is 4–8: bench/RESULTS.md "Neuron-level editor: choosing the defaults"). λ is not
@@ -89,17 +90,23 @@ PRESETS: dict[tuple[str, int], Preset] = {
     # tokens) instead of 64 own samples (3,067 tokens for 1,536-dim keys): on 100 sequential country
     # edits perplexity drift +1.1 % instead of +6.2 %, efficacy/paraphrase/retention unchanged
     # (bench/RESULTS.md "Fact editing", 2026-11-22).
-    ("llama", 30): Preset((4, 5, 6, 7, 8), None, 4.0,
+    ("llama", 30, 576): Preset((4, 5, 6, 7, 8), None, 4.0,
                           "SmolLM2-135M: layers by causal trace, λ calibrated on the first batch", corpus="stdlib",
                           sequential=SMOLLM2_SEQUENTIAL),
 }
 
 
-def preset_for(model: nn.Module) -> Preset | None:
-    """The preset for this model's ``(model_type, n_layers)``, or ``None``."""
+def preset_key(model: nn.Module) -> tuple[str, int, int]:
+    """``(model_type, n_layers, d_model)`` of ``model``'s config: what :data:`PRESETS` is keyed by."""
     cfg = model.config
     n = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
-    return PRESETS.get((getattr(cfg, "model_type", ""), int(n or 0)))
+    d = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None) or getattr(cfg, "d_model", None)
+    return getattr(cfg, "model_type", ""), int(n or 0), int(d or 0)
+
+
+def preset_for(model: nn.Module) -> Preset | None:
+    """The preset for this model's :func:`preset_key`, or ``None``."""
+    return PRESETS.get(preset_key(model))
 
 
 def corpus_for(model: nn.Module) -> str:

@@ -7,7 +7,7 @@ import torch
 
 from editing.arch import spec_for
 from editing.editors import get_editor
-from editing.editors.presets import preset_for
+from editing.editors.presets import preset_for, preset_key
 from editing.editors.layers import causal_trace, choose_layers
 from tinyworld import facts, requests, tiny_llama  # noqa: F401  (fixtures)
 
@@ -76,11 +76,16 @@ def test_key_statistics_corpus_is_the_given_one_else_the_presets_else_the_defaul
     from editing.editors.hparams import EditHparams, with_model_defaults, with_preset
     from editing.editors.presets import DEFAULT_CORPUS
 
-    smol_shaped = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=30,
-                                               num_attention_heads=2, num_key_value_heads=1))
-    assert preset_for(smol_shaped).corpus == "stdlib"
+    def llama(hidden: int):   # shapes only: the weights are never materialised
+        with torch.device("meta"):
+            return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=hidden, intermediate_size=2 * hidden,
+                                                num_hidden_layers=30, num_attention_heads=3, num_key_value_heads=1))
+
+    smol_shaped = llama(576)
+    assert preset_key(smol_shaped) == ("llama", 30, 576) and preset_for(smol_shaped).corpus == "stdlib"
     assert with_preset(EditHparams(), smol_shaped).corpus == "stdlib"
     assert with_model_defaults(EditHparams(corpus="samples:8"), smol_shaped).corpus == "samples:8"
+    assert preset_for(llama(48)) is None     # as deep as SmolLM2, another width: no preset, measured instead
     model, tok = tiny_llama
     assert model.config.intermediate_size <= 512
     assert preset_for(model) is None and with_preset(EditHparams(), model).corpus == DEFAULT_CORPUS == "samples:512"
@@ -126,7 +131,7 @@ def test_value_clamp_is_the_users_else_the_presets_in_every_batch(tiny_llama, fa
     assert preset_for(model) is None
     assert with_model_defaults(EditHparams(), model).value.clamp_norm_factor \
         == DEFAULT_CLAMP_NORM_FACTOR == 4.0
-    key = (model.config.model_type, model.config.num_hidden_layers)
+    key = preset_key(model)
     monkeypatch.setitem(presets.PRESETS, key, presets.Preset((0,), 30.0, 1.5, "test preset", corpus="samples:8"))
 
     def clamps(**value) -> list[float]:
@@ -151,7 +156,7 @@ def test_a_presets_sequential_settings_fill_what_the_user_did_not_give(tiny_llam
     from editing.errors import HyperparameterError
 
     model, tok = tiny_llama
-    key = (model.config.model_type, model.config.num_hidden_layers)
+    key = preset_key(model)
     monkeypatch.setitem(presets.PRESETS, key, presets.Preset(
         (0,), 30.0, 1.5, "test preset", corpus="samples:8",
         sequential={"lam_ladder": 1, "repasses": 2, "repass_on": "not_taken", "other_prompts": 2,
