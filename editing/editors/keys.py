@@ -336,10 +336,12 @@ GENERATION_STARTS: tuple[str, ...] = ("The", "Therefore", "Because", "I", "You")
 
 @torch.no_grad()
 def generated_context_templates(model: nn.Module, tokenizer, starts: Sequence[str] = GENERATION_STARTS,
-                                length: int = 10, top_k: int = 5, seed: int = 0) -> tuple[str, ...]:
-    """MEMIT's context templates: the bare prompt ``"{}"`` plus one prefix per word of ``starts``,
-    continued by the model itself for ``length`` tokens (top-``k`` sampling, k=5, as MEMIT,
-    under a fixed seed) and ending in ``". {}"``.
+                                length: int = 10, top_k: int = 5, seed: int = 0, per_start: int = 1) -> tuple[str, ...]:
+    """MEMIT's context templates: the bare prompt ``"{}"`` plus ``per_start`` prefixes per word of ``starts``
+    (MEMIT: one; ROME drew 20 in all), continued by the model itself for ``length`` tokens (top-``k`` sampling,
+    k=5, as MEMIT, under a fixed seed) and ending in ``". {}"``. The prefixes are drawn round by round (each
+    start once per round) from one seeded stream, so the first ``len(starts)`` are the same for every
+    ``per_start``.
 
     Text the model generates is, by construction, text it finds ordinary, whatever
     its vocabulary or training data (a fixed English prefix is out of distribution for
@@ -360,8 +362,9 @@ def generated_context_templates(model: nn.Module, tokenizer, starts: Sequence[st
                                    attention_mask=torch.ones((1, len(prompt_ids(tokenizer, s))), dtype=torch.long,
                                                              device=device),
                                    max_new_tokens=length, min_new_tokens=length, do_sample=True, top_k=top_k,
-                                   top_p=1.0, temperature=1.0, pad_token_id=pad) for s in starts]
-        for s, gen in zip(starts, gens):
+                                   top_p=1.0, temperature=1.0, pad_token_id=pad)
+                    for s in list(starts) * per_start]
+        for s, gen in zip(list(starts) * per_start, gens):
             text = tokenizer.decode(gen[0], skip_special_tokens=True)
             text = " ".join(text.replace("{", " ").replace("}", " ").split())
             out.append((text or s) + ". {}")

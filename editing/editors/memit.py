@@ -51,15 +51,15 @@ log = logging.getLogger(__name__)
 _C0: dict[tuple[str, str, str], torch.Tensor] = {}
 
 
-def _generated_templates(model: nn.Module, tokenizer, fp: str) -> tuple[str, ...]:
+def _generated_templates(model: nn.Module, tokenizer, fp: str, per_start: int = 1) -> tuple[str, ...]:
     """:func:`generated_context_templates`, cached by the fingerprint of the base weights (``fp``, the edit's
-    base fingerprint: the weights are hashed once per edit, by whoever resolved ``fp``)."""
-    if fp not in _TEMPLATES:
-        _TEMPLATES[fp] = generated_context_templates(model, tokenizer)
-    return _TEMPLATES[fp]
+    base fingerprint: the weights are hashed once per edit, by whoever resolved ``fp``) and ``per_start``."""
+    if (fp, per_start) not in _TEMPLATES:
+        _TEMPLATES[fp, per_start] = generated_context_templates(model, tokenizer, per_start=per_start)
+    return _TEMPLATES[fp, per_start]
 
 
-_TEMPLATES: dict[str, tuple[str, ...]] = {}
+_TEMPLATES: dict[tuple[str, int], tuple[str, ...]] = {}
 
 
 def _subject_ledger(ledger: dict[str, list[str]], edited: Sequence) -> dict[str, list[str]]:
@@ -324,7 +324,7 @@ class MemitEditor:
             return hp
         templates = state.meta.get("context_templates") if state is not None else None
         if not templates:
-            templates = _generated_templates(model, tokenizer, fp)
+            templates = _generated_templates(model, tokenizer, fp, hp.context_per_start)
         return replace(hp, value=replace(hp.value, context_templates=tuple(templates)))
 
     def _calibrate(self, model, tokenizer, spec, reqs, hp: EditHparams, fp: str,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import warnings
 
+import pytest
 import torch
 
 from editing.arch import spec_for
@@ -46,6 +47,8 @@ def test_generated_context_templates_are_the_models_own_and_carried_in_the_state
     assert t1 == t2                                   # seeded: a function of the weights
     assert torch.equal(torch.get_rng_state(), rng)    # the caller's random state is untouched
     assert t1[0] == "{}" and len(t1) == 6 and all(t.endswith(". {}") for t in t1[1:])
+    more = generated_context_templates(model, tok, per_start=3)   # context_per_start: more of the same stream
+    assert len(more) == 16 and more[:6] == t1 and len(set(more)) > 6
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     reqs = requests(facts, 3)
     ed = get_editor("nse", layers=[0], locus="subject", lam=30.0, stats_dir=str(tmp_path), corpus="samples:8", value={"steps": 5})
@@ -66,6 +69,18 @@ def test_generated_context_templates_are_the_models_own_and_carried_in_the_state
         res3 = get_editor("nse", layers=[0], locus="subject", lam=30.0, stats_dir=str(tmp_path), corpus="samples:8", context="fixed",
                           value={"steps": 5}).edit(model, tok, reqs[:1], None)
     assert tuple(res3.delta.hyperparameters["value"]["context_templates"]) == DEFAULT_CONTEXT_TEMPLATES
+    # context_per_start: the edit uses (and records) that many prefixes per start word
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res4 = get_editor("nse", layers=[0], locus="subject", lam=30.0, stats_dir=str(tmp_path), corpus="samples:8",
+                          context_per_start=3, value={"steps": 5}).edit(model, tok, reqs[:1], None)
+    assert tuple(res4.delta.hyperparameters["value"]["context_templates"]) == more
+    assert res4.delta.hyperparameters["context_per_start"] == 3
+    from editing.editors.hparams import EditHparams
+    from editing.errors import HyperparameterError
+    for bad in (0, 1.5, True):
+        with pytest.raises(HyperparameterError, match="context_per_start"):
+            EditHparams(context_per_start=bad)
 
 
 def test_key_statistics_corpus_is_the_given_one_else_the_presets_else_the_default(tiny_llama, facts, tmp_path):
