@@ -389,7 +389,7 @@ class Registry:
             files = [V.DELTA_FILE]
             tags: dict[str, str] = {
                 V.KIND: kind, V.PARENT: str(parent_num), V.EDITOR: delta.editor,
-                V.HPARAMS: json.dumps(delta.hyperparameters, sort_keys=True, default=str)[: V.MAX_TAG_VALUE],
+                V.HPARAMS: V.hyperparameters_tag(delta.hyperparameters),
                 V.DELTA_KIND: delta.kind, V.BASE_FP: base.base_fingerprint, V.BASE_SOURCE: base.base_source,
                 V.N_REQUESTS: str(len(request_ids)), V.P + "delta_content_sha256": delta_sha,
                 V.P + "delta_bytes": str((d / V.DELTA_FILE).stat().st_size),

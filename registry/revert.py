@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from editing.delta import LowRankDelta
 from editing.errors import EditopsError, RevertError
+from editing.memory import trim_heap
 from registry import versions as V
 
 if TYPE_CHECKING:
@@ -48,11 +49,13 @@ def _parse_requests(records: list[dict[str, Any]]):
     return [parse_record(r, where="requests.jsonl", default_id=str(i)) for i, r in enumerate(records)]
 
 
-def _default_editor(version: "Version"):
+def _default_editor(version: "Version", hyperparameters: dict[str, Any]):
+    """The editor ``version`` recorded, rebuilt from its delta's complete ``hyperparameters`` (the version's tag
+    may leave long values out)."""
     from editing.editors import get_editor
 
     try:
-        return get_editor(version.editor, **version.hyperparameters)
+        return get_editor(version.editor, **hyperparameters)
     except EditopsError:
         raise
     except Exception as exc:
@@ -99,7 +102,9 @@ def revert(reg: "Registry", line: str, request_id: str, *, mode: str = "replay",
         model, tok = m.model, m.tokenizer
         state = reg.load_state(parent) if not parent.is_base else None
         new, replayed = [], []
+        recorded = {v.number: d.hyperparameters for v, d in zip([k, *later], old)}
         for v in [k, *later]:
+            trim_heap()   # as a sequential run: what the previous batch freed goes back to the system
             records = load_requests(reg, v)
             if not records:
                 raise RevertError(f"version {v.number} of {line!r} stored no requests (requests.jsonl), so its batch "
@@ -107,7 +112,7 @@ def revert(reg: "Registry", line: str, request_id: str, *, mode: str = "replay",
             reqs = [r for r in _parse_requests(records) if r.request_id != request_id]
             if not reqs:
                 continue
-            ed = editor or (editor_factory or _default_editor)(v)
+            ed = editor or (editor_factory(v) if editor_factory else _default_editor(v, recorded[v.number]))
             result = ed.edit(model, tok, reqs, state)
             result.delta.apply(model)
             new.append(result.delta)
@@ -121,7 +126,7 @@ def revert(reg: "Registry", line: str, request_id: str, *, mode: str = "replay",
         delta = delta.compact(rtol=1e-9)  # float64 SVD of the stacked factors: exact to rounding
     from dataclasses import replace
 
-    delta = replace(delta, editor=k.editor, hyperparameters=k.hyperparameters, request_ids=[],
+    delta = replace(delta, editor=k.editor, hyperparameters=old[0].hyperparameters, request_ids=[],
                     base_fingerprint=k.base_fingerprint,
                     meta={"revert": request_id, "revert_of": k.number, "mode": mode, "replayed": replayed})
     tags = {V.REVERTS: request_id, V.REVERT_OF: str(k.number), V.REVERT_MODE: mode,

@@ -8,7 +8,9 @@ create call* (so a version is never visible without them):
 
 - ``editops.kind``: ``base`` | ``delta`` | ``revert``
 - ``editops.parent``: the parent's version number
-- ``editops.editor`` / ``editops.hyperparameters`` (JSON) / ``editops.delta_kind`` (``weight``|``hook``)
+- ``editops.editor`` / ``editops.hyperparameters`` (JSON, at most :data:`MAX_TAG_VALUE` characters: where the
+  whole set does not fit, its largest values are left out and named under ``"_elided"``; the complete set is
+  the delta's, in ``delta.safetensors`` and ``manifest.json``) / ``editops.delta_kind`` (``weight``|``hook``)
 - ``editops.base_fingerprint`` / ``editops.base_source``
 - ``editops.request_ids`` (JSON list; the full list is also the artifact ``request_ids.json``)
 - ``editops.sha256.<artifact>``: sha256 of each artifact file's bytes, checked on every load
@@ -61,6 +63,38 @@ PROBES_FILE = "probes.json"
 MAX_TAG_VALUE = 4500
 
 
+#: The key under which :func:`hyperparameters_tag` names the hyperparameters it left out of the tag.
+ELIDED = "_elided"
+
+
+def hyperparameters_tag(hyperparameters: dict[str, Any]) -> str:
+    """The ``editops.hyperparameters`` tag: ``hyperparameters`` as JSON when it fits in :data:`MAX_TAG_VALUE`
+    characters; else without its largest values, the keys left out listed under :data:`ELIDED`. Always valid
+    JSON (a cut string would make every listing of the line fail)."""
+    text = json.dumps(hyperparameters, sort_keys=True, default=str)
+    if len(text) <= MAX_TAG_VALUE:
+        return text
+    kept = dict(hyperparameters)
+    for key in sorted(kept, key=lambda k: (-len(json.dumps(kept[k], default=str)), k)):
+        del kept[key]
+        text = json.dumps({**kept, ELIDED: sorted(set(hyperparameters) - set(kept))}, sort_keys=True, default=str)
+        if len(text) <= MAX_TAG_VALUE:
+            return text
+    return json.dumps({ELIDED: ["*"]})   # even the key names do not fit
+
+
+def _hyperparameters_of(tag: str | None) -> tuple[dict[str, Any], list[str]]:
+    """The tag's hyperparameters and the keys it left out; a tag cut by hand or by an older editops (not valid
+    JSON) reads as nothing kept, everything left out (``["*"]``)."""
+    try:
+        hp = json.loads(tag or "{}")
+    except json.JSONDecodeError:
+        return {}, ["*"]
+    if not isinstance(hp, dict):
+        return {}, ["*"]
+    return hp, list(hp.pop(ELIDED, []))
+
+
 def file_sha256(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -86,7 +120,8 @@ class Version:
     parent: int | None
     base_fingerprint: str
     editor: str = ""
-    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    hyperparameters: dict[str, Any] = field(default_factory=dict)   # as the tag holds them (see hyperparameters_elided)
+    hyperparameters_elided: list[str] = field(default_factory=list)   # keys too long for the tag: read the delta's
     delta_kind: str = "weight"
     request_ids: list[str] | None = None  # None: too many for a tag; read the artifact
     n_requests: int = 0
@@ -120,6 +155,7 @@ class Version:
         tags = dict(mv.tags or {})
         ids_tag = tags.get(REQUEST_IDS)
         gp = tags.get(GATES_PASSED)
+        hp, elided = _hyperparameters_of(tags.get(HPARAMS))
         return cls(
             line=mv.name,
             number=int(mv.version),
@@ -127,7 +163,8 @@ class Version:
             parent=_int(tags.get(PARENT)),
             base_fingerprint=tags.get(BASE_FP, ""),
             editor=tags.get(EDITOR, ""),
-            hyperparameters=json.loads(tags.get(HPARAMS, "{}") or "{}"),
+            hyperparameters=hp,
+            hyperparameters_elided=elided,
             delta_kind=tags.get(DELTA_KIND, "weight"),
             request_ids=json.loads(ids_tag) if ids_tag else ([] if N_REQUESTS not in tags or tags[N_REQUESTS] == "0" else None),
             n_requests=int(tags.get(N_REQUESTS, "0") or 0),

@@ -156,7 +156,9 @@ def show(ref: str = typer.Argument(..., help="models:/<line>/<n>, <line>/<n> or 
     c.print(f"lineage: {' → '.join(str(x.number) for x in chain)}")
     c.print(f"base: {chain[0].base_source}  fingerprint {v.base_fingerprint[:16]}…")
     if not v.is_base:
-        c.print(f"editor: {v.editor}  hyperparameters: {json.dumps(v.hyperparameters, default=str)[:300]}")
+        elided = (f" (left out of the tag, in the delta: {', '.join(v.hyperparameters_elided)})"
+                  if v.hyperparameters_elided else "")
+        c.print(f"editor: {v.editor}  hyperparameters: {json.dumps(v.hyperparameters, default=str)[:300]}{elided}")
         from registry.materialize import request_ids_of
 
         own = request_ids_of(reg, v)

@@ -56,7 +56,9 @@ def test_replay_revert_equals_the_line_that_never_had_the_request(reg, trained_d
 
     base, facts = trained_dir
     reqs = make_requests(facts, 6)
-    hp = _hp(tmp_path)
+    # a setting too long for the version's tag (names that never come up): the replay rebuilds the editor from
+    # the delta's complete hyperparameters, and the revert version records them
+    hp = {**_hp(tmp_path), "sibling_exclude": [f"Nobody{i}" for i in range(400)]}
     line = "revert-line"
     batches = [reqs[0:2], reqs[2:4], reqs[4:6]]
     _, edited = _edit_line(reg, line, base, batches, hp)
@@ -66,6 +68,9 @@ def test_replay_revert_equals_the_line_that_never_had_the_request(reg, trained_d
     rv = revert(reg, line, gone, who="alice", why="ticket withdrawn")  # editor rebuilt from the version tags
     assert (rv.kind, rv.parent, rv.reverts, rv.tags["editops.revert_of"]) == ("revert", 4, gone, "3")
     assert reg.applied_request_ids(line) == [r.request_id for r in reqs if r.request_id != gone]
+    assert reg.version(line, 3).hyperparameters_elided == ["sibling_exclude"]
+    assert rv.hyperparameters_elided == ["sibling_exclude"]
+    assert reg.load_delta(rv).hyperparameters["sibling_exclude"] == hp["sibling_exclude"]
     with pytest.raises(RevertError, match="already reverted"):
         revert(reg, line, gone)
 

@@ -175,3 +175,26 @@ def test_storage_is_a_small_fraction_of_the_model(reg, line_name, model_dirs):
     model_bytes = sum(p.stat().st_size for p in Path(base).glob("*.safetensors"))
     assert delta_bytes < model_bytes  # the real 1 % bar is measured on the 135M model in bench/bench_registry.py
     assert json.loads(v2.tags["editops.request_ids"]) == [f"r{i}" for i in range(10)]
+
+
+def test_hyperparameters_too_long_for_a_tag_are_left_out_of_it_and_kept_in_the_delta(reg, line_name, model_dirs):
+    """A version whose hyperparameters do not fit MLflow's tag (a long ``relation_prompts``) is listed like any
+    other: the tag keeps what fits and names what it left out; the delta holds the complete set. A tag an older
+    editops cut mid-string reads as nothing kept instead of breaking every listing of the line."""
+    from dataclasses import replace
+
+    from registry import versions as V
+
+    base_dir = model_dirs["gpt2"]
+    reg.ensure_line(line_name, base_dir)
+    d = random_delta(base_dir, layers=(0,), seed=2, request_ids=["a"])
+    long = {f"The relation number {i} of {{}} is": f"P{i}" for i in range(200)}
+    d = replace(d, hyperparameters={**d.hyperparameters, "relation_prompts": long})
+    v = reg.register_version(line_name, 1, d)
+    (listed,) = [x for x in reg.versions(line_name) if x.number == v.number]
+    assert len(listed.tags[V.HPARAMS]) <= V.MAX_TAG_VALUE
+    assert listed.hyperparameters == {"rank": 2, "seed": 2} and listed.hyperparameters_elided == ["relation_prompts"]
+    assert reg.load_delta(listed).hyperparameters["relation_prompts"] == long
+    short = {"rank": 2, "seed": 2}
+    assert json.loads(V.hyperparameters_tag(short)) == short
+    assert V._hyperparameters_of(json.dumps({"a": "x" * 10})[:8]) == ({}, ["*"])
