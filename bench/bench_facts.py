@@ -341,8 +341,7 @@ def run_one(model: BenchModel, editor_name: str, batch_size: int, limit: int | N
             print(f"  [{model.name} ft] no nse run of this benchmark recorded for this model: ft uses its own "
                   "default layers (run nse first, or --set layers=[...])", flush=True)
     editor = get_editor(editor_name, **hparams)
-    if hold_relations is not False:
-        editor = with_relations_held(editor_name, editor, hparams, reqs, loaded.model, asked=bool(hold_relations))
+    editor = with_relations_held(editor_name, editor, hparams, reqs, loaded.model, hold_relations)
     first = reqs[:batch_size]
     curve: list[dict] = []
     fresh_rows: list = []   # each request's outcome at the first checkpoint after its batch

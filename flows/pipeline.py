@@ -470,9 +470,9 @@ def line_editor(line: LineConfig, model, known_requests: Sequence[Any]):
 
     try:
         editor = get_editor(line.editor, **line.hyperparameters)
-        if line.hold_relations is not False and line.kind == "fact":
+        if line.kind == "fact":
             editor = with_relations_held(line.editor, editor, line.hyperparameters, known_requests, model,
-                                         asked=bool(line.hold_relations))
+                                         line.hold_relations)
         settings_for = getattr(editor, "settings_for", None)
         if settings_for is not None:
             settings_for(model)   # the model's preset joined with the line's settings: refused now, not per batch

@@ -32,7 +32,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable
 
 from editing.delta import LowRankDelta
-from editing.errors import EditopsError, RevertError
+from editing.errors import EditopsError, HyperparameterError, RevertError
 from editing.memory import trim_heap
 from registry import versions as V
 
@@ -51,14 +51,15 @@ def _parse_requests(records: list[dict[str, Any]]):
 
 def _default_editor(version: "Version", hyperparameters: dict[str, Any]):
     """The editor ``version`` recorded, rebuilt from its delta's complete ``hyperparameters`` (the version's tag
-    may leave long values out)."""
+    may leave long values out). Settings this editops refuses (a key it no longer takes, a combination it
+    rejects) are a :class:`RevertError` that says how to go on; other editops errors keep their own message."""
     from editing.editors import get_editor
 
     try:
         return get_editor(version.editor, **hyperparameters)
-    except EditopsError:
-        raise
     except Exception as exc:
+        if isinstance(exc, EditopsError) and not isinstance(exc, HyperparameterError):
+            raise
         raise RevertError(
             f"cannot rebuild editor {version.editor!r} of version {version.number} from its recorded "
             f"hyperparameters ({exc}); pass editor=... to revert") from exc

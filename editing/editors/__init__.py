@@ -9,7 +9,7 @@ from importlib import import_module
 from typing import Any
 
 from editing.editors.base import EditorState, EditResult, Editor, RequestDiagnostics
-from editing.errors import EditopsError
+from editing.errors import EditopsError, HyperparameterError
 
 EDITORS: dict[str, str] = {
     "memit": "editing.editors.memit:MemitEditor",
@@ -30,7 +30,7 @@ def get_editor(name: str, **hyperparameters: Any) -> Editor:
     try:
         return getattr(import_module(module), cls)(**hyperparameters)
     except TypeError as exc:
-        raise EditopsError(f"editor {name!r} rejected the hyperparameters {sorted(hyperparameters)}: {exc}") from exc
+        raise HyperparameterError(f"editor {name!r} rejected the hyperparameters {sorted(hyperparameters)}: {exc}") from exc
 
 
 __all__ = ["EDITORS", "Editor", "EditorState", "EditResult", "RequestDiagnostics", "get_editor",

@@ -21,18 +21,21 @@ def settings_of(editor: Editor, model) -> dict[str, Any] | None:
 
 
 def with_relations_held(name: str, editor: Editor, hyperparameters: dict[str, Any], requests: Sequence, model,
-                        asked: bool = False) -> Editor:
+                        hold: bool | None = None) -> Editor:
     """``editor`` (built as ``get_editor(name, **hyperparameters)``), rebuilt with ``relation_prompts`` = the
     given ones and then every prompt of ``requests``, where it holds a subject's other facts (``other_prompts``,
     given or from ``model``'s preset).
 
-    Where it holds none: ``editor`` as it is, or, where the user ``asked`` for the relations to be held, a
-    ``HyperparameterError`` (nothing would hold them)."""
+    ``hold`` is the user's ``hold_relations``: ``None`` (not given) holds them where it applies, ``False`` returns
+    ``editor`` as it is, ``True`` where the editor holds no other prompts is a ``HyperparameterError`` (nothing
+    would hold them); elsewhere an editor that holds none is returned as it is."""
     from editing.editors.siblings import relation_prompts_of
 
+    if hold is False:
+        return editor
     settings = settings_of(editor, model)
     if not settings or not settings.get("other_prompts"):
-        if asked:
+        if hold:
             raise HyperparameterError(f"hold_relations holds the requests' prompts where the editor holds a subject's "
                                       f"other facts; {name!r} holds none here: set other_prompts ≥ 1")
         return editor

@@ -355,6 +355,7 @@ def generated_context_templates(model: nn.Module, tokenizer, starts: Sequence[st
     was_training = model.training
     model.eval()
     out = ["{}"]
+    words = list(starts) * per_start   # round by round: each start once per round
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
@@ -363,8 +364,8 @@ def generated_context_templates(model: nn.Module, tokenizer, starts: Sequence[st
                                                              device=device),
                                    max_new_tokens=length, min_new_tokens=length, do_sample=True, top_k=top_k,
                                    top_p=1.0, temperature=1.0, pad_token_id=pad)
-                    for s in list(starts) * per_start]
-        for s, gen in zip(list(starts) * per_start, gens):
+                    for s in words]
+        for s, gen in zip(words, gens):
             text = tokenizer.decode(gen[0], skip_special_tokens=True)
             text = " ".join(text.replace("{", " ").replace("}", " ").split())
             out.append((text or s) + ". {}")

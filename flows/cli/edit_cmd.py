@@ -161,8 +161,8 @@ def edit(
     ed = get_editor(editor_name, **hparams)
     out_dir = out or default_out(model, editor_name)
     loaded = load(model, mlp_out_template=mlp_out_template, device=device)
-    if hold_relations is not False and req_kind == "fact":
-        ed = with_relations_held(editor_name, ed, hparams, reqs, loaded.model, asked=bool(hold_relations))
+    if req_kind == "fact":
+        ed = with_relations_held(editor_name, ed, hparams, reqs, loaded.model, hold_relations)
     base_fp = loaded.fingerprint
     console.print(f"[bold]{len(reqs)}[/] {req_kind} requests from {requests} → {loaded.source} "
                   f"({loaded.spec.model_type}, base {base_fp[:12]}…), editor [bold]{editor_name}[/], batch size {batch_size}")

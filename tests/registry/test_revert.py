@@ -92,6 +92,19 @@ def test_replay_revert_equals_the_line_that_never_had_the_request(reg, trained_d
         torch.testing.assert_close(state_rv.tensors[k], t, rtol=1e-4, atol=1e-5)
 
 
+def test_a_version_whose_recorded_settings_are_refused_says_to_pass_an_editor():
+    """A key this editops no longer takes (or a combination it rejects) in a version's recorded hyperparameters:
+    the replay cannot rebuild the editor, and the error says to pass one."""
+    from registry.revert import _default_editor
+    from registry.versions import Version
+
+    v = Version(line="l", number=3, kind="delta", parent=2, base_fingerprint="", editor="nse")
+    with pytest.raises(RevertError, match="version 3 .*pass editor="):
+        _default_editor(v, {"no_such_setting": 1})
+    with pytest.raises(RevertError, match="pass editor="):
+        _default_editor(v, {"sibling_leak": 0.3})   # needs sibling_pool or sibling_vocab: a refused combination
+
+
 def test_subtract_revert_of_a_single_request_batch(reg, line_name, trained_dir, tmp_path):
     from registry.revert import revert
 
