@@ -258,13 +258,47 @@ def _request_row(r) -> dict:
     return {"efficacy": r.efficacy, "paraphrase": r.paraphrase, "neighbourhood": r.neighbourhood}
 
 
-def reedit_split(done, rows, base_rows, fresh_rows) -> tuple[dict, list[dict]]:
+def paraphrase_margins(r, pair_scores, comparison: str) -> list[float | None]:
+    """Per paraphrase of request ``r``: log P(target_new) − log P(target_true) as the paraphrase metric compares
+    them (``comparison``); > 0 is a paraphrase that took. ``None`` where the request has no ``target_true``."""
+    from editing.metrics.facts import _lp
+
+    if r.target_true is None:
+        return [None] * len(r.paraphrases)
+    return [_lp(pair_scores[(p, r.target_new)], comparison) - _lp(pair_scores[(p, r.target_true)], comparison)
+            for p in r.paraphrases]
+
+
+def wording_split(done, fresh_margins, end_margins) -> dict:
+    """Paraphrases grouped by wording (the paraphrase with its subject as ``{}``): how many, the share that took
+    when edited and at the end, and the share at the end among the requests whose subject a later request edits
+    again. Tells which wordings the edits reach and which ones later batches take back."""
+    last = {r.subject: i for i, r in enumerate(done)}
+    out: dict[str, dict] = {}
+    for i, r in enumerate(done):
+        for p, f, e in zip(r.paraphrases, fresh_margins[i], end_margins[i]):
+            if f is None or e is None:
+                continue
+            g = out.setdefault(p.replace(r.subject, "{}"), {"n": 0, "when_edited": 0, "at_end": 0,
+                                                           "n_again": 0, "at_end_again": 0})
+            again = last[r.subject] > i
+            g["n"] += 1
+            g["when_edited"] += f > 0
+            g["at_end"] += e > 0
+            g["n_again"] += again
+            g["at_end_again"] += again and e > 0
+    return {w: {"n": g["n"], "when_edited": g["when_edited"] / g["n"], "at_end": g["at_end"] / g["n"],
+                "n_again": g["n_again"], "at_end_again": g["at_end_again"] / g["n_again"] if g["n_again"] else None}
+            for w, g in sorted(out.items(), key=lambda kv: -kv[1]["n"])}
+
+
+def reedit_split(done, rows, base_rows, fresh_rows, fresh_margins, end_margins) -> tuple[dict, list[dict]]:
     """The edits split by whether a later request of the run edits the same subject again (in another prompt):
     ``subject edited again later`` / ``subject not edited again``, each scored when edited (``fresh_rows``: each
     request's row at the first checkpoint after its batch) and at the end (``rows``), neighbourhood × base from
     ``base_rows``. Tells erosion by the subject's own later edits (one subject-alone key per subject) from erosion
     by the run as a whole. Also returns one record per request (id, subject, relation, edited again later, the
-    three metrics when edited and at the end)."""
+    three metrics when edited and at the end, and its paraphrase margins, :func:`paraphrase_margins`)."""
     last = {r.subject: i for i, r in enumerate(done)}
     again = [last[r.subject] > i for i, r in enumerate(done)]
     split = {}
@@ -274,8 +308,9 @@ def reedit_split(done, rows, base_rows, fresh_rows) -> tuple[dict, list[dict]]:
             split[name] = {"at_end": _slice_scores([rows[i] for i in ix], [base_rows[i] for i in ix]),
                            "when_edited": _slice_scores([fresh_rows[i] for i in ix], [base_rows[i] for i in ix])}
     records = [{"request_id": r.request_id, "subject": r.subject, "relation": r.relation, "edited_again_later": a,
-                "when_edited": _request_row(f), "at_end": _request_row(e)}
-               for r, a, f, e in zip(done, again, fresh_rows, rows)]
+                "when_edited": {**_request_row(f), "paraphrase_margins": fm},
+                "at_end": {**_request_row(e), "paraphrase_margins": em}}
+               for r, a, f, e, fm, em in zip(done, again, fresh_rows, rows, fresh_margins, end_margins)]
     return split, records
 
 
@@ -297,6 +332,12 @@ def window_table(row: dict) -> str:
         lines += ["", "| edits | requests | when edited | at the end |", "|---|---|---|---|"]
         lines += [f"| {group} | {m['at_end']['n']} | {f(m['when_edited'])} | {f(m['at_end'])} |"
                   for group, m in final["by_reedit"].items()]
+    if final.get("by_wording"):
+        pct = lambda x: "-" if x is None else f"{x:.3f}"
+        lines += ["", "| paraphrase wording | paraphrases | took when edited | at the end | at the end, subject edited "
+                  "again later (n) |", "|---|---|---|---|---|"]
+        lines += [f"| {w} | {m['n']} | {pct(m['when_edited'])} | {pct(m['at_end'])} | {pct(m['at_end_again'])} "
+                  f"({m['n_again']}) |" for w, m in final["by_wording"].items()]
     split = final.get("neighbours_by_subject")
     if split:
         lines += ["", "| neighbour probes | probes | requests | nbhd × base at the end |", "|---|---|---|---|"]
@@ -345,6 +386,7 @@ def run_one(model: BenchModel, editor_name: str, batch_size: int, limit: int | N
     first = reqs[:batch_size]
     curve: list[dict] = []
     fresh_rows: list = []   # each request's outcome at the first checkpoint after its batch
+    fresh_margins: list = []   # and its paraphrase margins there
     eval_seconds = 0.0
 
     def on_batch(record) -> None:
@@ -366,10 +408,14 @@ def run_one(model: BenchModel, editor_name: str, batch_size: int, limit: int | N
         windows, relations = split_metrics(s, done, base_rows, spans if final else spans[-1:], by_relation=final)
         point["window"] = windows[-1]   # the edits since the last checkpoint, when edited
         fresh_rows.extend(s.per_request[len(fresh_rows):])
+        fresh_margins.extend(paraphrase_margins(r, s.pair_scores, s.comparison) for r in done[len(fresh_margins):])
         if final:
             point["windows_at_end"], point["by_relation"] = windows, relations
             point["neighbours_by_subject"] = neighbour_split(done, s.pair_scores, base, s.comparison)
-            point["by_reedit"], point["per_request"] = reedit_split(done, s.per_request, base_rows, fresh_rows)
+            end_margins = [paraphrase_margins(r, s.pair_scores, s.comparison) for r in done]
+            point["by_reedit"], point["per_request"] = reedit_split(done, s.per_request, base_rows, fresh_rows,
+                                                                    fresh_margins, end_margins)
+            point["by_wording"] = wording_split(done, fresh_margins, end_margins)
         curve.append(point)
         print(f"  [{model.name} {editor_name} b={batch_size}] {len(done)} edits: efficacy {s.efficacy:.3f} "
               f"paraphrase {s.paraphrase if s.paraphrase is not None else float('nan'):.3f} "
