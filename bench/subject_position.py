@@ -1,0 +1,82 @@
+"""Does an edit reach a paraphrase less when the subject sits at the start of the text?
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/subject_position.py [--model models/smollm2-135m]
+        [--requests data/requests/countries.jsonl] [--relations language,currency] [--per-relation 6,4]
+
+Edits one batch (the first ``--per-relation`` requests of each relation, ``nse`` with the model's preset and the
+batch's relations held, as ``editops edit``), applies the delta, and scores every paraphrase that opens with
+"In {}, " in five wordings that move the subject or the comma after it, and the other paraphrases as they are.
+Prints, per relation and wording, how many took (log P(target_new) > log P(target_true), mean token log-prob as
+``bench_facts.py`` compares them) and the mean margin. ``bench_facts.py``'s paraphrase-by-wording table found the
+"In {}, " wordings taking least when edited (bench/RESULTS.md, session 43); this tells the subject's position from
+the comma.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from editing.editors import get_editor  # noqa: E402
+from editing.editors.held_relations import with_relations_held  # noqa: E402
+from editing.formats import read_requests  # noqa: E402
+
+VARIANTS = (
+    ("In {}, …", lambda p: p),
+    ("In {} … (no comma)", lambda p: p.replace(", ", " ", 1)),
+    ("in {}, … (lower case)", lambda p: "in " + p[3:]),
+    ("Today, in {}, …", lambda p: "Today, in " + p[3:]),
+    ("In the country of {}, …", lambda p: "In the country of " + p[3:]),
+)
+
+
+def margin(model, tokenizer, prompt: str, new: str, true: str) -> float:
+    """Mean token log P(new) − mean token log P(true) after ``prompt`` (each target after a space)."""
+    def lp(target: str) -> float:
+        p, a = tokenizer(prompt)["input_ids"], tokenizer(" " + target)["input_ids"]
+        with torch.no_grad():
+            logp = model(torch.tensor([p + a])).logits[0].log_softmax(-1)
+        return sum(logp[len(p) - 1 + i, t].item() for i, t in enumerate(a)) / len(a)
+    return lp(new) - lp(true)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="models/smollm2-135m")
+    ap.add_argument("--requests", default="data/requests/countries.jsonl")
+    ap.add_argument("--relations", default="language,currency")
+    ap.add_argument("--per-relation", default="6,4")
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(a.model).eval()
+    tokenizer = AutoTokenizer.from_pretrained(a.model)
+    all_reqs = read_requests(a.requests)
+    reqs = []
+    for rel, n in zip(a.relations.split(","), map(int, a.per_relation.split(","))):
+        reqs += [r for r in all_reqs if r.relation == rel][:n]
+    editor = with_relations_held("nse", get_editor("nse"), {}, reqs, model)
+    res = editor.edit(model, tokenizer, reqs, None)
+    res.delta.apply(model)
+    print(f"{sum(d.succeeded for d in res.diagnostics)}/{len(reqs)} edits took (editor diagnostics)")
+    rows: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
+    for r in reqs:
+        for p in r.paraphrases:
+            if p.startswith("In ") and ", " in p:
+                for name, f in VARIANTS:
+                    rows[(r.relation, name)].append(margin(model, tokenizer, f(p), r.target_new, r.target_true))
+            else:
+                rows[(r.relation, "other paraphrases")].append(margin(model, tokenizer, p, r.target_new, r.target_true))
+    print("| relation | wording | paraphrases | took | mean margin |\n|---|---|---|---|---|")
+    for (rel, name), m in rows.items():
+        print(f"| {rel} | {name} | {len(m)} | {sum(x > 0 for x in m)} | {sum(m) / len(m):+.2f} |")
+
+
+if __name__ == "__main__":
+    main()
