@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/subject_position.py [--model models/smollm2-135m]
         [--requests data/requests/countries.jsonl] [--relations language,currency] [--per-relation 6,4]
+        [--set KEY=VALUE ...]
 
 Edits one batch (the first ``--per-relation`` requests of each relation, ``nse`` with the model's preset and the
 batch's relations held, as ``editops edit``), applies the delta, and scores every paraphrase that opens with
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import sys
 from pathlib import Path
 
@@ -53,6 +55,7 @@ def main() -> None:
     ap.add_argument("--requests", default="data/requests/countries.jsonl")
     ap.add_argument("--relations", default="language,currency")
     ap.add_argument("--per-relation", default="6,4")
+    ap.add_argument("--set", action="append", default=[], help="nse hyperparameter KEY=VALUE (the value as JSON)")
     a = ap.parse_args()
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(a.model).eval()
@@ -61,7 +64,8 @@ def main() -> None:
     reqs = []
     for rel, n in zip(a.relations.split(","), map(int, a.per_relation.split(","))):
         reqs += [r for r in all_reqs if r.relation == rel][:n]
-    editor = with_relations_held("nse", get_editor("nse"), {}, reqs, model)
+    hp = {k: json.loads(v) for k, v in (item.split("=", 1) for item in a.set)}
+    editor = with_relations_held("nse", get_editor("nse", **hp), hp, reqs, model)
     res = editor.edit(model, tokenizer, reqs, None)
     res.delta.apply(model)
     print(f"{sum(d.succeeded for d in res.diagnostics)}/{len(reqs)} edits took (editor diagnostics)")
