@@ -269,19 +269,23 @@ def paraphrase_margins(r, pair_scores, comparison: str) -> list[float | None]:
             for p in r.paraphrases]
 
 
+def edited_again_later(done) -> list[bool]:
+    """Per request of ``done``: a later request of the run edits the same subject again."""
+    last = {r.subject: i for i, r in enumerate(done)}
+    return [last[r.subject] > i for i, r in enumerate(done)]
+
+
 def wording_split(done, fresh_margins, end_margins) -> dict:
     """Paraphrases grouped by wording (the paraphrase with its subject as ``{}``): how many, the share that took
     when edited and at the end, and the share at the end among the requests whose subject a later request edits
     again. Tells which wordings the edits reach and which ones later batches take back."""
-    last = {r.subject: i for i, r in enumerate(done)}
     out: dict[str, dict] = {}
-    for i, r in enumerate(done):
+    for i, (r, again) in enumerate(zip(done, edited_again_later(done))):
         for p, f, e in zip(r.paraphrases, fresh_margins[i], end_margins[i]):
             if f is None or e is None:
                 continue
             g = out.setdefault(p.replace(r.subject, "{}"), {"n": 0, "when_edited": 0, "at_end": 0,
                                                            "n_again": 0, "at_end_again": 0})
-            again = last[r.subject] > i
             g["n"] += 1
             g["when_edited"] += f > 0
             g["at_end"] += e > 0
@@ -299,8 +303,7 @@ def reedit_split(done, rows, base_rows, fresh_rows, fresh_margins, end_margins) 
     ``base_rows``. Tells erosion by the subject's own later edits (one subject-alone key per subject) from erosion
     by the run as a whole. Also returns one record per request (id, subject, relation, edited again later, the
     three metrics when edited and at the end, and its paraphrase margins, :func:`paraphrase_margins`)."""
-    last = {r.subject: i for i, r in enumerate(done)}
-    again = [last[r.subject] > i for i, r in enumerate(done)]
+    again = edited_again_later(done)
     split = {}
     for name, flag in (("subject edited again later", True), ("subject not edited again", False)):
         ix = [i for i, a in enumerate(again) if a == flag]

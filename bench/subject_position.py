@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 from editing.editors import get_editor  # noqa: E402
 from editing.editors.held_relations import with_relations_held  # noqa: E402
 from editing.formats import read_requests  # noqa: E402
+from editing.metrics.facts import score_pairs  # noqa: E402
 
 VARIANTS = (
     ("In {}, …", lambda p: p),
@@ -37,16 +38,6 @@ VARIANTS = (
     ("Today, in {}, …", lambda p: "Today, in " + p[3:]),
     ("In the country of {}, …", lambda p: "In the country of " + p[3:]),
 )
-
-
-def margin(model, tokenizer, prompt: str, new: str, true: str) -> float:
-    """Mean token log P(new) − mean token log P(true) after ``prompt`` (each target after a space)."""
-    def lp(target: str) -> float:
-        p, a = tokenizer(prompt)["input_ids"], tokenizer(" " + target)["input_ids"]
-        with torch.no_grad():
-            logp = model(torch.tensor([p + a])).logits[0].log_softmax(-1)
-        return sum(logp[len(p) - 1 + i, t].item() for i, t in enumerate(a)) / len(a)
-    return lp(new) - lp(true)
 
 
 def main() -> None:
@@ -69,14 +60,15 @@ def main() -> None:
     res = editor.edit(model, tokenizer, reqs, None)
     res.delta.apply(model)
     print(f"{sum(d.succeeded for d in res.diagnostics)}/{len(reqs)} edits took (editor diagnostics)")
+    wordings = [(r, name, prompt) for r in reqs for p in r.paraphrases
+                for name, prompt in ([(n, f(p)) for n, f in VARIANTS] if p.startswith("In ") and ", " in p
+                                     else [("other paraphrases", p)])]
+    scores = score_pairs(model, tokenizer, [(prompt, t) for r, _, prompt in wordings
+                                            for t in (r.target_new, r.target_true)])
     rows: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
-    for r in reqs:
-        for p in r.paraphrases:
-            if p.startswith("In ") and ", " in p:
-                for name, f in VARIANTS:
-                    rows[(r.relation, name)].append(margin(model, tokenizer, f(p), r.target_new, r.target_true))
-            else:
-                rows[(r.relation, "other paraphrases")].append(margin(model, tokenizer, p, r.target_new, r.target_true))
+    for r, name, prompt in wordings:   # the margin as bench_facts.py's paraphrase metric compares (mean token log-prob)
+        rows[(r.relation, name)].append(scores[(prompt, r.target_new)].logprob_mean
+                                        - scores[(prompt, r.target_true)].logprob_mean)
     print("| relation | wording | paraphrases | took | mean margin |\n|---|---|---|---|---|")
     for (rel, name), m in rows.items():
         print(f"| {rel} | {name} | {len(m)} | {sum(x > 0 for x in m)} | {sum(m) / len(m):+.2f} |")
