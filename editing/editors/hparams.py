@@ -130,6 +130,11 @@ class EditHparams:
     # with subject_key_weight: also the subject as the text's first word (tokenized without a leading
     # space), so wordings that open with the subject get the edit
     subject_start: bool = False
+    # with subject_key_weight: also the subject right after each of the generated prefixes' start words
+    # (keys.GENERATION_STARTS: "The {}", "Therefore {}", …), the text's second position, next to a BOS-less model's
+    # attention sink, where wordings such as "In {}, most people speak" put it and the other keys reach least (0.62 of
+    # the value against 0.83–0.92 on one SmolLM2 batch; bench/subject_position.py, bench/RESULTS.md session 44)
+    subject_after_starts: bool = False
     # with subject_key_weight: a request whose subject an earlier batch edited (the subject ledger) is fitted at
     # its subject-alone keys too; false: at its prompt key only, so the subject-alone keys, held in C_edits since
     # the earlier edit, keep that edit's value for the wordings that read them. On: on SmolLM2's 217 (b10, session 34's

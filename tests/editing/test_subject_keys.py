@@ -107,6 +107,41 @@ def test_subject_start_keys_give_wordings_that_open_with_the_subject_the_edit(ti
     assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
 
 
+
+def test_subject_after_starts_adds_the_subject_after_one_word(tiny_llama, facts, tmp_path):
+    """``subject_after_starts``: one more subject-alone key set, the subject right after each start word of the
+    generated prefixes (averaged), fitted to the same residual and held in ``C_edits`` like the others; the
+    subject after one word gets more of the edit than without it."""
+    from editing.editors.memit import SUBJECT_AFTER_STARTS
+
+    model, tok = tiny_llama
+    spec = spec_for(model)
+    reqs = requests(facts, 3)
+    kw = {**KW, "stats_dir": str(tmp_path), "subject_key_weight": 3.0, "repasses": 0}
+    off = get_editor("nse", **kw).edit(model, tok, reqs, None)
+    on = get_editor("nse", **kw, subject_after_starts=True).edit(model, tok, reqs, None)
+    assert on.delta.hyperparameters["subject_after_starts"] is True
+    assert off.delta.hyperparameters["subject_after_starts"] is False
+    name = spec.mlp_out_name(0)
+    assert on.delta.factors[name + ".weight"][0].shape[1] <= len(reqs)
+    alone = [replace(r, prompt="{}") for r in reqs]
+    K = compute_keys(model, tok, spec, reqs, 0, TEMPLATES).double()
+    X, X0, X1 = (compute_keys(model, tok, spec, alone, 0, t).double()
+                 for t in (("Note that {}",), ("{}",), SUBJECT_AFTER_STARTS))
+
+    def gap(res):  # how far the subject after one word is from getting what the edit prompt's key gets
+        dw = res.delta.dense(name + ".weight").double()
+        return float(((X1 - K) @ dw.T).norm() / (K @ dw.T).norm())
+
+    # the tiny model's layer 0 reads the subject after one word almost as in the prompt (gap < 0.01): closer only
+    assert gap(on) < gap(off), (gap(on), gap(off))
+    w = 3.0
+    expected = K.T @ K + w * (X.T @ X + X0.T @ X0 + X1.T @ X1)
+    got = on.state.tensors[name + "::C_edits"].double()
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+    with pytest.raises(HyperparameterError, match="subject_after_starts"):
+        get_editor("nse", subject_after_starts="yes")
+
 def test_subject_frame_batch_fits_the_same_update_but_keeps_only_the_prompt_keys(tiny_llama, facts, tmp_path,
                                                                                   monkeypatch):
     """``subject_frame="batch"``: the subject-alone keys (the edits' and the siblings') shape this batch's
