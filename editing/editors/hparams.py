@@ -133,7 +133,9 @@ class EditHparams:
     # with subject_key_weight: also the subject right after each of the generated prefixes' start words
     # (keys.GENERATION_STARTS: "The {}", "Therefore {}", …), the text's second position, next to a BOS-less model's
     # attention sink, where wordings such as "In {}, most people speak" put it and the other keys reach least (0.62 of
-    # the value against 0.83–0.92 on one SmolLM2 batch; bench/subject_position.py, bench/RESULTS.md session 44)
+    # the value against 0.83–0.92 on one SmolLM2 batch; bench/subject_position.py). Off: on SmolLM2's 217 (b10, its
+    # preset) it was behind by 70 edits on every measure but drift, 0.971 / 0.848 / 0.914 raw against 1.000 / 0.910 /
+    # 0.948 (with subject_key_weight 2: neighbourhood 0.876; bench/RESULTS.md session 44)
     subject_after_starts: bool = False
     # with subject_key_weight: a request whose subject an earlier batch edited (the subject ledger) is fitted at
     # its subject-alone keys too; false: at its prompt key only, so the subject-alone keys, held in C_edits since
