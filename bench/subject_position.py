@@ -19,8 +19,8 @@ unedited model):
 - *ideal δ margin*: the margin on the unedited model with ``δ`` added to block ``L``'s output at the wording's
   subject token, the most a subject-position edit could give that wording;
 - *realised*: ``⟨Δh, δ⟩ / ‖δ‖²``, ``Δh`` the change the edit's weights make to block ``L``'s output there;
-- *‖ΔW k‖*: the edit's output change at that token, summed over the edited layers, over the same sum at the
-  request's own prompt (1.00 on the request prompt's row).
+- *‖ΔW k‖*: the edit's output change at that token (``k`` the unedited model's key there), summed over the edited
+  layers, over the same sum at the request's own prompt (1.00 on the request prompt's row).
 
 ``--subject-after`` is an ablation the editor does not offer: one more set of subject-alone keys, the subject in
 each of these frames (``|``-separated, averaged like the others), fitted to the same residual at
