@@ -107,7 +107,6 @@ def test_subject_start_keys_give_wordings_that_open_with_the_subject_the_edit(ti
     assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
 
 
-
 def test_subject_after_starts_adds_the_subject_after_one_word(tiny_llama, facts, tmp_path):
     """``subject_after_starts``: one more subject-alone key set, the subject right after each start word of the
     generated prefixes (averaged), fitted to the same residual and held in ``C_edits`` like the others; the
@@ -141,6 +140,7 @@ def test_subject_after_starts_adds_the_subject_after_one_word(tiny_llama, facts,
     assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
     with pytest.raises(HyperparameterError, match="subject_after_starts"):
         get_editor("nse", subject_after_starts="yes")
+
 
 def test_subject_frame_batch_fits_the_same_update_but_keeps_only_the_prompt_keys(tiny_llama, facts, tmp_path,
                                                                                   monkeypatch):
