@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/subject_position.py [--model models/smollm2-135m]
         [--requests data/requests/countries.jsonl] [--relations language,currency] [--per-relation 6,4]
-        [--set KEY=VALUE ...] [--subject-after 'In {}|The {}']
+        [--set KEY=VALUE ...]
 
 Edits one batch (the first ``--per-relation`` requests of each relation, ``nse`` with the model's preset and the
 batch's relations held, as ``editops edit``), applies the delta, and scores every paraphrase that opens with
@@ -22,9 +22,9 @@ unedited model):
 - *‖ΔW k‖*: the edit's output change at that token (``k`` the unedited model's key there), summed over the edited
   layers, over the same sum at the request's own prompt (1.00 on the request prompt's row).
 
-``--subject-after`` is an ablation the editor does not offer: one more set of subject-alone keys, the subject in
-each of these frames (``|``-separated, averaged like the others), fitted to the same residual at
-``subject_key_weight`` (it wraps ``MemitEditor._subject_alone_keys`` for this run only).
+With ``--set 'subject_after=["In {}"]'`` the edit also fits subject-alone keys in the eval wording's own frame (an
+upper bound no general editor has: it knows the wording), with ``subject_after`` set to ``keys.SUBJECT_AFTER_STARTS``
+in the generated prefixes' start words (session 44).
 """
 from __future__ import annotations
 
@@ -33,7 +33,6 @@ import collections
 import contextlib
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
@@ -46,8 +45,7 @@ sys.path.insert(0, str(ROOT))
 from editing.arch import get_module, spec_for  # noqa: E402
 from editing.editors import get_editor  # noqa: E402
 from editing.editors.held_relations import with_relations_held  # noqa: E402
-from editing.editors.keys import compute_keys, edit_position, prompt_ids  # noqa: E402
-from editing.editors.memit import MemitEditor  # noqa: E402
+from editing.editors.keys import edit_position, prompt_ids  # noqa: E402
 from editing.editors.values import DEFAULT_CLAMP_NORM_FACTOR, ValueHparams, compute_values  # noqa: E402
 from editing.formats import read_requests  # noqa: E402
 from editing.metrics.facts import score_pairs  # noqa: E402
@@ -97,17 +95,6 @@ def margin(scores, prompt: str, request) -> float:
     return scores[(prompt, request.target_new)].logprob_mean - scores[(prompt, request.target_true)].logprob_mean
 
 
-def add_subject_frames(frames: tuple[str, ...]) -> None:
-    """From now on every edit also reads subject-alone keys in ``frames`` (the ``--subject-after`` ablation)."""
-    plain = MemitEditor._subject_alone_keys
-
-    def with_frames(self, model, tokenizer, spec, reqs, layer, hp):
-        alone = [replace(r, prompt="{}") for r in reqs]
-        return [*plain(self, model, tokenizer, spec, reqs, layer, hp),
-                compute_keys(model, tokenizer, spec, alone, layer, frames).double()]
-    MemitEditor._subject_alone_keys = with_frames
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="models/smollm2-135m")
@@ -115,10 +102,7 @@ def main() -> None:
     ap.add_argument("--relations", default="language,currency")
     ap.add_argument("--per-relation", default="6,4")
     ap.add_argument("--set", action="append", default=[], help="nse hyperparameter KEY=VALUE (the value as JSON)")
-    ap.add_argument("--subject-after", default="", help="'|'-separated frames of extra subject-alone keys (ablation)")
     a = ap.parse_args()
-    if a.subject_after:
-        add_subject_frames(tuple(a.subject_after.split("|")))
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(a.model).eval()
     tokenizer = AutoTokenizer.from_pretrained(a.model)

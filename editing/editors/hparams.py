@@ -130,13 +130,14 @@ class EditHparams:
     # with subject_key_weight: also the subject as the text's first word (tokenized without a leading
     # space), so wordings that open with the subject get the edit
     subject_start: bool = False
-    # with subject_key_weight: also the subject right after each of the generated prefixes' start words
-    # (keys.GENERATION_STARTS: "The {}", "Therefore {}", …), the text's second position, next to a BOS-less model's
-    # attention sink, where wordings such as "In {}, most people speak" put it and the other keys reach least (0.62 of
-    # the value against 0.83–0.92 on one SmolLM2 batch; bench/subject_position.py). Off: on SmolLM2's 217 (b10, its
-    # preset) it was behind by 70 edits on every measure but drift, 0.971 / 0.848 / 0.914 raw against 1.000 / 0.910 /
-    # 0.948 (with subject_key_weight 2: neighbourhood 0.876; bench/RESULTS.md session 44)
-    subject_after_starts: bool = False
+    # with subject_key_weight: one more subject-alone key set, the subject in each of these frames ('{}' where it goes),
+    # averaged. keys.SUBJECT_AFTER_STARTS puts it right after each generated prefix's start word ("The {}",
+    # "Therefore {}", …), the text's second position, next to a BOS-less model's attention sink, where wordings such
+    # as "In {}, most people speak" put it and the other keys reach least (0.62 of the value against 0.83–0.92 on one
+    # SmolLM2 batch; bench/subject_position.py). Empty (off): on SmolLM2's 217 (b10, its preset) those frames were
+    # behind by 70 edits on every measure but drift, 0.971 / 0.848 / 0.914 raw against 1.000 / 0.910 / 0.948 (with
+    # subject_key_weight 2: neighbourhood 0.876; bench/RESULTS.md session 44)
+    subject_after: tuple[str, ...] = ()
     # with subject_key_weight: a request whose subject an earlier batch edited (the subject ledger) is fitted at
     # its subject-alone keys too; false: at its prompt key only, so the subject-alone keys, held in C_edits since
     # the earlier edit, keep that edit's value for the wordings that read them. On: on SmolLM2's 217 (b10, session 34's
@@ -209,6 +210,10 @@ class EditHparams:
         if self.release_subject and not (self.subject_key_weight and self.subject_frame == "kept"):
             raise HyperparameterError("release_subject takes earlier edits' subject-alone keys out of C_edits; they are "
                                       "held only with subject_key_weight > 0 and subject_frame='kept'")
+        frames = self.subject_after
+        if not isinstance(frames, tuple) or any(not isinstance(f, str) or f.count("{}") != 1 for f in frames):
+            raise HyperparameterError(f"subject_after={frames!r} must be a list of frames, each with one '{{}}' where "
+                                      'the subject goes, e.g. ["The {}", "Because {}"]')
         if self.release_subject and not self.subject_key_again:
             raise HyperparameterError("release_subject frees a re-edited subject's subject-alone keys for the re-edit, "
                                       "subject_key_again=false leaves them to the earlier edit; use one of them")

@@ -332,6 +332,8 @@ def score_targets(model: nn.Module, tokenizer, prompts: Sequence[str], targets: 
 
 
 GENERATION_STARTS: tuple[str, ...] = ("The", "Therefore", "Because", "I", "You")
+# the subject right after one of those words: the text's second position (EditHparams.subject_after)
+SUBJECT_AFTER_STARTS: tuple[str, ...] = tuple(f"{word} {{}}" for word in GENERATION_STARTS)
 
 
 @torch.no_grad()

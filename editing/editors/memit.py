@@ -38,7 +38,7 @@ from editing.editors.hparams import (DEFAULT_LAMBDA_GRID, EditHparams, ladder_la
 from editing.editors.keys import LOCI, block_outputs_at, check_length, compute_keys, compute_keys_multi, \
     compute_text_keys, edit_position, generated_context_templates, pad_id_of, prompt_ids, score_targets
 from editing.editors.solve import alphaedit_factors, memit_factors, nullspace_projector, psd_part, responsible_neurons
-from editing.editors.keys import DEFAULT_CONTEXT_TEMPLATES, GENERATION_STARTS
+from editing.editors.keys import DEFAULT_CONTEXT_TEMPLATES, SUBJECT_AFTER_STARTS
 from editing.editors.siblings import candidate_requests, known_sibling_requests, other_prompt_requests, \
     relation_prompts_of, sibling_requests, vocabulary_sibling_requests
 from editing.editors.values import ValueHparams, compute_values
@@ -168,14 +168,13 @@ def _hparams(kwargs: dict[str, Any]) -> EditHparams:
         # before it had a weight of its own (versions registered then, the commands in bench/RESULTS.md up
         # to session 31) it was a switch whose KL took value.keep_weight
         kwargs["other_prompts_kl"] = (value or ValueHparams()).keep_weight if kwargs["other_prompts_kl"] else 0.0
-    for k in ("layers", "key_templates", "sibling_exclude"):
-        if kwargs.get(k) is not None:
+    if "subject_after_starts" in kwargs:
+        # session 44's switch for keys.SUBJECT_AFTER_STARTS (versions registered then record it)
+        kwargs["subject_after"] = SUBJECT_AFTER_STARTS if kwargs.pop("subject_after_starts") else ()
+    for k in ("layers", "key_templates", "sibling_exclude", "subject_after"):
+        if kwargs.get(k) is not None and not isinstance(kwargs[k], str):   # a JSON list; a lone string is refused
             kwargs[k] = tuple(kwargs[k])
     return EditHparams(value=value or ValueHparams(), **kwargs)
-
-
-# the subject after one word: the start words of the generated context prefixes (``subject_after_starts``)
-SUBJECT_AFTER_STARTS: tuple[str, ...] = tuple(f"{word} {{}}" for word in GENERATION_STARTS)
 
 
 class MemitEditor:
@@ -243,15 +242,15 @@ class MemitEditor:
         for every first word (SmolLM2 layers 4-8: mean pairwise cosine 0.94-1.00); its row is kept all the
         same, as leaving it out (a zero row) did no better on SmolLM2's 217 requests (neighbourhood 0.84 ×
         against 0.85 ×, drift +5.0 % against +4.5 %; bench/RESULTS.md, session 30). With
-        ``hp.subject_after_starts`` also the subject right after each start word of the generated prefixes
-        (:data:`SUBJECT_AFTER_STARTS`), averaged: the text's second position."""
+        ``hp.subject_after`` also the subject in those frames, averaged (e.g. :data:`keys.SUBJECT_AFTER_STARTS`:
+        the text's second position)."""
         alone = [replace(r, prompt="{}") for r in reqs]
         templates = tuple(t for t in self._key_templates(hp) if t.strip() != "{}") or ("{}",)
         sets = [compute_keys(model, tokenizer, spec, alone, layer, templates).double()]
         if hp.subject_start and templates != ("{}",):
             sets.append(compute_keys(model, tokenizer, spec, alone, layer, ("{}",)).double())
-        if hp.subject_after_starts:
-            sets.append(compute_keys(model, tokenizer, spec, alone, layer, SUBJECT_AFTER_STARTS).double())
+        if hp.subject_after:
+            sets.append(compute_keys(model, tokenizer, spec, alone, layer, hp.subject_after).double())
         return sets
 
     def _c0(self, model, tokenizer, spec, layers, hp: EditHparams, fp: str) -> dict[int, torch.Tensor]:

@@ -35,11 +35,12 @@ Same pipeline as MEMIT (:mod:`editing.editors.memit`) with sequential choices, e
   border with") reached neither key. On 20 SmolLM2 "border" edits in batches of 10 (λ 3e3) paraphrase
   rose from 0.68 to 0.88 (those wordings 0.45 → 0.80 and 0.60 → 0.85), on 20 "official language" edits
   from 0.83 to 0.92, efficacy and neighbourhood unchanged (1.00, 1.00 × base), bench/RESULTS.md session 13;
-- ``subject_after_starts`` (default off): the subject-alone keys also include the subject right after each start
-  word of the generated prefixes ("The {}", "Therefore {}", …), the text's second position, where wordings such as
-  "In {}, most people speak" put it; there the edit realises 0.62 of the value on one SmolLM2 batch (0.83–0.92 at
-  the subject's other places), and the model reads a value there less (bench/subject_position.py); on SmolLM2's 217
-  at b10 it fell behind its preset by 70 edits (paraphrase 0.848 against 0.910, bench/RESULTS.md session 44);
+- ``subject_after`` (default empty): the subject-alone keys also include the subject in these frames; with the
+  generated prefixes' start words (``keys.SUBJECT_AFTER_STARTS``: "The {}", "Therefore {}", …), the text's second
+  position, where wordings such as "In {}, most people speak" put it; there the edit realises 0.62 of the value on
+  one SmolLM2 batch (0.83–0.92 at the subject's other places), and the model reads a value there less
+  (bench/subject_position.py); on SmolLM2's 217 at b10 those frames fell behind its preset by 70 edits (paraphrase
+  0.848 against 0.910, bench/RESULTS.md session 44);
 - ``subject_frame`` (default ``"kept"``): ``"batch"`` applies the subject-alone keys (the edits' and
   the siblings') in their own batch's solve only, carrying just the prompt keys to later batches; on 42
   requests that edit subjects again (continent after capital/language) it was worse on every measure

@@ -10,7 +10,7 @@ import torch
 
 from editing.arch import spec_for
 from editing.editors import get_editor
-from editing.editors.keys import compute_keys
+from editing.editors.keys import SUBJECT_AFTER_STARTS, compute_keys
 from editing.editors.siblings import sibling_requests
 from editing.editors.memit import EditDidNotTakeWarning
 from editing.errors import HyperparameterError
@@ -107,20 +107,18 @@ def test_subject_start_keys_give_wordings_that_open_with_the_subject_the_edit(ti
     assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
 
 
-def test_subject_after_starts_adds_the_subject_after_one_word(tiny_llama, facts, tmp_path):
-    """``subject_after_starts``: one more subject-alone key set, the subject right after each start word of the
-    generated prefixes (averaged), fitted to the same residual and held in ``C_edits`` like the others; the
-    subject after one word gets more of the edit than without it."""
-    from editing.editors.memit import SUBJECT_AFTER_STARTS
-
+def test_subject_after_adds_the_subject_in_those_frames(tiny_llama, facts, tmp_path):
+    """``subject_after``: one more subject-alone key set, the subject in each frame (averaged), fitted to the same
+    residual and held in ``C_edits`` like the others; the subject after one word gets more of the edit than without
+    it. Session 44's switch ``subject_after_starts`` (recorded by versions registered then) reads as these frames."""
     model, tok = tiny_llama
     spec = spec_for(model)
     reqs = requests(facts, 3)
     kw = {**KW, "stats_dir": str(tmp_path), "subject_key_weight": 3.0, "repasses": 0}
     off = get_editor("nse", **kw).edit(model, tok, reqs, None)
-    on = get_editor("nse", **kw, subject_after_starts=True).edit(model, tok, reqs, None)
-    assert on.delta.hyperparameters["subject_after_starts"] is True
-    assert off.delta.hyperparameters["subject_after_starts"] is False
+    on = get_editor("nse", **kw, subject_after=list(SUBJECT_AFTER_STARTS)).edit(model, tok, reqs, None)
+    assert tuple(on.delta.hyperparameters["subject_after"]) == SUBJECT_AFTER_STARTS
+    assert tuple(off.delta.hyperparameters["subject_after"]) == ()
     name = spec.mlp_out_name(0)
     assert on.delta.factors[name + ".weight"][0].shape[1] <= len(reqs)
     alone = [replace(r, prompt="{}") for r in reqs]
@@ -138,8 +136,13 @@ def test_subject_after_starts_adds_the_subject_after_one_word(tiny_llama, facts,
     expected = K.T @ K + w * (X.T @ X + X0.T @ X0 + X1.T @ X1)
     got = on.state.tensors[name + "::C_edits"].double()
     assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
-    with pytest.raises(HyperparameterError, match="subject_after_starts"):
-        get_editor("nse", subject_after_starts="yes")
+    old = get_editor("nse", **kw, subject_after_starts=True).edit(model, tok, reqs, None)
+    assert tuple(old.delta.hyperparameters["subject_after"]) == SUBJECT_AFTER_STARTS
+    for weight, (u, v) in on.delta.factors.items():
+        assert torch.equal(u, old.delta.factors[weight][0]) and torch.equal(v, old.delta.factors[weight][1])
+    for frames in (["The"], "The {}", ["{} and {}"], [3]):
+        with pytest.raises(HyperparameterError, match="subject_after"):
+            get_editor("nse", subject_after=frames)
 
 
 def test_subject_frame_batch_fits_the_same_update_but_keeps_only_the_prompt_keys(tiny_llama, facts, tmp_path,
