@@ -23,15 +23,14 @@ unedited model):
   layers, over the same sum at the request's own prompt (1.00 on the request prompt's row).
 
 With ``--set 'subject_after=["In {}"]'`` the edit also fits subject-alone keys in the eval wording's own frame (an
-upper bound no general editor has: it knows the wording), with ``subject_after`` set to ``keys.SUBJECT_AFTER_STARTS``
-in the generated prefixes' start words (session 44).
+upper bound no general editor has: it knows the wording); with the frames of ``keys.SUBJECT_AFTER_STARTS`` ("The {}",
+"Therefore {}", …), after the generated prefixes' start words (session 44).
 """
 from __future__ import annotations
 
 import argparse
 import collections
 import contextlib
-import json
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -49,6 +48,7 @@ from editing.editors.keys import edit_position, prompt_ids  # noqa: E402
 from editing.editors.values import DEFAULT_CLAMP_NORM_FACTOR, ValueHparams, compute_values  # noqa: E402
 from editing.formats import read_requests  # noqa: E402
 from editing.metrics.facts import score_pairs  # noqa: E402
+from flows.cli.edit_cmd import parse_settings  # noqa: E402
 
 VARIANTS = (
     ("In {}, …", lambda p: p),
@@ -101,7 +101,7 @@ def main() -> None:
     ap.add_argument("--requests", default="data/requests/countries.jsonl")
     ap.add_argument("--relations", default="language,currency")
     ap.add_argument("--per-relation", default="6,4")
-    ap.add_argument("--set", action="append", default=[], help="nse hyperparameter KEY=VALUE (the value as JSON)")
+    ap.add_argument("--set", action="append", default=[], help="nse hyperparameter KEY=VALUE, read as `editops edit --set` reads it")
     a = ap.parse_args()
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(a.model).eval()
@@ -110,7 +110,7 @@ def main() -> None:
     reqs = []
     for rel, n in zip(a.relations.split(","), map(int, a.per_relation.split(","))):
         reqs += [r for r in all_reqs if r.relation == rel][:n]
-    hp = {k: json.loads(v) for k, v in (item.split("=", 1) for item in a.set)}
+    hp = parse_settings(a.set)   # as `editops edit --set` reads them
     wordings = [(i, r, name, prompt) for i, r in enumerate(reqs) for p in (*r.paraphrases, r.prompt)
                 for name, prompt in ([(n, f(p)) for n, f in VARIANTS] if p.startswith("In ") and ", " in p
                                      else [("request prompt" if p == r.prompt else "other paraphrases", p)])]

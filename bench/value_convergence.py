@@ -14,7 +14,6 @@ probes, a direction, not a benchmark figure); and the seconds of the edit.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -30,6 +29,7 @@ from editing.editors.held_relations import with_relations_held  # noqa: E402
 from editing.formats import read_requests  # noqa: E402
 from editing.metrics.facts import BaseOutputs, evaluate_facts  # noqa: E402
 from editing.models import load  # noqa: E402
+from flows.cli.edit_cmd import parse_settings  # noqa: E402
 
 
 def main() -> None:
@@ -38,7 +38,7 @@ def main() -> None:
     ap.add_argument("--requests", default="data/requests/countries.jsonl")
     ap.add_argument("--n", type=int, default=10)
     ap.add_argument("--steps", default="25,60", help="comma-separated value step budgets, one row each")
-    ap.add_argument("--set", action="append", default=[], help="nse hyperparameter KEY=VALUE (the value as JSON)")
+    ap.add_argument("--set", action="append", default=[], help="nse hyperparameter KEY=VALUE, read as `editops edit --set` reads it")
     a = ap.parse_args()
     torch.manual_seed(0)
     lm = load(a.model)
@@ -46,7 +46,7 @@ def main() -> None:
     all_reqs = read_requests(a.requests)
     reqs = all_reqs[:a.n]
     base = BaseOutputs.compute(model, tokenizer, reqs)
-    given = {k: json.loads(v) for k, v in (item.split("=", 1) for item in a.set)}
+    given = parse_settings(a.set)   # as `editops edit --set` reads them
     print("| value steps | edits taken | NLL still ≥ loss_stop | mean NLL | mean ‖δ‖/‖h‖ | mean value loss | "
           "efficacy | paraphrase | neighbourhood × base | seconds |")
     print("|---|---|---|---|---|---|---|---|---|---|")

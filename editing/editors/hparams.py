@@ -210,13 +210,13 @@ class EditHparams:
         if self.release_subject and not (self.subject_key_weight and self.subject_frame == "kept"):
             raise HyperparameterError("release_subject takes earlier edits' subject-alone keys out of C_edits; they are "
                                       "held only with subject_key_weight > 0 and subject_frame='kept'")
+        if self.release_subject and not self.subject_key_again:
+            raise HyperparameterError("release_subject frees a re-edited subject's subject-alone keys for the re-edit, "
+                                      "subject_key_again=false leaves them to the earlier edit; use one of them")
         frames = self.subject_after
         if not isinstance(frames, tuple) or any(not isinstance(f, str) or f.count("{}") != 1 for f in frames):
             raise HyperparameterError(f"subject_after={frames!r} must be a list of frames, each with one '{{}}' where "
                                       'the subject goes, e.g. ["The {}", "Because {}"]')
-        if self.release_subject and not self.subject_key_again:
-            raise HyperparameterError("release_subject frees a re-edited subject's subject-alone keys for the re-edit, "
-                                      "subject_key_again=false leaves them to the earlier edit; use one of them")
         if pooled and not self.siblings:
             raise HyperparameterError(f"{pooled[0]} holds the siblings × batch size candidates the update moves most; "
                                       "with siblings=0 none is held (set siblings ≥ 1)")
