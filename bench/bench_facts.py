@@ -17,6 +17,8 @@ took well are told from edits that later batches undid), by request relation, an
 request edits the same subject again (with one record per request in the JSON). Prints the
 tables, writes ``bench/results/facts.json`` (``--out``) and, beside it with the suffix ``.png``
 (``bench/results/facts.png``), a plot of the metrics against the number of edits; ``--plot`` puts it elsewhere.
+``--replot A.json B.json=label … --plot P.png`` measures nothing: it prints the table of runs already written and
+plots them together (runs of several commands, e.g. one batch size each, in one figure).
 ``ft`` tunes the layers that the last ``nse`` run of this benchmark edited on the same
 model (recorded per base fingerprint under ``.editops/bench/nse-layers``), so run nse
 first or give ``--set layers=[...]``.
@@ -513,24 +515,29 @@ def plot(rows: list[dict], path: Path) -> None:
 
     models = list(dict.fromkeys(r["model"] for r in rows))
     metrics = [("efficacy", "efficacy"), ("paraphrase", "paraphrase"), ("neighbourhood_ratio", "neighbourhood / base"),
-               ("retention", "first batch retained")]
-    bars = {"efficacy": 0.95, "paraphrase": 0.80, "neighbourhood_ratio": 0.90, "retention": 0.90}
+               ("retention", "first batch retained"), ("perplexity_drift", "perplexity drift")]
+    bars = {"efficacy": 0.95, "paraphrase": 0.80, "neighbourhood_ratio": 0.90, "retention": 0.90,
+            "perplexity_drift": 0.05}
     fig, axes = plt.subplots(len(models), len(metrics), figsize=(4 * len(metrics), 3.2 * len(models)), squeeze=False)
     for i, m in enumerate(models):
         for j, (key, label) in enumerate(metrics):
             ax = axes[i][j]
-            ax.set_prop_cycle(color=plt.cm.tab20.colors)  # up to 20 runs per model without a repeated colour
+            # distinct hues up to 10 runs per model, then tab20's light/dark pairs (up to 20 without a repeat)
+            n_runs = sum(r["model"] == m for r in rows)
+            ax.set_prop_cycle(color=(plt.cm.tab10 if n_runs <= 10 else plt.cm.tab20).colors)
             for r in rows:
                 if r["model"] != m:
                     continue
                 xs = [p["n_edits"] for p in r["curve"] if p.get(key) is not None]
                 ys = [p[key] for p in r["curve"] if p.get(key) is not None]
                 if xs:
-                    ax.plot(xs, ys, marker="o", label=f"{r['editor']} b={r['batch_size']}")
+                    run = f"{r['editor']} b={r['batch_size']}" + (f" ({r['label']})" if r.get("label") else "")
+                    ax.plot(xs, ys, marker="o", label=run)
             ax.axhline(bars[key], color="grey", linestyle=":", linewidth=1)
             ax.set_title(f"{m}: {label} (dotted: the Bar)", fontsize=9)
             ax.set_xlabel("number of edits", fontsize=8)
-            ax.set_ylim(-0.02, 1.05 if key != "neighbourhood_ratio" else 1.25)
+            if key != "perplexity_drift":   # drift has no natural top (fine-tuning's reaches +500 %)
+                ax.set_ylim(-0.02, 1.05 if key != "neighbourhood_ratio" else 1.25)
             ax.grid(alpha=0.3)
             if j == 0:  # one legend per model row (each row has its own runs)
                 ax.legend(fontsize=6)
@@ -570,6 +577,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--append", action="store_true", help="add to the rows already in --out (e.g. batch size 1 "
                     "measured with a smaller --limit in a second command)")
     ap.add_argument("--timeout", type=int, default=None, help="seconds per configuration")
+    ap.add_argument("--replot", nargs="+", metavar="JSON", help="measure nothing: read the rows of these result "
+                    "files (earlier --out files; FILE=LABEL names a file's runs in the legend), print their tables and "
+                    "write one plot of them all to --plot")
     ap.add_argument("--single", nargs=3, metavar=("MODEL", "EDITOR", "BATCH"), help=argparse.SUPPRESS)
     ap.add_argument("--single-out", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -582,6 +592,18 @@ def main(argv: list[str] | None = None) -> None:
     from flows.cli.edit_cmd import parse_settings
 
     hparams = parse_settings(args.set)  # as `editops edit --set` reads them
+
+    if args.replot:
+        if not args.plot:
+            ap.error("--replot needs --plot, the path of the plot it writes")
+        rows = []
+        for spec in args.replot:
+            path, _, label = spec.partition("=")
+            rows.extend({**r, "label": label} if label else r for r in json.loads(Path(path).read_text()))
+        print(markdown_table(rows))
+        plot(rows, Path(args.plot))
+        print(f"\nwrote {args.plot}")
+        return
 
     if args.single:
         import torch

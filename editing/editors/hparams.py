@@ -79,7 +79,7 @@ class EditHparams:
     # prompt of the batch; per layer, the siblings × batch size candidates that the batch's update, solved
     # without them, moves most (‖ΔW k‖) are held, in place of each list's first `siblings` names. Off, but 24 in
     # SmolLM2's preset (presets.SMOLLM2_SEQUENTIAL): on its 217 requests (b10, λ ladder) 24 gave neighbourhood 0.85 ×
-    # base against 0.82 for 0.013 of paraphrase and efficacy (bench/RESULTS.md, session 28)
+    # base against 0.82 for 0.013 of paraphrase and 0.014 of efficacy (bench/RESULTS.md, session 28)
     sibling_pool: int = 0
     # per request, this many whole words of the vocabulary nearest the subject by input embedding join the candidates
     # (editing.editors.siblings.vocabulary_neighbours: the kind's population, not a sampled list); the same choice
