@@ -536,7 +536,10 @@ def plot(rows: list[dict], path: Path) -> None:
             ax.axhline(bars[key], color="grey", linestyle=":", linewidth=1)
             ax.set_title(f"{m}: {label} (dotted: the Bar)", fontsize=9)
             ax.set_xlabel("number of edits", fontsize=8)
-            if key != "perplexity_drift":   # drift has no natural top (fine-tuning's reaches +500 %)
+            if key == "perplexity_drift":   # no natural top (a collapsed model's reaches 10⁴): linear to 10 %, log above
+                ax.set_yscale("symlog", linthresh=0.1)
+                ax.set_ylim(bottom=-0.05)
+            else:
                 ax.set_ylim(-0.02, 1.05 if key != "neighbourhood_ratio" else 1.25)
             ax.grid(alpha=0.3)
             if j == 0:  # one legend per model row (each row has its own runs)
