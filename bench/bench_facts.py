@@ -471,7 +471,9 @@ def _fmt(v, digits: int = 3) -> str:
 
 
 COLUMNS = [
-    ("model", lambda r: r["model"]), ("editor", lambda r: r["editor"]), ("batch", lambda r: r["batch_size"]),
+    ("model", lambda r: r["model"]),
+    ("editor", lambda r: r["editor"] + (f" ({r['label']})" if r.get("label") else "")),   # label: --replot's
+    ("batch", lambda r: r["batch_size"]),
     ("edits", lambda r: r["n_requests"]),
     ("efficacy", lambda r: r["final"].get("efficacy")), ("paraphrase", lambda r: r["final"].get("paraphrase")),
     ("neighbourhood", lambda r: r["final"].get("neighbourhood")),
@@ -515,7 +517,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     models = list(dict.fromkeys(r["model"] for r in rows))
     metrics = [("efficacy", "efficacy"), ("paraphrase", "paraphrase"), ("neighbourhood_ratio", "neighbourhood / base"),
-               ("retention", "first batch retained"), ("perplexity_drift", "perplexity drift")]
+               ("retention", "first batch retained"), ("perplexity_drift", "ppl drift (0.05 = +5 %)")]
     bars = {"efficacy": 0.95, "paraphrase": 0.80, "neighbourhood_ratio": 0.90, "retention": 0.90,
             "perplexity_drift": 0.05}
     fig, axes = plt.subplots(len(models), len(metrics), figsize=(4 * len(metrics), 3.2 * len(models)), squeeze=False)
@@ -530,9 +532,9 @@ def plot(rows: list[dict], path: Path) -> None:
                     continue
                 xs = [p["n_edits"] for p in r["curve"] if p.get(key) is not None]
                 ys = [p[key] for p in r["curve"] if p.get(key) is not None]
-                if xs:
-                    run = f"{r['editor']} b={r['batch_size']}" + (f" ({r['label']})" if r.get("label") else "")
-                    ax.plot(xs, ys, marker="o", label=run)
+                # plotted even without points, so each run has the same colour in every panel as in the legend
+                run_label = f"{r['editor']} b={r['batch_size']}" + (f" ({r['label']})" if r.get("label") else "")
+                ax.plot(xs, ys, marker="o", label=run_label)
             ax.axhline(bars[key], color="grey", linestyle=":", linewidth=1)
             ax.set_title(f"{m}: {label} (dotted: the Bar)", fontsize=9)
             ax.set_xlabel("number of edits", fontsize=8)
@@ -581,8 +583,9 @@ def main(argv: list[str] | None = None) -> None:
                     "measured with a smaller --limit in a second command)")
     ap.add_argument("--timeout", type=int, default=None, help="seconds per configuration")
     ap.add_argument("--replot", nargs="+", metavar="JSON", help="measure nothing: read the rows of these result "
-                    "files (earlier --out files; FILE=LABEL names a file's runs in the legend), print their tables and "
-                    "write one plot of them all to --plot")
+                    "files (earlier --out files, paths relative to the repository root; FILE=LABEL names a file's runs "
+                    "in the table and the legend), print their table and write one plot of them all to --plot; the "
+                    "options that choose or run configurations are not read")
     ap.add_argument("--single", nargs=3, metavar=("MODEL", "EDITOR", "BATCH"), help=argparse.SUPPRESS)
     ap.add_argument("--single-out", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -601,7 +604,11 @@ def main(argv: list[str] | None = None) -> None:
             ap.error("--replot needs --plot, the path of the plot it writes")
         rows = []
         for spec in args.replot:
-            path, _, label = spec.partition("=")
+            path, label = spec, ""
+            if not Path(spec).is_file() and "=" in spec:   # FILE=LABEL (a file whose name holds "=" reads as a file)
+                path, _, label = spec.rpartition("=")
+            if not Path(path).is_file():
+                ap.error(f"--replot: no result file {path!r}")
             rows.extend({**r, "label": label} if label else r for r in json.loads(Path(path).read_text()))
         print(markdown_table(rows))
         plot(rows, Path(args.plot))
