@@ -470,10 +470,13 @@ def _fmt(v, digits: int = 3) -> str:
     return str(v)
 
 
+def _editor_name(r: dict) -> str:
+    """The run's editor, with the label ``--replot FILE=LABEL`` gave its file."""
+    return r["editor"] + (f" ({r['label']})" if r.get("label") else "")
+
+
 COLUMNS = [
-    ("model", lambda r: r["model"]),
-    ("editor", lambda r: r["editor"] + (f" ({r['label']})" if r.get("label") else "")),   # label: --replot's
-    ("batch", lambda r: r["batch_size"]),
+    ("model", lambda r: r["model"]), ("editor", _editor_name), ("batch", lambda r: r["batch_size"]),
     ("edits", lambda r: r["n_requests"]),
     ("efficacy", lambda r: r["final"].get("efficacy")), ("paraphrase", lambda r: r["final"].get("paraphrase")),
     ("neighbourhood", lambda r: r["final"].get("neighbourhood")),
@@ -522,10 +525,10 @@ def plot(rows: list[dict], path: Path) -> None:
             "perplexity_drift": 0.05}
     fig, axes = plt.subplots(len(models), len(metrics), figsize=(4 * len(metrics), 3.2 * len(models)), squeeze=False)
     for i, m in enumerate(models):
+        n_runs = sum(r["model"] == m for r in rows)
         for j, (key, label) in enumerate(metrics):
             ax = axes[i][j]
             # distinct hues up to 10 runs per model, then tab20's light/dark pairs (up to 20 without a repeat)
-            n_runs = sum(r["model"] == m for r in rows)
             ax.set_prop_cycle(color=(plt.cm.tab10 if n_runs <= 10 else plt.cm.tab20).colors)
             for r in rows:
                 if r["model"] != m:
@@ -533,8 +536,7 @@ def plot(rows: list[dict], path: Path) -> None:
                 xs = [p["n_edits"] for p in r["curve"] if p.get(key) is not None]
                 ys = [p[key] for p in r["curve"] if p.get(key) is not None]
                 # plotted even without points, so each run has the same colour in every panel as in the legend
-                run_label = f"{r['editor']} b={r['batch_size']}" + (f" ({r['label']})" if r.get("label") else "")
-                ax.plot(xs, ys, marker="o", label=run_label)
+                ax.plot(xs, ys, marker="o", label=f"{_editor_name(r)} b={r['batch_size']}")
             ax.axhline(bars[key], color="grey", linestyle=":", linewidth=1)
             ax.set_title(f"{m}: {label} (dotted: the Bar)", fontsize=9)
             ax.set_xlabel("number of edits", fontsize=8)
