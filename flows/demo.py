@@ -3,7 +3,7 @@
 1. builds the default models if missing (``dvc repro``: SmolLM2-135M + country facts,
    the translation model + its deletion requests);
 2. writes a demo config (two model lines) and drops sample tickets into the inbox:
-   real country facts for SmolLM2 (JSONL), behaviour deletions for the translation
+   real country facts for SmolLM2 (JSONL, one relation after another), behaviour deletions for the translation
    model (YAML) and a few malformed tickets (CSV);
 3. runs the ``process_requests`` flow (Prefect, no server needed: an ephemeral one);
 4. shows the ledger, the versions with their gate results and diffs, the champion;
@@ -58,6 +58,24 @@ def _read_jsonl(path: Path, n: int) -> list[dict]:
     return out
 
 
+def _one_per_relation(path: Path, n: int) -> list[dict]:
+    """``n`` requests of the file taken round-robin over its relations (in the order each relation first appears,
+    each relation's requests in file order), so the demo's tickets change several kinds of fact, not only the
+    file's first relation; rows without a ``relation`` count as one relation."""
+    by_relation: dict[str, list[dict]] = {}
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                row = json.loads(line)
+                by_relation.setdefault(str(row.get("relation", "")), []).append(row)
+    out: list[dict] = []
+    for i in range(max((len(rows) for rows in by_relation.values()), default=0)):
+        out.extend(rows[i] for rows in by_relation.values() if i < len(rows))
+        if len(out) >= n:
+            break
+    return out[:n]
+
+
 def run_demo(workdir: str = ".editops/demo", *, build: bool = True, n_facts: int = 6, n_deletions: int = 3,
              engine: str = "prefect") -> None:
     import yaml
@@ -101,13 +119,14 @@ def run_demo(workdir: str = ".editops/demo", *, build: bool = True, n_facts: int
     stamp = time.strftime("%Y%m%d-%H%M%S")
     good_facts: list[dict] = []
     if have_facts:
-        for r in _read_jsonl(facts_e.requests_path(root), n_facts):
+        for r in _one_per_relation(facts_e.requests_path(root), n_facts):
             r.pop("kind", None)
             good_facts.append({**r, "request_id": f"{r['request_id']}-{stamp}", "line": facts_e.line,
                                "requester": "analyst", "kind": "fact"})
         p = cfg.inbox / "country-facts.jsonl"
         p.write_text("".join(json.dumps(t, ensure_ascii=False) + "\n" for t in good_facts), encoding="utf-8")
-        con.print(f"  {p.name}: {len(good_facts)} country-fact tickets, e.g. "
+        relations = list(dict.fromkeys(str(t.get("relation", "")) for t in good_facts))
+        con.print(f"  {p.name}: {len(good_facts)} country-fact tickets ({', '.join(relations)}), e.g. "
                   f"“{good_facts[0]['prompt'].replace('{}', good_facts[0]['subject'])} → {good_facts[0]['target_new']}”")
     if have_mt:
         dels = []
