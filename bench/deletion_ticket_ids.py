@@ -1,0 +1,85 @@
+"""How often the demo's deletion tickets pass their gates, over ticket ids.
+
+    .venv/bin/python bench/deletion_ticket_ids.py [--n-ids 40] [--first 3] [--ids ID ...]
+
+The rank-one editor draws its key-statistics subset and its negative examples in an order seeded by the ticket's
+``request_id`` (``editing/editors/deletion.py``), so the same request under another id is another edit. The demo's
+ticket ids carry the time they were written. This script deletes the first ``--first`` requests of
+``--requests`` one after another (each delta applied before the next, the editor state carried), as the demo's
+deletion line does with batches of 1, once per id suffix (``seed0`` … or the ``--ids`` given, e.g. a demo's
+stamp), and prints per ticket the demo line's two gates: ``deletion_gone`` (the instance no longer gives the
+unwanted span, bar 1.0) and ``unrelated_unchanged`` (the ticket's own locality sentences translated exactly as by
+the base model, bar 0.9, the default ``GateThresholds``). Every ticket's delta is applied whether or not it passes,
+so a later ticket's figure is after all earlier ones (the demo leaves a rejected one out).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="models/translator-marian")
+    p.add_argument("--requests", default="data/requests/deletions.jsonl")
+    p.add_argument("--stats-corpus", default="data/translation/train.jsonl", help="as the demo line's stats_corpus")
+    p.add_argument("--first", type=int, default=3, help="requests deleted in sequence (the demo takes 3)")
+    p.add_argument("--n-ids", type=int, default=40, help="id suffixes seed0 … seedN-1")
+    p.add_argument("--ids", nargs="*", default=None, help="id suffixes to use instead (e.g. a demo's stamp)")
+    a = p.parse_args()
+
+    import torch
+
+    from editing.env import configure_offline_defaults
+
+    configure_offline_defaults()
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    from editing.data.translation import read_deletion_requests
+    from editing.editors import get_editor
+    from editing.gates import GateThresholds
+    from editing.metrics.deletion import cache_base_outputs, evaluate_deletions
+    from editing.models import load
+
+    gates = GateThresholds()
+    lm = load(a.model)
+    model, tok = lm.model, lm.tokenizer
+    requests = read_deletion_requests(a.requests)[: a.first]
+    base = cache_base_outputs(model, tok, requests)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    suffixes = a.ids if a.ids else [f"seed{i}" for i in range(a.n_ids)]
+    failed = {r.request_id: 0 for r in requests}
+    any_failed = 0
+    print("| id suffix | " + " | ".join(f"{r.request_id}: gone / unrelated" for r in requests) + " |")
+    print("|---|" + "---|" * len(requests))
+    for suffix in suffixes:
+        model.load_state_dict(weights)
+        editor = get_editor("rank-one", stats_corpus=a.stats_corpus)
+        state, cells, this_failed = None, [], False
+        for r in requests:
+            ticket = dataclasses.replace(r, request_id=f"{r.request_id}-{suffix}")
+            res = editor.edit(model, tok, [ticket], state)
+            res.delta.apply(model)
+            state = res.state
+            rep = evaluate_deletions(model, tok, [ticket], base)
+            ok = rep.instance_gone >= gates.deletion_gone and rep.locality_exact >= gates.unrelated_unchanged
+            failed[r.request_id] += not ok
+            this_failed |= not ok
+            cells.append(f"{rep.instance_gone:.2f} / {rep.locality_exact:.3f}{'' if ok else ' (fails)'}")
+        any_failed += this_failed
+        print(f"| {suffix} | " + " | ".join(cells) + " |", flush=True)
+    print()
+    print("| ticket | ids where it fails a gate |")
+    print("|---|---|")
+    for rid, n in failed.items():
+        print(f"| {rid} | {n} / {len(suffixes)} |")
+    print(f"| any of them | {any_failed} / {len(suffixes)} |")
+
+
+if __name__ == "__main__":
+    main()
