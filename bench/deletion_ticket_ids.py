@@ -2,15 +2,17 @@
 
     .venv/bin/python bench/deletion_ticket_ids.py [--n-ids 40] [--first 3] [--ids ID ...]
 
-The rank-one editor draws its key-statistics subset and its negative examples in an order seeded by the ticket's
-``request_id`` (``editing/editors/deletion.py``), so the same request under another id is another edit. The demo's
+The rank-one editor shuffles the statistics sentences its self-generated variants are built from, and its negative
+examples, in an order seeded by the ticket's ``request_id`` (``editing/editors/deletion.py``; C0 itself uses the
+whole statistics split), so the same request under another id is another edit. The demo's
 ticket ids carry the time they were written. This script deletes the first ``--first`` requests of
 ``--requests`` one after another (each delta applied before the next, the editor state carried), as the demo's
 deletion line does with batches of 1, once per id suffix (``seed0`` … or the ``--ids`` given, e.g. a demo's
-stamp), and prints per ticket the demo line's two gates: ``deletion_gone`` (the instance no longer gives the
-unwanted span, bar 1.0) and ``unrelated_unchanged`` (the ticket's own locality sentences translated exactly as by
-the base model, bar 0.9, the default ``GateThresholds``). Every ticket's delta is applied whether or not it passes,
-so a later ticket's figure is after all earlier ones (the demo leaves a rejected one out).
+stamp), and prints per ticket the demo line's three gates (the default ``GateThresholds``): ``deletion_gone``
+(the instance no longer gives the unwanted span, bar 1.0), ``unrelated_unchanged`` (the ticket's own locality
+sentences translated exactly as by the base model, bar 0.9) and ``retention`` (the earlier tickets' instances still
+gone, bar 0.8; none for the first). Every ticket's delta is applied whether or not it passes, so a later ticket's
+figure is after all earlier ones (the demo leaves a rejected one out).
 """
 from __future__ import annotations
 
@@ -55,22 +57,26 @@ def main() -> None:
     suffixes = a.ids if a.ids else [f"seed{i}" for i in range(a.n_ids)]
     failed = {r.request_id: 0 for r in requests}
     any_failed = 0
-    print("| id suffix | " + " | ".join(f"{r.request_id}: gone / unrelated" for r in requests) + " |")
+    print("| id suffix | " + " | ".join(f"{r.request_id}: gone / unrelated / retention" for r in requests) + " |")
     print("|---|" + "---|" * len(requests))
     for suffix in suffixes:
         model.load_state_dict(weights)
         editor = get_editor("rank-one", stats_corpus=a.stats_corpus)
-        state, cells, this_failed = None, [], False
+        state, cells, this_failed, earlier = None, [], False, []
         for r in requests:
             ticket = dataclasses.replace(r, request_id=f"{r.request_id}-{suffix}")
             res = editor.edit(model, tok, [ticket], state)
             res.delta.apply(model)
             state = res.state
             rep = evaluate_deletions(model, tok, [ticket], base)
-            ok = rep.instance_gone >= gates.deletion_gone and rep.locality_exact >= gates.unrelated_unchanged
+            kept = evaluate_deletions(model, tok, earlier).instance_gone if earlier else None
+            ok = (rep.instance_gone >= gates.deletion_gone and rep.locality_exact >= gates.unrelated_unchanged
+                  and (kept is None or kept >= gates.retention))
+            earlier.append(ticket)
             failed[r.request_id] += not ok
             this_failed |= not ok
-            cells.append(f"{rep.instance_gone:.2f} / {rep.locality_exact:.3f}{'' if ok else ' (fails)'}")
+            cells.append(f"{rep.instance_gone:.2f} / {rep.locality_exact:.3f} / {'–' if kept is None else f'{kept:.2f}'}"
+                         f"{'' if ok else ' (fails)'}")
         any_failed += this_failed
         print(f"| {suffix} | " + " | ".join(cells) + " |", flush=True)
     print()
