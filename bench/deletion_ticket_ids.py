@@ -8,7 +8,8 @@ whole statistics split), so the same request under another id is another edit. T
 ticket ids carry the time they were written. This script deletes the first ``--first`` requests of
 ``--requests`` one after another (each delta applied before the next, the editor state carried), as the demo's
 deletion line does with batches of 1, once per id suffix (``seed0`` … or the ``--ids`` given, e.g. a demo's
-stamp), and prints per ticket the demo line's three gates (the default ``GateThresholds``): ``deletion_gone``
+stamp), and prints per ticket the demo line's three gates (``editing.gates.deletion_gates``, as the flow calls it,
+with the default ``GateThresholds``): ``deletion_gone``
 (the instance no longer gives the unwanted span, bar 1.0), ``unrelated_unchanged`` (the ticket's own locality
 sentences translated exactly as by the base model, bar 0.9) and ``retention`` (the earlier tickets' instances still
 gone, bar 0.8; none for the first). Every ticket's delta is applied whether or not it passes, so a later ticket's
@@ -44,8 +45,8 @@ def main() -> None:
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     from editing.data.translation import read_deletion_requests
     from editing.editors import get_editor
-    from editing.gates import GateThresholds
-    from editing.metrics.deletion import cache_base_outputs, evaluate_deletions
+    from editing.gates import GateThresholds, deletion_gates
+    from editing.metrics.deletion import cache_base_outputs
     from editing.models import load
 
     gates = GateThresholds()
@@ -68,15 +69,14 @@ def main() -> None:
             res = editor.edit(model, tok, [ticket], state)
             res.delta.apply(model)
             state = res.state
-            rep = evaluate_deletions(model, tok, [ticket], base)
-            kept = evaluate_deletions(model, tok, earlier).instance_gone if earlier else None
-            ok = (rep.instance_gone >= gates.deletion_gone and rep.locality_exact >= gates.unrelated_unchanged
-                  and (kept is None or kept >= gates.retention))
+            report = deletion_gates(model, tok, [ticket], base, gates, earlier=earlier)
             earlier.append(ticket)
-            failed[r.request_id] += not ok
-            this_failed |= not ok
-            cells.append(f"{rep.instance_gone:.2f} / {rep.locality_exact:.3f} / {'–' if kept is None else f'{kept:.2f}'}"
-                         f"{'' if ok else ' (fails)'}")
+            failed[r.request_id] += not report.passed
+            this_failed |= not report.passed
+            figures = {g.gate: g.metric for g in report.results}
+            cells.append(" / ".join("–" if figures[g] is None else f"{figures[g]:.3f}"
+                                    for g in ("deletion_gone", "unrelated_unchanged", "retention"))
+                         + ("" if report.passed else " (fails)"))
         any_failed += this_failed
         print(f"| {suffix} | " + " | ".join(cells) + " |", flush=True)
     print()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import time
+from itertools import zip_longest
 from pathlib import Path
 
 from rich.console import Console
@@ -47,14 +48,15 @@ def _build(con: Console, entry, root: Path, build: bool) -> bool:
     return True
 
 
-def _read_jsonl(path: Path, n: int) -> list[dict]:
+def _read_jsonl(path: Path, n: int | None = None) -> list[dict]:
+    """The file's first ``n`` rows (all of them when ``n`` is None)."""
     out = []
     with path.open(encoding="utf-8") as f:
         for line in f:
+            if n is not None and len(out) >= n:
+                break
             if line.strip():
                 out.append(json.loads(line))
-            if len(out) >= n:
-                break
     return out
 
 
@@ -63,17 +65,10 @@ def _one_per_relation(path: Path, n: int) -> list[dict]:
     each relation's requests in file order), so the demo's tickets change several kinds of fact, not only the
     file's first relation; rows without a ``relation`` count as one relation."""
     by_relation: dict[str, list[dict]] = {}
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                row = json.loads(line)
-                by_relation.setdefault(str(row.get("relation", "")), []).append(row)
-    out: list[dict] = []
-    for i in range(max((len(rows) for rows in by_relation.values()), default=0)):
-        out.extend(rows[i] for rows in by_relation.values() if i < len(rows))
-        if len(out) >= n:
-            break
-    return out[:n]
+    for row in _read_jsonl(path):
+        by_relation.setdefault(str(row.get("relation", "")), []).append(row)
+    rounds = zip_longest(*by_relation.values())     # round i: each relation's i-th request, None where it has none
+    return [row for rnd in rounds for row in rnd if row is not None][:n]
 
 
 def run_demo(workdir: str = ".editops/demo", *, build: bool = True, n_facts: int = 6, n_deletions: int = 3,
