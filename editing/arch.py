@@ -7,13 +7,20 @@ added to the residual stream (size ``d_model``). Editors always reason about
 stores the transpose, which :func:`weight_view` / :func:`add_to_weight` hide.
 
 One mapping (``ADAPTERS``) from ``config.model_type`` to module-name templates, as
-peft keeps its target-module table. A model whose type is not listed is
-rejected with :class:`UnsupportedArchitectureError`, naming the override
-(``mlp_out_template``) a user can give.
+peft keeps its target-module table; every entry is checked against a tiny model
+of its family (``tests/editing/test_arch.py``). A causal LM whose type is not
+listed gets its adapter by :func:`discover_spec`, from the module tree: the
+layer list, and in each layer the one dense projection from a wider space back to
+the residual stream outside attention (a warning names the template it chose).
+Where that is not one module (mixture-of-experts layers, no layer list), the
+model is rejected with :class:`UnsupportedArchitectureError`, naming the
+override (``mlp_out_template``) a user can give.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import logging
+import warnings
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -42,6 +49,7 @@ class ArchSpec:
     model_type: str
     stacks: tuple[StackSpec, ...]
     transposed: bool = False  # True where W_out is a Conv1D (weight stored as d_in x d_out)
+    source: str = "table"     # "table" (ADAPTERS), "template" (the user's mlp_out_template), "discovered"
 
     def stack(self, name: str | None = None) -> StackSpec:
         """The stack called ``name`` (default: the last one, the decoder of a seq2seq model)."""
@@ -86,16 +94,24 @@ ADAPTERS: dict[str, ArchSpec] = {
     "gptj": _causal("gptj", "transformer.h.{}.mlp.fc_out", "transformer.h.{}", "n_layer"),
     "gpt_neox": _causal("gpt_neox", "gpt_neox.layers.{}.mlp.dense_4h_to_h", "gpt_neox.layers.{}", "num_hidden_layers"),
     "opt": _causal("opt", "model.decoder.layers.{}.fc2", "model.decoder.layers.{}", "num_hidden_layers"),
-    **{t: _causal(t, *_LLAMA_LIKE) for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo", "olmo2", "smollm3")},
+    **{t: _causal(t, *_LLAMA_LIKE) for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3",
+                                              "olmo", "olmo2", "olmo3", "smollm3", "stablelm", "granite", "cohere",
+                                              "helium", "exaone4", "nemotron")},
+    "bloom": _causal("bloom", "transformer.h.{}.mlp.dense_4h_to_h", "transformer.h.{}", "n_layer"),
+    "falcon": _causal("falcon", "transformer.h.{}.mlp.dense_4h_to_h", "transformer.h.{}", "num_hidden_layers"),
+    "gpt_neo": _causal("gpt_neo", "transformer.h.{}.mlp.c_proj", "transformer.h.{}", "num_layers"),
+    "gpt_bigcode": _causal("gpt_bigcode", "transformer.h.{}.mlp.c_proj", "transformer.h.{}", "n_layer"),
+    "codegen": _causal("codegen", "transformer.h.{}.mlp.fc_out", "transformer.h.{}", "n_layer"),
+    "mpt": _causal("mpt", "transformer.blocks.{}.ffn.down_proj", "transformer.blocks.{}", "n_layers"),
+    "phi": _causal("phi", "model.layers.{}.mlp.fc2", "model.layers.{}", "num_hidden_layers"),
+    "starcoder2": _causal("starcoder2", "model.layers.{}.mlp.c_proj", "model.layers.{}", "num_hidden_layers"),
+    "xglm": _causal("xglm", "model.layers.{}.fc2", "model.layers.{}", "num_layers"),
     "gemma3": _causal("gemma3", "model.language_model.layers.{}.mlp.down_proj", "model.language_model.layers.{}", "num_hidden_layers"),
-    "t5": _seq2seq(
-        "t5",
-        ("encoder.block.{}.layer.1.DenseReluDense.wo", "encoder.block.{}", "num_layers"),
-        ("decoder.block.{}.layer.2.DenseReluDense.wo", "decoder.block.{}", "num_decoder_layers"),
-    ),
-    "marian": _seq2seq("marian", _BART_LIKE_ENC, _BART_LIKE_DEC),
-    "bart": _seq2seq("bart", _BART_LIKE_ENC, _BART_LIKE_DEC),
-    "mbart": _seq2seq("mbart", _BART_LIKE_ENC, _BART_LIKE_DEC),
+    **{t: _seq2seq(t, ("encoder.block.{}.layer.1.DenseReluDense.wo", "encoder.block.{}", "num_layers"),
+                   ("decoder.block.{}.layer.2.DenseReluDense.wo", "decoder.block.{}", "num_decoder_layers"))
+       for t in ("t5", "mt5")},
+    # m2m_100 is NLLB's and M2M100's type
+    **{t: _seq2seq(t, _BART_LIKE_ENC, _BART_LIKE_DEC) for t in ("marian", "bart", "mbart", "m2m_100", "pegasus")},
 }
 
 
@@ -110,22 +126,116 @@ def custom_spec(model_type: str, mlp_out_template: str, layer_template: str | No
     return _causal(model_type, mlp_out_template, layer, n_layers_attr)
 
 
-def spec_for(model: nn.Module, mlp_out_template: str | None = None) -> ArchSpec:
-    """The adapter of ``model``; ``mlp_out_template`` overrides the table for unknown models."""
+_OVERRIDE_HINT = ("Name the MLP output projection yourself with the module-name template, e.g. "
+                  "--mlp-out-template 'model.layers.{}.mlp.down_proj' (Python: spec_for(model, mlp_out_template=...)).")
+_N_LAYERS_ATTRS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+_ATTENTION_WORDS = ("attn", "attention")
+_EXPERT_WORDS = ("expert", "moe")
+
+log = logging.getLogger(__name__)
+
+
+class DiscoveredAdapterWarning(UserWarning):
+    """editops had no adapter for a model type and found its MLP output projection from the module tree."""
+
+
+def _residual_width(model: nn.Module) -> int | None:
+    cfg = getattr(model.config, "text_config", None) or model.config
+    width = getattr(cfg, "hidden_size", None)
+    if width is None and hasattr(model, "get_input_embeddings"):
+        emb = model.get_input_embeddings()
+        width = getattr(emb, "embedding_dim", None)
+    return int(width) if width else None
+
+
+def _projections(block: nn.Module) -> list[tuple[str, int, int]]:
+    """``(name, d_in, d_out)`` of every module in ``block`` holding a 2-D ``weight`` (Linear, Conv1D, subclasses)."""
+    out = []
+    for name, module in block.named_modules():
+        w = getattr(module, "weight", None)
+        if name and isinstance(w, torch.Tensor) and w.dim() == 2 and not isinstance(module, nn.Embedding):
+            d_in, d_out = in_out_features(module)
+            out.append((name, d_in, d_out))
+    return out
+
+
+def discover_spec(model: nn.Module) -> ArchSpec:
+    """The adapter of a causal LM no table entry knows, read from its module tree.
+
+    The layer list is the ``nn.ModuleList`` whose length is the config's layer count
+    (``num_hidden_layers``, ``n_layer``, ``num_layers`` or ``n_layers``). In its first layer
+    the edited matrix is the one module with a 2-D weight that maps a space wider or narrower
+    than the residual stream (``d_in ≠ d_model``) onto it (``d_out = d_model``) and lies outside
+    attention (no ``attn``/``attention`` in its path): MEMIT's ``W_out``. Raises
+    :class:`UnsupportedArchitectureError` where that is not exactly one module in every layer,
+    or where the layer holds experts (a mixture-of-experts MLP has no single ``W_out``).
+    """
     config = model.config
-    model_type = getattr(config, "model_type", type(model).__name__)
+    model_type = getattr(config, "model_type", None) or type(model).__name__
+    cfg = getattr(config, "text_config", None) or config
+    counts = {a: int(v) for a in _N_LAYERS_ATTRS for v in [getattr(cfg, a, None)] if isinstance(v, int) and v > 0}
+    width = _residual_width(model)
+    if not counts or width is None:
+        raise UnsupportedArchitectureError(
+            f"editops has no adapter for model_type {model_type!r} (known: {', '.join(sorted(ADAPTERS))}) and cannot "
+            f"read its layer count or residual width from the config to find one. " + _OVERRIDE_HINT)
+    lists = [(name, m) for name, m in model.named_modules()
+             if isinstance(m, nn.ModuleList) and len(m) in counts.values() and name]
+    found: list[tuple[str, str, str]] = []   # (list name, projection path in the layer, config attr)
+    notes: list[str] = []
+    for list_name, layers in lists:
+        block = layers[0]
+        experts = sorted({n for n, _ in block.named_modules() if any(w in n.lower() for w in _EXPERT_WORDS)})
+        if experts:
+            notes.append(f"{list_name}.0 holds experts ({', '.join(experts[:3])}): a mixture-of-experts MLP "
+                         "has no single output projection to edit")
+            continue
+        cands = [n for n, d_in, d_out in _projections(block)
+                 if d_out == width and d_in != width and not any(w in n.lower() for w in _ATTENTION_WORDS)]
+        if len(cands) == 1:
+            attr = next(a for a, v in counts.items() if v == len(layers))
+            if all(cands[0] in dict(b.named_modules()) for b in layers):
+                found.append((list_name, cands[0], attr))
+        elif cands:
+            notes.append(f"{list_name}.0 has {len(cands)} candidates ({', '.join(cands)})")
+    if len(found) != 1:
+        why = "; ".join(notes) or "no layer list with one projection onto the residual stream outside attention"
+        if len(found) > 1:
+            why = "several layer lists qualify: " + ", ".join(f"{a}.{{}}.{b}" for a, b, _ in found)
+        raise UnsupportedArchitectureError(
+            f"editops has no adapter for model_type {model_type!r} (known: {', '.join(sorted(ADAPTERS))}) and "
+            f"could not find its MLP output projection: {why}. " + _OVERRIDE_HINT)
+    list_name, proj, attr = found[0]
+    spec = ArchSpec(model_type, (StackSpec("decoder", f"{list_name}.{{}}.{proj}", f"{list_name}.{{}}", attr),),
+                    transposed=is_transposed(get_module(model, f"{list_name}.0.{proj}")), source="discovered")
+    return spec
+
+
+_WARNED: set[tuple[str, str]] = set()
+
+
+def spec_for(model: nn.Module, mlp_out_template: str | None = None) -> ArchSpec:
+    """The adapter of ``model``: the user's ``mlp_out_template`` if given, else the table's entry for
+    ``config.model_type``, else :func:`discover_spec` (with a :class:`DiscoveredAdapterWarning` naming
+    the template it found, once per model type and template)."""
+    config = model.config
+    model_type = getattr(config, "model_type", None) or type(model).__name__
     # a template given at load time (editing.models.load) travels with the model to every editor
     mlp_out_template = mlp_out_template or getattr(model, "editops_mlp_out_template", None)
     if mlp_out_template:
-        spec = custom_spec(model_type, mlp_out_template)
+        spec = replace(custom_spec(model_type, mlp_out_template), source="template")
     elif model_type in ADAPTERS:
         spec = ADAPTERS[model_type]
     else:
-        raise UnsupportedArchitectureError(
-            f"editops has no adapter for model_type {model_type!r} (known: {', '.join(sorted(ADAPTERS))}). "
-            "Name the MLP output projection yourself with the module-name template, e.g. "
-            "--mlp-out-template 'model.layers.{}.mlp.down_proj' (Python: spec_for(model, mlp_out_template=...))."
-        )
+        spec = discover_spec(model)
+        key = (model_type, spec.stacks[-1].mlp_out)
+        if key not in _WARNED:
+            _WARNED.add(key)
+            msg = (f"editops has no adapter for model_type {model_type!r}; it edits {spec.stacks[-1].mlp_out!r}, "
+                   "found from the module tree (the one projection onto the residual stream outside attention "
+                   "in each layer). If that is not the MLP's output projection, pass --mlp-out-template.")
+            warnings.warn(msg, DiscoveredAdapterWarning, stacklevel=2)
+            log.warning(msg)
     names = dict(model.named_modules())
     first = spec.mlp_out_name(0)
     if first not in names:

@@ -459,7 +459,8 @@ class MemitEditor:
 
     @torch.no_grad()
     def _spread(self, model, tokenizer, spec, reqs, layers, z, C0, C_edits, P, hp: EditHparams,
-                siblings: Sequence = (), holds: Sequence = (), pool: Sequence = (), again: frozenset = frozenset()):
+                siblings: Sequence = (), holds: Sequence = (), pool: Sequence = (), again: frozenset = frozenset(),
+                noops: Sequence = ()):
         """Write the update layer by layer into ``model`` (in place); returns factors, the moment
         to accumulate per layer (``KᵀK`` of the edit keys, plus ``w K_sᵀK_s`` of the sibling keys and
         ``w_o K_oᵀK_o`` of the held other prompts, :func:`other_prompt_requests`; these are prompt keys only,
@@ -472,7 +473,10 @@ class MemitEditor:
         layer is solved again.
 
         ``again``: subjects edited in earlier batches; with ``subject_key_again=False`` their requests' subject-alone
-        keys are zero rows (not fitted, not accumulated)."""
+        keys are zero rows (not fitted, not accumulated).
+
+        ``noops``: requests the model already answers (``hold_noops``): their keys, read as the edit's own,
+        are held with weight 1 (``+ K_kᵀK_k`` in the solve and in the moment to accumulate)."""
         rows, pos = self._bare_rows(tokenizer, reqs, hp.locus)
         drop = [i for i, r in enumerate(reqs) if r.subject in again] if not hp.subject_key_again else []
         factors, moments = {}, {}
@@ -502,6 +506,11 @@ class MemitEditor:
                 ko = hp.other_prompts_weight * (Ko.T @ Ko)
                 moments[l] = moments[l] + ko
                 ce = ko if ce is None else ce + ko
+            if noops:
+                Kk = compute_keys(model, tokenizer, spec, noops, l, self._key_templates(hp), locus=hp.locus).double()
+                kk = Kk.T @ Kk
+                moments[l] = moments[l] + kk
+                ce = kk if ce is None else ce + kk
             if hp.text_key_weight:
                 Ka = compute_text_keys(model, tokenizer, spec, reqs, l, self._sibling_templates(hp), hp.locus).double()
                 ka = hp.text_key_weight * (Ka.T @ Ka)
@@ -559,6 +568,8 @@ class MemitEditor:
             state.meta.get("prompt_relations", {}) if state is not None else {})})
         factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         diag: dict[str, RequestDiagnostics] = {}
+        noop_after: dict[str, tuple[bool, float]] = {}
+        held_noops: list = []
         meta_extra: dict[str, Any] = dict(self._notes)
         try:
             if active:
@@ -626,9 +637,12 @@ class MemitEditor:
                         _record_held(held, sibs, hp.sibling_weight)
                 if hp.lam_ladder:
                     meta_extra["first_lam"] = lams[0]
+                held_noops = noops if hp.hold_noops else []
+                if held_noops:
+                    meta_extra["held_noops"] = [r.request_id for r in held_noops]
                 factors, moments, held_by_layer = self._spread(model, tokenizer, spec, active, layers, z, C0,
                                                                C_edits, P, replace(hp, lam=lams[0]), sibs, holds, pool,
-                                                               again=edited_before)
+                                                               again=edited_before, noops=held_noops)
                 chosen = list({c.request_id: c for cs in held_by_layer.values() for c in cs}.values())
                 if hp.sibling_leak:
                     meta_extra["sibling_leak_held"] = {str(l): len(cs) for l, cs in held_by_layer.items()}
@@ -650,7 +664,7 @@ class MemitEditor:
                     sub = [active[i] for i in redo]
                     lam_p = lams[p + 1]
                     f2, _, _ = self._spread(model, tokenizer, spec, sub, layers, z[redo], C0, C_edits, P,
-                                            replace(hp, lam=lam_p), sibs, holds, pool, again=edited_before)
+                                            replace(hp, lam=lam_p), sibs, holds, pool, again=edited_before, noops=held_noops)
                     merged = LowRankDelta(factors).compose(LowRankDelta(f2)).compact(rank=len(active))
                     factors = merged.factors
                     meta_extra.setdefault("repassed", []).append([active[i].request_id for i in redo])
@@ -674,6 +688,9 @@ class MemitEditor:
                         subject_holds[r.subject] = subject_holds.get(r.subject, 0.0) + hp.subject_key_weight
                 h1 = block_outputs_at(model, spec, layers[-1], rows, pos, pad_id_of(tokenizer)).double()
                 top1, lp_new = score_targets(model, tokenizer, [r.text for r in active], [r.target_new for r in active])
+                if noops:   # what the batch's delta did to the requests it did not edit
+                    noop_after = dict(zip([r.request_id for r in noops], zip(*score_targets(
+                        model, tokenizer, [r.text for r in noops], [r.target_new for r in noops]))))
                 trues = [r for r in active if r.target_true]
                 _, lp_true = score_targets(model, tokenizer, [r.text for r in trues], [r.target_true for r in trues]) \
                     if trues else ([], [])
@@ -697,22 +714,31 @@ class MemitEditor:
         finally:
             self._restore(model, saved)
         for r in noops:
+            before = lp_new0[requests.index(r)]
+            still, after = noop_after.get(r.request_id, (True, before))
+            message = "no-op: the model already predicts target_new; not edited" if still else (
+                "no-op before this batch (the model already predicted target_new, so it was not edited), but the "
+                "batch's other edits changed that: target_new is no longer the top prediction; edit it in a batch "
+                "of its own")
             diag[r.request_id] = RequestDiagnostics(
-                request_id=r.request_id, succeeded=True, message="no-op: the model already predicts target_new; not edited",
-                extra={"no_op": True, "logp_new": lp_new0[requests.index(r)]})
+                request_id=r.request_id, succeeded=bool(still), message=message,
+                extra={"no_op": True, "logp_new": after, "logp_new_before": before})
         diagnostics = [diag[r.request_id] for r in requests]
         failed = [d.request_id for d in diagnostics if not d.succeeded]
         rate = 1 - len(failed) / max(len(diagnostics), 1)
         if failed and rate < hp.warn_below:
             lam_text = f"λ={hp.lam}" if len(set(lams)) < 2 else "λ " + " → ".join(f"{x:.6g}" for x in lams)
-            msg = (f"{self.name}: {len(failed)}/{len(diagnostics)} edits did not take (layers {layers}, {lam_text}, "
+            broken = [r.request_id for r in noops if r.request_id in failed]
+            broken_text = f" ({len(broken)} of them no-ops the batch's other edits changed)" if broken else ""
+            msg = (f"{self.name}: {len(failed)}/{len(diagnostics)} edits did not take{broken_text} (layers {layers}, {lam_text}, "
                    f"locus {hp.locus}, choice: {hp.source}); try other layers (--layers), a smaller λ, the other "
                    "locus (--set locus=subject|last) or more value steps")
             warnings.warn(msg, EditDidNotTakeWarning, stacklevel=2)
             log.warning(msg)
             meta_extra["warning"] = msg
         delta.meta.update({**meta_extra, "layers": layers, "lam": hp.lam, "locus": hp.locus, "choice": hp.source,
-                           "n_noop": len(noops), "success_rate": rate})
+                           "n_noop": len(noops), "success_rate": rate,
+                           "mlp_out": spec.stacks[-1].mlp_out, "adapter": spec.source})
         meta = {"base_fingerprint": fp, "layers": layers, "lam": hp.lam, "locus": hp.locus, "source": hp.source,
                 "n_edits": n_prev + len(active), "hyperparameters": hp.to_dict(),
                 "context_templates": list(hp.value.context_templates)}

@@ -3,7 +3,9 @@
 For each stack of each architecture: the MLP output module exists at the first and
 last layer, ``weight_view`` is ``(d_model, d_ff)``, the module's input (captured
 with a forward pre-hook during a real forward pass) has size ``d_ff``, and a
-LowRankDelta applied then removed restores the weights.
+LowRankDelta applied then removed restores the weights. For every causal family,
+discovery from the module tree (what a model type without an entry gets) finds the
+table's module; a mixture-of-experts model is refused with the override named.
 """
 from __future__ import annotations
 
@@ -11,7 +13,8 @@ import pytest
 import torch
 import transformers as tf
 
-from editing.arch import ADAPTERS, get_module, in_out_features, spec_for, weight_view
+from editing.arch import ADAPTERS, DiscoveredAdapterWarning, discover_spec, get_module, in_out_features, spec_for, \
+    weight_view
 from editing.delta import LowRankDelta
 from editing.errors import UnsupportedArchitectureError
 
@@ -36,6 +39,36 @@ CAUSAL = {
                                                 max_position_embeddings=32, sliding_window=16), F),
     "opt": (lambda: tf.OPTConfig(vocab_size=V, hidden_size=D, ffn_dim=F, num_hidden_layers=2, num_attention_heads=2,
                                  word_embed_proj_dim=D, max_position_embeddings=32), F),
+    "bloom": (lambda: tf.BloomConfig(vocab_size=V, hidden_size=D, n_layer=2, n_head=2), 4 * D),
+    "falcon": (lambda: tf.FalconConfig(vocab_size=V, hidden_size=D, num_hidden_layers=2, num_attention_heads=2), 4 * D),
+    "gpt_neo": (lambda: tf.GPTNeoConfig(vocab_size=V, hidden_size=D, num_layers=2, num_heads=2, intermediate_size=F,
+                                        attention_types=[[["global", "local"], 1]], max_position_embeddings=32), F),
+    "gpt_bigcode": (lambda: tf.GPTBigCodeConfig(vocab_size=V, n_embd=D, n_layer=2, n_head=2, n_positions=32), 4 * D),
+    "codegen": (lambda: tf.CodeGenConfig(vocab_size=V, n_embd=D, n_layer=2, n_head=2, rotary_dim=8, n_positions=32), 4 * D),
+    "mpt": (lambda: tf.MptConfig(vocab_size=V, d_model=D, n_layers=2, n_heads=2), 4 * D),
+    "phi": (lambda: tf.PhiConfig(vocab_size=V, hidden_size=D, intermediate_size=F, num_hidden_layers=2,
+                                 num_attention_heads=2, max_position_embeddings=32), F),
+    "starcoder2": (lambda: tf.Starcoder2Config(vocab_size=V, hidden_size=D, intermediate_size=F, num_hidden_layers=2,
+                                               num_attention_heads=2, num_key_value_heads=1,
+                                               max_position_embeddings=32), F),
+    "xglm": (lambda: tf.XGLMConfig(vocab_size=V, d_model=D, ffn_dim=F, num_layers=2, attention_heads=2,
+                                   max_position_embeddings=32), F),
+}
+# families whose layers keep the MLP at model.layers.{}.mlp.down_proj: the table lists them beside llama, and
+# discovery must find that module in each (their tiny configs differ in norms, heads and activations)
+LLAMA_NAMED = {
+    "stablelm": (lambda: tf.StableLmConfig(vocab_size=V, hidden_size=D, intermediate_size=F, num_hidden_layers=2,
+                                           num_attention_heads=2, num_key_value_heads=1), F),
+    "granite": (lambda: tf.GraniteConfig(vocab_size=V, hidden_size=D, intermediate_size=F, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1), F),
+    "cohere": (lambda: tf.CohereConfig(vocab_size=V, hidden_size=D, intermediate_size=F, num_hidden_layers=2,
+                                       num_attention_heads=2, num_key_value_heads=1, eos_token_id=1), F),
+    "olmo3": (lambda: tf.Olmo3Config(vocab_size=V, hidden_size=D, intermediate_size=F, num_hidden_layers=2,
+                                     num_attention_heads=2, num_key_value_heads=1, eos_token_id=1), F),
+    "nemotron": (lambda: tf.NemotronConfig(vocab_size=V, hidden_size=D, intermediate_size=F, num_hidden_layers=2,
+                                           num_attention_heads=2, num_key_value_heads=1), F),
+    "qwen3": (lambda: tf.Qwen3Config(vocab_size=V, hidden_size=D, intermediate_size=F, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=1, head_dim=16), F),
 }
 SEQ2SEQ = {
     "t5": (lambda: tf.T5Config(vocab_size=V, d_model=D, d_ff=F, d_kv=16, num_layers=2, num_decoder_layers=2,
@@ -48,13 +81,23 @@ SEQ2SEQ = {
                                    encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=F,
                                    decoder_ffn_dim=F, max_position_embeddings=32, pad_token_id=1,
                                    decoder_start_token_id=2), F),
+    "m2m_100": (lambda: tf.M2M100Config(vocab_size=V, d_model=D, encoder_layers=2, decoder_layers=2,
+                                        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=F,
+                                        decoder_ffn_dim=F, max_position_embeddings=32, pad_token_id=1,
+                                        decoder_start_token_id=2), F),
+    "mt5": (lambda: tf.MT5Config(vocab_size=V, d_model=D, d_ff=F, d_kv=16, num_layers=2, num_decoder_layers=2,
+                                 num_heads=2, decoder_start_token_id=0, pad_token_id=0), F),
+    "pegasus": (lambda: tf.PegasusConfig(vocab_size=V, d_model=D, encoder_layers=2, decoder_layers=2,
+                                         encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=F,
+                                         decoder_ffn_dim=F, max_position_embeddings=32, pad_token_id=0,
+                                         decoder_start_token_id=0), F),
 }
 
 
 def _build(model_type: str):
     torch.manual_seed(0)
-    if model_type in CAUSAL:
-        make, d_ff = CAUSAL[model_type]
+    if model_type in CAUSAL or model_type in LLAMA_NAMED:
+        make, d_ff = {**CAUSAL, **LLAMA_NAMED}[model_type]
         return tf.AutoModelForCausalLM.from_config(make()).eval(), d_ff
     make, d_ff = SEQ2SEQ[model_type]
     return tf.AutoModelForSeq2SeqLM.from_config(make()).eval(), d_ff
@@ -69,7 +112,7 @@ def _forward(model) -> None:
             model(input_ids=ids)
 
 
-@pytest.mark.parametrize("model_type", sorted({**CAUSAL, **SEQ2SEQ}))
+@pytest.mark.parametrize("model_type", sorted({**CAUSAL, **LLAMA_NAMED, **SEQ2SEQ}))
 def test_adapter_finds_mlp_out_with_key_space_d_ff(model_type):
     model, d_ff = _build(model_type)
     spec = spec_for(model)
@@ -132,9 +175,64 @@ class _Weird(torch.nn.Module):
 
 
 def test_unknown_architecture_names_the_override():
+    """No residual width in the config: nothing to discover by, so the error names the override."""
     with pytest.raises(UnsupportedArchitectureError, match="mlp-out-template|mlp_out_template") as info:
         spec_for(_Weird())
     assert "weird" in str(info.value)
+
+
+@pytest.mark.parametrize("model_type", sorted({**CAUSAL, **LLAMA_NAMED}))
+def test_discovery_finds_the_tables_module(model_type):
+    """What a model type without an entry would get: the same module, layer block and layer count as the table."""
+    model, _ = _build(model_type)
+    table, found = spec_for(model), discover_spec(model)
+    assert found.source == "discovered" and table.source == "table"
+    assert found.mlp_out_name(1) == table.mlp_out_name(1)
+    assert found.layer_name(1) == table.layer_name(1)
+    assert found.num_layers(model.config) == table.num_layers(model.config) == 2
+
+
+def test_a_model_type_without_an_entry_is_discovered_with_a_warning():
+    model, _ = _build("phi")
+    model.config.model_type = "phi_fork"   # a fork under its own name (trust_remote_code models look like this)
+    with pytest.warns(DiscoveredAdapterWarning, match=r"model\.layers\.\{\}\.mlp\.fc2"):
+        spec = spec_for(model)
+    assert (spec.model_type, spec.source, spec.mlp_out_name(0)) == ("phi_fork", "discovered", "model.layers.0.mlp.fc2")
+
+
+def test_discovery_uses_the_residual_width_and_skips_attention():
+    """A layer whose attention output reads a wider space than the residual stream (Qwen3-style heads) still
+    has one candidate: attention modules are skipped, the MLP's projection is kept."""
+    model, _ = _build("qwen3")   # 4 heads x head_dim 16 = 64 > d_model 32: o_proj maps 64 -> 32 like down_proj
+    o_proj = get_module(model, "model.layers.0.self_attn.o_proj")
+    assert in_out_features(o_proj) == (64, D)
+    assert discover_spec(model).mlp_out_name(0) == "model.layers.0.mlp.down_proj"
+
+
+def test_mixture_of_experts_is_refused_with_the_override():
+    model = tf.AutoModelForCausalLM.from_config(tf.MixtralConfig(
+        vocab_size=V, hidden_size=D, intermediate_size=F, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, num_local_experts=4, max_position_embeddings=32))
+    with pytest.raises(UnsupportedArchitectureError, match="experts") as info:
+        spec_for(model)
+    assert "mlp-out-template" in str(info.value) and "mixtral" in str(info.value)
+
+
+def test_ambiguous_layers_are_refused_naming_the_candidates():
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.out_a, self.out_b = torch.nn.Linear(F, D), torch.nn.Linear(F, D)
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = tf.PretrainedConfig(num_hidden_layers=2, hidden_size=D)
+            self.config.model_type = "two_outs"
+            self.blocks = torch.nn.ModuleList([Two(), Two()])
+
+    with pytest.raises(UnsupportedArchitectureError, match="2 candidates.*out_a.*out_b"):
+        spec_for(Model())
 
 
 def test_override_template_works_and_bad_template_is_clear():

@@ -14,7 +14,7 @@ from editing.errors import EmptyTargetError, NoOpEditError, PromptTooLongError, 
     StateError, UnsupportedArchitectureError
 from editing.models import fingerprint
 from editing.requests import FactRequest
-from tinyworld import facts, requests, tiny_gpt2, tiny_llama, top1  # noqa: F401  (fixtures)
+from tinyworld import facts, requests, tiny_gpt2, tiny_llama, tiny_phi, top1  # noqa: F401  (fixtures)
 
 class applied:
     """Apply a delta for the duration of a block and restore the weights exactly (shared fixtures)."""
@@ -146,12 +146,40 @@ def test_bad_input_is_typed(tiny_llama, facts, tmp_path):
 
 
 def test_unsupported_architecture_is_typed(tmp_path):
-    from transformers import BloomConfig, BloomForCausalLM
+    from transformers import MixtralConfig, MixtralForCausalLM
 
-    model = BloomForCausalLM(BloomConfig(vocab_size=16, hidden_size=16, n_layer=1, n_head=2))
+    model = MixtralForCausalLM(MixtralConfig(vocab_size=16, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                                             num_attention_heads=2, num_key_value_heads=1, num_local_experts=2))
     req = FactRequest("r", "{} lives in", "Abo", "Paris")
-    with pytest.raises(UnsupportedArchitectureError, match="mlp-out-template"):
+    with pytest.raises(UnsupportedArchitectureError, match="experts.*mlp-out-template"):
         get_editor("memit", **_hp(tmp_path)).edit(model, None, [req], None)
+
+
+def test_a_model_type_without_an_adapter_is_edited_where_discovery_finds_it(tiny_phi, facts, tmp_path):
+    """A Phi model under a name no table entry knows (a fork): the adapter comes from the module tree, the
+    layers and λ from measurement, and the edits take; the version's delta records what was edited and how."""
+    from editing.arch import DiscoveredAdapterWarning
+    import editing.arch as arch
+
+    model, tok = tiny_phi
+    model.config.model_type = "phi_fork"
+    arch._WARNED.discard(("phi_fork", "model.layers.{}.mlp.fc2"))
+    try:
+        reqs = requests(facts, 3)
+        fp = fingerprint(model)
+        ed = get_editor("nse", stats_dir=str(tmp_path), corpus="samples:8")
+        with pytest.warns(DiscoveredAdapterWarning, match="phi_fork"):
+            res = ed.edit(model, tok, reqs, None)
+        assert fingerprint(model) == fp
+        d = res.delta
+        assert d.weight_names and all(n.endswith(".mlp.fc2.weight") for n in d.weight_names)
+        assert (d.meta["adapter"], d.meta["mlp_out"], d.meta["choice"]) == ("discovered", "model.layers.{}.mlp.fc2",
+                                                                          "measured")
+        assert all(x.succeeded for x in res.diagnostics)
+        with applied(model, d):
+            assert all(top1(model, tok, r.text, r.target_new) for r in reqs)
+    finally:
+        model.config.model_type = "phi"
 
 
 def test_edits_that_do_not_take_warn_loudly(tiny_gpt2, facts, tmp_path):

@@ -1,7 +1,7 @@
 """A tiny fact world and tiny causal LMs overfit on it in seconds (fixtures for the editor tests).
 
 12 invented people × 3 relations; a word-level fast tokenizer (offsets work);
-GPT-2 and Llama models built from config and trained until they know every fact.
+GPT-2, Llama and Phi models built from config and trained until they know every fact.
 """
 from __future__ import annotations
 
@@ -78,7 +78,10 @@ def tokenizer_for(texts):
 
 
 def build(arch: str, n_layer: int, facts, seed: int = 0, steps: int = 150, d: int = 64, lr: float = 1e-2):
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    """``arch``: ``gpt2``, ``llama``, ``phi`` (parallel attention and MLP, partial rotary, ``fc1``/``fc2``),
+    ``bloom`` (ALiBi, fused query-key-value) or ``falcon`` (parallel attention, multi-query)."""
+    from transformers import BloomConfig, BloomForCausalLM, FalconConfig, FalconForCausalLM, GPT2Config, \
+        GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PhiConfig, PhiForCausalLM
 
     texts = training_texts(facts)
     tok = tokenizer_for(texts)
@@ -87,6 +90,19 @@ def build(arch: str, n_layer: int, facts, seed: int = 0, steps: int = 150, d: in
         cfg = GPT2Config(vocab_size=len(tok), n_positions=32, n_embd=d, n_layer=n_layer, n_head=4,
                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
         model = GPT2LMHeadModel(cfg)
+    elif arch == "bloom":
+        cfg = BloomConfig(vocab_size=len(tok), hidden_size=d, n_layer=n_layer, n_head=4, hidden_dropout=0.0,
+                          attention_dropout=0.0, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+        model = BloomForCausalLM(cfg)
+    elif arch == "falcon":
+        cfg = FalconConfig(vocab_size=len(tok), hidden_size=d, num_hidden_layers=n_layer, num_attention_heads=4,
+                           hidden_dropout=0.0, attention_dropout=0.0, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+        model = FalconForCausalLM(cfg)
+    elif arch == "phi":
+        cfg = PhiConfig(vocab_size=len(tok), hidden_size=d, intermediate_size=2 * d, num_hidden_layers=n_layer,
+                        num_attention_heads=4, max_position_embeddings=32, resid_pdrop=0.0, embd_pdrop=0.0,
+                        attention_dropout=0.0, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+        model = PhiForCausalLM(cfg)
     else:
         cfg = LlamaConfig(vocab_size=len(tok), hidden_size=d, intermediate_size=2 * d, num_hidden_layers=n_layer,
                           num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32,
@@ -151,6 +167,11 @@ def tiny_gpt2(facts):
 @pytest.fixture(scope="session")
 def tiny_llama(facts):
     return build("llama", 4, facts)
+
+
+@pytest.fixture(scope="session")
+def tiny_phi(facts):
+    return build("phi", 3, facts)
 
 
 def siblings_from_world(monkeypatch, reqs) -> None:
