@@ -141,7 +141,7 @@ def knee_lambda(trials: Sequence[dict[str, float]], residual_tol: float) -> floa
     return min(best, key=lambda t: (t["max_relative_residual"], -t["lam"]))["lam"]
 
 
-def _not_taken_message(request, at_start: bool) -> str:
+def _not_taken_message(request, at_start: bool, beats_true: bool | None = None) -> str:
     """Why an edit did not take, as far as the editor can tell. ``at_start``: the edit locus is the text's first
     token (a one-token subject opening the prompt, no BOS token): models without BOS keep an attention sink there
     whose key is all but the same for every first word (SmolLM2 layers 4-8: mean pairwise cosine 0.94-1.00),
@@ -150,6 +150,9 @@ def _not_taken_message(request, at_start: bool) -> str:
         return (f"edit did not take: subject {request.subject!r} is the prompt's first token (no BOS token), where "
                 "the model's first-token attention sink leaves no key of its own to edit; reword the prompt so "
                 "that words come before the subject (the edit itself reaches the wordings that do)")
+    if beats_true:   # why a gate on CounterFact's efficacy (P(new) > P(true)) may pass a request reported here
+        return ("edit did not take: target_new is not the top prediction, though it now outscores target_true "
+                "(summed log-probability); CounterFact-style efficacy, which compares the two, may count it")
     return "edit did not take: target_new is not the top prediction"
 
 
@@ -702,7 +705,7 @@ class MemitEditor:
                     at_start = hp.locus == "subject" and pos[i] == 0
                     diag[r.request_id] = RequestDiagnostics(
                         request_id=r.request_id, succeeded=bool(top1[i]), value_loss=float(vr.loss[i]),
-                        residual_norm=res, message="" if top1[i] else _not_taken_message(r, at_start),
+                        residual_norm=res, message="" if top1[i] else _not_taken_message(r, at_start, beats),
                         extra={"beats_true": beats, "logp_new": lp_new[i], "value_nll": float(vr.nll[i]),
                                "locus_at_text_start": at_start,
                                "value_nll_init": float(vr.nll_init[i]),
@@ -718,8 +721,8 @@ class MemitEditor:
             still, after = noop_after.get(r.request_id, (True, before))
             message = "no-op: the model already predicts target_new; not edited" if still else (
                 "no-op before this batch (the model already predicted target_new, so it was not edited), but the "
-                "batch's other edits changed that: target_new is no longer the top prediction; edit it in a batch "
-                "of its own")
+                "batch's other edits changed that: target_new is no longer the top prediction; request it again on "
+                "the model with this batch applied, where it is an edit")
             diag[r.request_id] = RequestDiagnostics(
                 request_id=r.request_id, succeeded=bool(still), message=message,
                 extra={"no_op": True, "logp_new": after, "logp_new_before": before})

@@ -70,27 +70,26 @@ LLAMA_NAMED = {
     "qwen3": (lambda: tf.Qwen3Config(vocab_size=V, hidden_size=D, intermediate_size=F, num_hidden_layers=2,
                                      num_attention_heads=4, num_key_value_heads=1, head_dim=16), F),
 }
+
+
+def _bart_like(config_class, pad: int, start: int):
+    return lambda: config_class(vocab_size=V, d_model=D, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+                                decoder_attention_heads=2, encoder_ffn_dim=F, decoder_ffn_dim=F,
+                                max_position_embeddings=32, pad_token_id=pad, decoder_start_token_id=start)
+
+
+def _t5_like(config_class):
+    return lambda: config_class(vocab_size=V, d_model=D, d_ff=F, d_kv=16, num_layers=2, num_decoder_layers=2,
+                                num_heads=2, decoder_start_token_id=0, pad_token_id=0)
+
+
 SEQ2SEQ = {
-    "t5": (lambda: tf.T5Config(vocab_size=V, d_model=D, d_ff=F, d_kv=16, num_layers=2, num_decoder_layers=2,
-                               num_heads=2, decoder_start_token_id=0, pad_token_id=0), F),
-    "marian": (lambda: tf.MarianConfig(vocab_size=V, d_model=D, encoder_layers=2, decoder_layers=2,
-                                       encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=F,
-                                       decoder_ffn_dim=F, max_position_embeddings=32, pad_token_id=0,
-                                       decoder_start_token_id=0), F),
-    "bart": (lambda: tf.BartConfig(vocab_size=V, d_model=D, encoder_layers=2, decoder_layers=2,
-                                   encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=F,
-                                   decoder_ffn_dim=F, max_position_embeddings=32, pad_token_id=1,
-                                   decoder_start_token_id=2), F),
-    "m2m_100": (lambda: tf.M2M100Config(vocab_size=V, d_model=D, encoder_layers=2, decoder_layers=2,
-                                        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=F,
-                                        decoder_ffn_dim=F, max_position_embeddings=32, pad_token_id=1,
-                                        decoder_start_token_id=2), F),
-    "mt5": (lambda: tf.MT5Config(vocab_size=V, d_model=D, d_ff=F, d_kv=16, num_layers=2, num_decoder_layers=2,
-                                 num_heads=2, decoder_start_token_id=0, pad_token_id=0), F),
-    "pegasus": (lambda: tf.PegasusConfig(vocab_size=V, d_model=D, encoder_layers=2, decoder_layers=2,
-                                         encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=F,
-                                         decoder_ffn_dim=F, max_position_embeddings=32, pad_token_id=0,
-                                         decoder_start_token_id=0), F),
+    "t5": (_t5_like(tf.T5Config), F),
+    "mt5": (_t5_like(tf.MT5Config), F),
+    "marian": (_bart_like(tf.MarianConfig, 0, 0), F),
+    "bart": (_bart_like(tf.BartConfig, 1, 2), F),
+    "m2m_100": (_bart_like(tf.M2M100Config, 1, 2), F),
+    "pegasus": (_bart_like(tf.PegasusConfig, 0, 0), F),
 }
 
 
