@@ -453,6 +453,10 @@ def run_one(model: BenchModel, editor_name: str, batch_size: int, limit: int | N
         "hyperparameters_resolved": run.state.meta.get("hyperparameters") if run.state is not None else None,
         "final": final, "curve": curve, "pre_edit": pre,
         "n_failed_diagnostics": len(run.failed),
+        # requests the model already answered when their batch came (not edited; held with hold_noops), and how
+        # many of them the batch's other edits changed
+        "n_noop": sum(bool(d.extra.get("no_op")) for d in run.diagnostics),
+        "n_noop_broken": sum(bool(d.extra.get("no_op")) and not d.succeeded for d in run.diagnostics),
         "seconds_per_edit": run.seconds_per_edit, "edit_seconds": run.edit_seconds,
         "first_batch_s": run.batches[0].seconds if run.batches else None,
         "eval_seconds": eval_seconds,

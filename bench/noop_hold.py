@@ -84,12 +84,12 @@ def main() -> None:
             rows.append((seed, hold, len(edits), sum(taken), len(noops), sum(kept), shared,
                          sum(said[r.request_id] for r in noops), took_s))
             print(f"seed {seed} hold_noops={hold}: edits taken {sum(taken)}/{len(edits)}, no-ops kept "
-                  f"{sum(kept)}/{len(noops)} ({shared} share a subject with an edit); diagnostics say "
+                  f"{sum(kept)}/{len(noops)} ({shared} subjects shared with the edits); diagnostics say "
                   f"{sum(said[r.request_id] for r in noops)} kept; {took_s:.0f} s", flush=True)
     print()
     print(f"model {args.model}, requests {args.requests}, {args.edits} edits + {args.noops} no-ops per batch "
           f"(no-ops from: {args.noops_from})")
-    print("| seed | hold_noops | edits taken | no-ops kept | no-ops sharing a subject with an edit | "
+    print("| seed | hold_noops | edits taken | no-ops kept | distinct subjects of no-ops that an edit edits | "
           "diagnostics: no-ops kept | s |")
     print("|---|---|---|---|---|---|---|")
     for seed, hold, ne, nt, nn, nk, sh, sk, s in rows:
