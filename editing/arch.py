@@ -10,9 +10,10 @@ One mapping (``ADAPTERS``) from ``config.model_type`` to module-name templates, 
 peft keeps its target-module table; every entry is checked against a tiny model
 of its family (``tests/editing/test_arch.py``). A causal LM whose type is not
 listed gets its adapter by :func:`discover_spec`, from the module tree: the
-layer list, and in each layer the one dense projection from a wider space back to
-the residual stream outside attention (a warning names the template it chose).
-Where that is not one module (mixture-of-experts layers, no layer list), the
+layer list, and in each layer the one dense projection from another width
+(d_in ≠ d_model) onto the residual stream outside attention (a warning names the
+template it chose). Where that is not one module (mixture-of-experts layers, no
+layer list) or the model is an encoder-decoder, the
 model is rejected with :class:`UnsupportedArchitectureError`, naming the
 override (``mlp_out_template``) a user can give.
 """
@@ -160,7 +161,8 @@ def _projections(block: nn.Module) -> list[tuple[str, int, int]]:
 
 
 def discover_spec(model: nn.Module) -> ArchSpec:
-    """The adapter of a causal LM no table entry knows, read from its module tree.
+    """The adapter of a causal LM no table entry knows, read from its module tree (encoder-decoder models are
+    refused: their two layer lists cannot be told apart by shape).
 
     The layer list is the ``nn.ModuleList`` whose length is the config's layer count
     (``num_hidden_layers``, ``n_layer``, ``num_layers`` or ``n_layers``). In its first layer
@@ -172,6 +174,11 @@ def discover_spec(model: nn.Module) -> ArchSpec:
     """
     config = model.config
     model_type = getattr(config, "model_type", None) or type(model).__name__
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedArchitectureError(
+            f"editops has no adapter for the encoder-decoder model_type {model_type!r} (known: "
+            f"{', '.join(sorted(ADAPTERS))}); discovery reads causal LMs only (an encoder-decoder has two layer "
+            "lists to tell apart). Add an entry to editing.arch.ADAPTERS like 'bart' or 't5'.")
     cfg = getattr(config, "text_config", None) or config
     counts = {a: int(v) for a in _N_LAYERS_ATTRS for v in [getattr(cfg, a, None)] if isinstance(v, int) and v > 0}
     width = _residual_width(model)

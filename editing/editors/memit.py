@@ -39,7 +39,7 @@ from editing.editors.keys import LOCI, block_outputs_at, check_length, compute_k
     compute_text_keys, edit_position, generated_context_templates, pad_id_of, prompt_ids, score_targets
 from editing.editors.solve import alphaedit_factors, memit_factors, nullspace_projector, psd_part, responsible_neurons
 from editing.editors.keys import DEFAULT_CONTEXT_TEMPLATES, SUBJECT_AFTER_STARTS
-from editing.editors.siblings import candidate_requests, known_sibling_requests, other_prompt_requests, \
+from editing.editors.siblings import candidate_requests, known_sibling_requests, other_prompt_requests, prompt_key, \
     relation_prompts_of, sibling_requests, vocabulary_sibling_requests
 from editing.editors.values import ValueHparams, compute_values
 from editing.editors.presets import preset_for
@@ -93,6 +93,17 @@ def _pass_lams(hp: EditHparams) -> list[float | None]:
     if hp.lam_ladder:
         return ladder_lams(hp.lam, hp.lam_ladder, hp.repasses)
     return [hp.lam * hp.repass_lam_factor ** p for p in range(hp.repasses + 1)]
+
+
+def _holdable_noops(noops: Sequence, active: Sequence, locus: str) -> list:
+    """The no-ops whose key is not one the batch edits (:func:`prompt_key`): a no-op of an edited subject with
+    the same words before ``{}`` as the edit's prompt has the edit's own key at the subject's last token, and
+    one that opens with the subject has the subject-alone key the edit is fitted to; at the prompt's last token
+    only the same prompt shares the key. Holding those would hold the edit itself."""
+    edited = {(r.subject, prompt_key(r.prompt, locus)) for r in active}
+    subjects = {r.subject for r in active}
+    return [r for r in noops if (r.subject, prompt_key(r.prompt, locus)) not in edited
+            and not (locus == "subject" and r.subject in subjects and not prompt_key(r.prompt, locus))]
 
 
 def _record_held(held: dict[str, dict[str, float]], requests: Sequence, weight: float) -> None:
@@ -478,8 +489,9 @@ class MemitEditor:
         ``again``: subjects edited in earlier batches; with ``subject_key_again=False`` their requests' subject-alone
         keys are zero rows (not fitted, not accumulated).
 
-        ``noops``: requests the model already answers (``hold_noops``): their keys, read as the edit's own,
-        are held with weight 1 (``+ K_kᵀK_k`` in the solve and in the moment to accumulate)."""
+        ``noops``: requests the model already answers (``hold_noops``, :func:`_holdable_noops`): their keys, read
+        as a sibling's are (:meth:`_sibling_templates`, so ``release_siblings`` takes out what was put in), are held
+        with weight 1 (``+ K_kᵀK_k`` in the solve and in the moment to accumulate)."""
         rows, pos = self._bare_rows(tokenizer, reqs, hp.locus)
         drop = [i for i, r in enumerate(reqs) if r.subject in again] if not hp.subject_key_again else []
         factors, moments = {}, {}
@@ -510,7 +522,7 @@ class MemitEditor:
                 moments[l] = moments[l] + ko
                 ce = ko if ce is None else ce + ko
             if noops:
-                Kk = compute_keys(model, tokenizer, spec, noops, l, self._key_templates(hp), locus=hp.locus).double()
+                Kk = compute_keys(model, tokenizer, spec, noops, l, self._sibling_templates(hp), locus=hp.locus).double()
                 kk = Kk.T @ Kk
                 moments[l] = moments[l] + kk
                 ce = kk if ce is None else ce + kk
@@ -640,9 +652,11 @@ class MemitEditor:
                         _record_held(held, sibs, hp.sibling_weight)
                 if hp.lam_ladder:
                     meta_extra["first_lam"] = lams[0]
-                held_noops = noops if hp.hold_noops else []
+                held_noops = _holdable_noops(noops, active, hp.locus) if hp.hold_noops else []
                 if held_noops:
                     meta_extra["held_noops"] = [r.request_id for r in held_noops]
+                    if hp.accumulate:   # in the ledger, as a sibling: released when that fact is edited on purpose
+                        _record_held(held, held_noops, 1.0)
                 factors, moments, held_by_layer = self._spread(model, tokenizer, spec, active, layers, z, C0,
                                                                C_edits, P, replace(hp, lam=lams[0]), sibs, holds, pool,
                                                                again=edited_before, noops=held_noops)

@@ -193,6 +193,14 @@ def known_sibling_requests(requests: Sequence, known: Sequence[str], n: int, exc
     return out
 
 
+def prompt_key(prompt: str, locus: str) -> str:
+    """What fixes a prompt's key at the edit locus, for a given subject: at the subject's last token
+    (``"subject"``) the words before ``{}`` (empty where the prompt opens with the subject), at the prompt's
+    last token (``"last"``) the whole prompt. Two prompts of one subject with equal ``prompt_key`` have the
+    same key."""
+    return prompt.split("{}", 1)[0].strip() if locus == "subject" else prompt
+
+
 def other_prompt_requests(requests: Sequence, prompts: Mapping[str, str | None], n: int, seed: int = 0,
                           locus: str = "subject", keys_held: bool = True) -> list:
     """For each request, copies with its own subject in up to ``n`` of ``prompts`` (a seeded sample):
@@ -212,9 +220,7 @@ def other_prompt_requests(requests: Sequence, prompts: Mapping[str, str | None],
     for the same subject are left out. A prompt that opens with the subject is then held too: the
     subject-alone key carries the edit there in full, and the KL is what keeps its answer."""
     def key_of(prompt: str) -> str:
-        if not keys_held:
-            return prompt
-        return prompt.split("{}", 1)[0].strip() if locus == "subject" else prompt
+        return prompt_key(prompt, locus) if keys_held else prompt
 
     edited = {(r.subject, key_of(r.prompt)) for r in requests}
     out = []

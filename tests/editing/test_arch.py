@@ -189,9 +189,13 @@ def test_discovery_finds_the_tables_module(model_type):
     assert found.mlp_out_name(1) == table.mlp_out_name(1)
     assert found.layer_name(1) == table.layer_name(1)
     assert found.num_layers(model.config) == table.num_layers(model.config) == 2
+    assert found.transposed == (model_type == "gpt2")   # GPT-2's Conv1D stores W_out transposed
 
 
-def test_a_model_type_without_an_entry_is_discovered_with_a_warning():
+def test_a_model_type_without_an_entry_is_discovered_with_a_warning(monkeypatch):
+    import editing.arch as arch
+
+    monkeypatch.setattr(arch, "_WARNED", set())   # warned once per process: start from none
     model, _ = _build("phi")
     model.config.model_type = "phi_fork"   # a fork under its own name (trust_remote_code models look like this)
     with pytest.warns(DiscoveredAdapterWarning, match=r"model\.layers\.\{\}\.mlp\.fc2"):
@@ -206,6 +210,15 @@ def test_discovery_uses_the_residual_width_and_skips_attention():
     o_proj = get_module(model, "model.layers.0.self_attn.o_proj")
     assert in_out_features(o_proj) == (64, D)
     assert discover_spec(model).mlp_out_name(0) == "model.layers.0.mlp.down_proj"
+
+
+@pytest.mark.parametrize("model_type", ["bart", "t5"])
+def test_an_encoder_decoder_without_an_entry_is_refused(model_type):
+    """Two layer lists that discovery cannot tell apart by shape: refused, not edited in the encoder."""
+    model, _ = _build(model_type)
+    model.config.model_type = model_type + "_fork"
+    with pytest.raises(UnsupportedArchitectureError, match="encoder-decoder.*ADAPTERS"):
+        spec_for(model)
 
 
 def test_mixture_of_experts_is_refused_with_the_override():

@@ -163,7 +163,7 @@ def test_a_model_type_without_an_adapter_is_edited_where_discovery_finds_it(tiny
 
     model, tok = tiny_phi
     model.config.model_type = "phi_fork"
-    arch._WARNED.discard(("phi_fork", "model.layers.{}.mlp.fc2"))
+    arch._WARNED.discard(("phi_fork", "model.layers.{}.mlp.fc2"))   # warned once per process
     try:
         reqs = requests(facts, 3)
         fp = fingerprint(model)

@@ -78,10 +78,8 @@ def tokenizer_for(texts):
 
 
 def build(arch: str, n_layer: int, facts, seed: int = 0, steps: int = 150, d: int = 64, lr: float = 1e-2):
-    """``arch``: ``gpt2``, ``llama``, ``phi`` (parallel attention and MLP, partial rotary, ``fc1``/``fc2``),
-    ``bloom`` (ALiBi, fused query-key-value) or ``falcon`` (parallel attention, multi-query)."""
-    from transformers import BloomConfig, BloomForCausalLM, FalconConfig, FalconForCausalLM, GPT2Config, \
-        GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PhiConfig, PhiForCausalLM
+    """``arch``: ``gpt2``, ``llama`` or ``phi`` (parallel attention and MLP, partial rotary, ``fc1``/``fc2``)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PhiConfig, PhiForCausalLM
 
     texts = training_texts(facts)
     tok = tokenizer_for(texts)
@@ -90,14 +88,6 @@ def build(arch: str, n_layer: int, facts, seed: int = 0, steps: int = 150, d: in
         cfg = GPT2Config(vocab_size=len(tok), n_positions=32, n_embd=d, n_layer=n_layer, n_head=4,
                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
         model = GPT2LMHeadModel(cfg)
-    elif arch == "bloom":
-        cfg = BloomConfig(vocab_size=len(tok), hidden_size=d, n_layer=n_layer, n_head=4, hidden_dropout=0.0,
-                          attention_dropout=0.0, bos_token_id=0, eos_token_id=0, pad_token_id=0)
-        model = BloomForCausalLM(cfg)
-    elif arch == "falcon":
-        cfg = FalconConfig(vocab_size=len(tok), hidden_size=d, num_hidden_layers=n_layer, num_attention_heads=4,
-                           hidden_dropout=0.0, attention_dropout=0.0, bos_token_id=0, eos_token_id=0, pad_token_id=0)
-        model = FalconForCausalLM(cfg)
     elif arch == "phi":
         cfg = PhiConfig(vocab_size=len(tok), hidden_size=d, intermediate_size=2 * d, num_hidden_layers=n_layer,
                         num_attention_heads=4, max_position_embeddings=32, resid_pdrop=0.0, embd_pdrop=0.0,
