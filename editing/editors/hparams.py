@@ -171,10 +171,10 @@ class EditHparams:
     # is not yet the top prediction); the residual can plateau above the tolerance where every edit took
     repass_on: str = "residual"
     on_noop: str = "report"                  # "report": skip and say so; "raise": NoOpEditError
-    # a no-op request (the model already says target_new) is not edited, but its keys are held like an edit's own
-    # (ΔW k ≈ 0, weight 1, accumulated): the batch's other edits must not change the answer it already has; its
-    # diagnostics are scored with the batch's delta applied either way
-    hold_noops: bool = True
+    # a no-op request (the model already says target_new) is not edited; with hold_noops its keys are held as a
+    # sibling's (ΔW k ≈ 0, weight 1, accumulated), so the batch's other edits leave the answer it already has. Its
+    # diagnostics are scored with the batch's delta applied either way. Off for MEMIT (the baseline), on for nse
+    hold_noops: bool = False
     warn_below: float = 0.9                  # warn when the batch's success rate is below this
     source: str = "default"
 
