@@ -516,16 +516,13 @@ class MemitEditor:
                 ks, kept = self._sibling_moment(model, tokenizer, spec, siblings, l, hp)
                 moments[l] = moments[l] + kept
                 ce = ks if ce is None else ce + ks
-            if holds and hp.other_prompts_weight:
-                Ko = compute_keys(model, tokenizer, spec, holds, l, self._sibling_templates(hp), locus=hp.locus).double()
-                ko = hp.other_prompts_weight * (Ko.T @ Ko)
-                moments[l] = moments[l] + ko
-                ce = ko if ce is None else ce + ko
-            if noops:
-                Kk = compute_keys(model, tokenizer, spec, noops, l, self._sibling_templates(hp), locus=hp.locus).double()
-                kk = Kk.T @ Kk
-                moments[l] = moments[l] + kk
-                ce = kk if ce is None else ce + kk
+            for held_prompts, w in ((holds, hp.other_prompts_weight), (noops, 1.0)):
+                if held_prompts and w:   # prompt keys held as a sibling's: w KᵀK, in the solve and accumulated
+                    Kh = compute_keys(model, tokenizer, spec, held_prompts, l, self._sibling_templates(hp),
+                                      locus=hp.locus).double()
+                    kh = w * (Kh.T @ Kh)
+                    moments[l] = moments[l] + kh
+                    ce = kh if ce is None else ce + kh
             if hp.text_key_weight:
                 Ka = compute_text_keys(model, tokenizer, spec, reqs, l, self._sibling_templates(hp), hp.locus).double()
                 ka = hp.text_key_weight * (Ka.T @ Ka)
@@ -704,10 +701,10 @@ class MemitEditor:
                     for r in active:   # and its weight in the ledger a later release reads
                         subject_holds[r.subject] = subject_holds.get(r.subject, 0.0) + hp.subject_key_weight
                 h1 = block_outputs_at(model, spec, layers[-1], rows, pos, pad_id_of(tokenizer)).double()
-                top1, lp_new = score_targets(model, tokenizer, [r.text for r in active], [r.target_new for r in active])
-                if noops:   # what the batch's delta did to the requests it did not edit
-                    noop_after = dict(zip([r.request_id for r in noops], zip(*score_targets(
-                        model, tokenizer, [r.text for r in noops], [r.target_new for r in noops]))))
+                # the edits, and what the batch's delta did to the requests it did not edit, in one pass
+                scored = [*active, *noops]
+                top1, lp_new = score_targets(model, tokenizer, [r.text for r in scored], [r.target_new for r in scored])
+                noop_after = {r.request_id: (top1[i], lp_new[i]) for i, r in enumerate(scored) if i >= len(active)}
                 trues = [r for r in active if r.target_true]
                 _, lp_true = score_targets(model, tokenizer, [r.text for r in trues], [r.target_true for r in trues]) \
                     if trues else ([], [])
