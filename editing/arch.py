@@ -107,6 +107,9 @@ ADAPTERS: dict[str, ArchSpec] = {
     "phi": _causal("phi", "model.layers.{}.mlp.fc2", "model.layers.{}", "num_hidden_layers"),
     "starcoder2": _causal("starcoder2", "model.layers.{}.mlp.c_proj", "model.layers.{}", "num_hidden_layers"),
     "xglm": _causal("xglm", "model.layers.{}.fc2", "model.layers.{}", "num_layers"),
+    # state-space models: the mixer's output projection is the layer's one matrix onto the residual stream
+    **{t: _causal(t, "backbone.layers.{}.mixer.out_proj", "backbone.layers.{}", "num_hidden_layers")
+       for t in ("mamba", "mamba2", "falcon_mamba")},
     "gemma3": _causal("gemma3", "model.language_model.layers.{}.mlp.down_proj", "model.language_model.layers.{}", "num_hidden_layers"),
     **{t: _seq2seq(t, ("encoder.block.{}.layer.1.DenseReluDense.wo", "encoder.block.{}", "num_layers"),
                    ("decoder.block.{}.layer.2.DenseReluDense.wo", "decoder.block.{}", "num_decoder_layers"))
@@ -160,6 +163,14 @@ def _projections(block: nn.Module) -> list[tuple[str, int, int]]:
     return out
 
 
+def _layer_span(list_name: str, idx: list[int], n: int) -> str:
+    """``model.layers.{1..2}`` (of 3), or ``model.layers.{0}`` where one layer is named."""
+    if len(idx) == 1:
+        return f"{list_name}.{idx[0]}"
+    span = f"{idx[0]}..{idx[-1]}" if idx == list(range(idx[0], idx[-1] + 1)) else ",".join(map(str, idx))
+    return f"{list_name}.{{{span}}} (of {n} layers)"
+
+
 def discover_spec(model: nn.Module) -> ArchSpec:
     """The adapter of a causal LM no table entry knows, read from its module tree (encoder-decoder models are
     refused: their two layer lists cannot be told apart by shape).
@@ -170,7 +181,8 @@ def discover_spec(model: nn.Module) -> ArchSpec:
     than the residual stream (``d_in ≠ d_model``) onto it (``d_out = d_model``) and lies outside
     attention (no ``attn``/``attention`` in its path): MEMIT's ``W_out``. Raises
     :class:`UnsupportedArchitectureError` where that is not exactly one module in every layer,
-    or where the layer holds experts (a mixture-of-experts MLP has no single ``W_out``).
+    or where any layer holds experts (a mixture-of-experts MLP has no single ``W_out``; every layer is read, as
+    DeepSeek-style models keep their first layers dense).
     """
     config = model.config
     model_type = getattr(config, "model_type", None) or type(model).__name__
@@ -191,17 +203,24 @@ def discover_spec(model: nn.Module) -> ArchSpec:
     found: list[tuple[str, str, str]] = []   # (list name, projection path in the layer, config attr)
     notes: list[str] = []
     for list_name, layers in lists:
-        block = layers[0]
-        experts = sorted({n for n, _ in block.named_modules() if any(w in n.lower() for w in _EXPERT_WORDS)})
-        if experts:
-            notes.append(f"{list_name}.0 holds experts ({', '.join(experts[:3])}): a mixture-of-experts MLP "
-                         "has no single output projection to edit")
+        moe = {i: sorted({n for n, _ in b.named_modules() if any(w in n.lower() for w in _EXPERT_WORDS)})
+               for i, b in enumerate(layers)}
+        moe = {i: names for i, names in moe.items() if names}
+        if moe:   # every layer is read: DeepSeek-style models keep their first layers dense
+            first = moe[min(moe)]
+            notes.append(f"{_layer_span(list_name, sorted(moe), len(layers))} hold{'s' if len(moe) == 1 else ''} "
+                         f"experts ({', '.join(first[:3])}): a mixture-of-experts MLP has no single output "
+                         "projection to edit")
             continue
+        block = layers[0]
         cands = [n for n, d_in, d_out in _projections(block)
                  if d_out == width and d_in != width and not any(w in n.lower() for w in _ATTENTION_WORDS)]
         if len(cands) == 1:
             attr = next(a for a, v in counts.items() if v == len(layers))
-            if all(cands[0] in dict(b.named_modules()) for b in layers):
+            missing = [i for i, b in enumerate(layers) if cands[0] not in dict(b.named_modules())]
+            if missing:
+                notes.append(f"{list_name}.0.{cands[0]} is not in {_layer_span(list_name, missing, len(layers))}")
+            else:
                 found.append((list_name, cands[0], attr))
         elif cands:
             notes.append(f"{list_name}.0 has {len(cands)} candidates ({', '.join(cands)})")

@@ -53,6 +53,12 @@ CAUSAL = {
                                                max_position_embeddings=32), F),
     "xglm": (lambda: tf.XGLMConfig(vocab_size=V, d_model=D, ffn_dim=F, num_layers=2, attention_heads=2,
                                    max_position_embeddings=32), F),
+    # state-space models (the mixer's out_proj reads the 2·d_model inner space)
+    "mamba": (lambda: tf.MambaConfig(vocab_size=V, hidden_size=D, state_size=8, num_hidden_layers=2, expand=2), 2 * D),
+    "falcon_mamba": (lambda: tf.FalconMambaConfig(vocab_size=V, hidden_size=D, state_size=8, num_hidden_layers=2,
+                                                  expand=2), 2 * D),
+    "mamba2": (lambda: tf.Mamba2Config(vocab_size=V, hidden_size=D, state_size=8, num_hidden_layers=2, expand=2,
+                                       num_heads=4, head_dim=16, n_groups=1), 2 * D),
 }
 # families whose layers keep the MLP at model.layers.{}.mlp.down_proj: the table lists them beside llama, and
 # discovery must find that module in each (their tiny configs differ in norms, heads and activations)
@@ -228,6 +234,42 @@ def test_mixture_of_experts_is_refused_with_the_override():
     with pytest.raises(UnsupportedArchitectureError, match="experts") as info:
         spec_for(model)
     assert "mlp-out-template" in str(info.value) and "mixtral" in str(info.value)
+
+
+def test_experts_after_dense_first_layers_are_refused_as_experts():
+    """DeepSeek-style: layer 0 is a dense MLP, later layers route to experts. Every layer is read, so the refusal
+    names the experts and the layers holding them, not a missing projection."""
+    model = tf.AutoModelForCausalLM.from_config(tf.DeepseekV3Config(
+        vocab_size=V, hidden_size=D, intermediate_size=F, moe_intermediate_size=16, num_hidden_layers=3,
+        num_attention_heads=2, num_key_value_heads=2, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
+        topk_group=1, first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8,
+        qk_nope_head_dim=8, v_head_dim=8, max_position_embeddings=32))
+    assert any("expert" in n for n, _ in model.model.layers[1].named_modules())
+    assert not any("expert" in n for n, _ in model.model.layers[0].named_modules())
+    with pytest.raises(UnsupportedArchitectureError, match=r"model\.layers\.\{1\.\.2\} \(of 3 layers\) hold experts"):
+        spec_for(model)
+
+
+def test_a_projection_missing_from_later_layers_is_named():
+    class Dense(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ff_out = torch.nn.Linear(F, D)
+
+    class Other(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(F, D)
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = tf.PretrainedConfig(num_hidden_layers=3, hidden_size=D)
+            self.config.model_type = "mixed_blocks"
+            self.blocks = torch.nn.ModuleList([Dense(), Other(), Other()])
+
+    with pytest.raises(UnsupportedArchitectureError, match=r"blocks\.0\.ff_out is not in blocks\.\{1\.\.2\}"):
+        spec_for(Model())
 
 
 def test_ambiguous_layers_are_refused_naming_the_candidates():

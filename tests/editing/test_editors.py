@@ -14,7 +14,7 @@ from editing.errors import EmptyTargetError, NoOpEditError, PromptTooLongError, 
     StateError, UnsupportedArchitectureError
 from editing.models import fingerprint
 from editing.requests import FactRequest
-from tinyworld import facts, requests, tiny_gpt2, tiny_llama, tiny_phi, top1  # noqa: F401  (fixtures)
+from tinyworld import facts, requests, tiny_gpt2, tiny_llama, tiny_mamba, tiny_phi, top1  # noqa: F401  (fixtures)
 
 class applied:
     """Apply a delta for the duration of a block and restore the weights exactly (shared fixtures)."""
@@ -180,6 +180,27 @@ def test_a_model_type_without_an_adapter_is_edited_where_discovery_finds_it(tiny
             assert [top1(model, tok, r.text, r.target_new) for r in reqs] == [x.succeeded for x in res.diagnostics]
     finally:
         model.config.model_type = "phi"
+
+
+def test_a_state_space_model_is_edited_at_its_mixer_output(tiny_mamba, facts, tmp_path):
+    """Mamba has no attention and no MLP: the edited matrix is the mixer's ``out_proj`` (the layer's one
+    projection onto the residual stream), keys at the subject's last token as in a transformer. Layers and λ
+    are measured, the edits take, and the model is left as it was."""
+    model, tok = tiny_mamba
+    reqs = requests(facts, 3)
+    assert not any(top1(model, tok, r.text, r.target_new) for r in reqs)
+    knew = [top1(model, tok, r.text, r.target_true) for r in reqs]
+    fp = fingerprint(model)
+    res = get_editor("nse", stats_dir=str(tmp_path), corpus="samples:8").edit(model, tok, reqs, None)
+    assert fingerprint(model) == fp
+    d = res.delta
+    assert d.weight_names and all(n.endswith(".mixer.out_proj.weight") for n in d.weight_names)
+    assert (d.meta["adapter"], d.meta["mlp_out"], d.meta["choice"]) == ("table", "backbone.layers.{}.mixer.out_proj",
+                                                                      "measured")
+    assert sum(x.succeeded for x in res.diagnostics) >= 2   # 3 of 3 here; tiny models vary with the CPU
+    with applied(model, d):
+        assert [top1(model, tok, r.text, r.target_new) for r in reqs] == [x.succeeded for x in res.diagnostics]
+    assert [top1(model, tok, r.text, r.target_true) for r in reqs] == knew   # removed again
 
 
 def test_edits_that_do_not_take_warn_loudly(tiny_gpt2, facts, tmp_path):

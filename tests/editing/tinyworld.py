@@ -78,8 +78,10 @@ def tokenizer_for(texts):
 
 
 def build(arch: str, n_layer: int, facts, seed: int = 0, steps: int = 150, d: int = 64, lr: float = 1e-2):
-    """``arch``: ``gpt2``, ``llama`` or ``phi`` (parallel attention and MLP, partial rotary, ``fc1``/``fc2``)."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PhiConfig, PhiForCausalLM
+    """``arch``: ``gpt2``, ``llama``, ``phi`` (parallel attention and MLP, partial rotary, ``fc1``/``fc2``) or
+    ``mamba`` (a state-space model: no attention, the mixer's ``out_proj`` is the edited matrix)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MambaConfig, \
+        MambaForCausalLM, PhiConfig, PhiForCausalLM
 
     texts = training_texts(facts)
     tok = tokenizer_for(texts)
@@ -93,6 +95,10 @@ def build(arch: str, n_layer: int, facts, seed: int = 0, steps: int = 150, d: in
                         num_attention_heads=4, max_position_embeddings=32, resid_pdrop=0.0, embd_pdrop=0.0,
                         attention_dropout=0.0, bos_token_id=0, eos_token_id=0, pad_token_id=0)
         model = PhiForCausalLM(cfg)
+    elif arch == "mamba":
+        cfg = MambaConfig(vocab_size=len(tok), hidden_size=d, state_size=8, num_hidden_layers=n_layer, expand=2,
+                          bos_token_id=0, eos_token_id=0, pad_token_id=0)
+        model = MambaForCausalLM(cfg)
     else:
         cfg = LlamaConfig(vocab_size=len(tok), hidden_size=d, intermediate_size=2 * d, num_hidden_layers=n_layer,
                           num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32,
@@ -162,6 +168,11 @@ def tiny_llama(facts):
 @pytest.fixture(scope="session")
 def tiny_phi(facts):
     return build("phi", 3, facts)
+
+
+@pytest.fixture(scope="session")
+def tiny_mamba(facts):
+    return build("mamba", 3, facts, steps=80)
 
 
 def siblings_from_world(monkeypatch, reqs) -> None:
