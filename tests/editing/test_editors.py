@@ -155,6 +155,19 @@ def test_unsupported_architecture_is_typed(tmp_path):
         get_editor("memit", **_hp(tmp_path)).edit(model, None, [req], None)
 
 
+def _assert_measured_edit(model, tok, reqs, res, fp: str, adapter: str, mlp_out: str) -> None:
+    """The model is left as it was; the delta edits only ``mlp_out`` and records the adapter's source and the
+    measured choice; most edits take, and ``succeeded`` is what the model with the delta applied does."""
+    assert fingerprint(model) == fp
+    d = res.delta
+    suffix = mlp_out.rsplit("}", 1)[1] + ".weight"
+    assert d.weight_names and all(n.endswith(suffix) for n in d.weight_names)
+    assert (d.meta["adapter"], d.meta["mlp_out"], d.meta["choice"]) == (adapter, mlp_out, "measured")
+    assert sum(x.succeeded for x in res.diagnostics) >= 2   # 3 of 3 here; tiny models vary with the CPU
+    with applied(model, d):
+        assert [top1(model, tok, r.text, r.target_new) for r in reqs] == [x.succeeded for x in res.diagnostics]
+
+
 def test_a_model_type_without_an_adapter_is_edited_where_discovery_finds_it(tiny_phi, facts, tmp_path):
     """A Phi model under a name no table entry knows (a fork): the adapter comes from the module tree, the
     layers and λ from measurement, and the edits take; the version's delta records what was edited and how."""
@@ -170,14 +183,7 @@ def test_a_model_type_without_an_adapter_is_edited_where_discovery_finds_it(tiny
         ed = get_editor("nse", stats_dir=str(tmp_path), corpus="samples:8")
         with pytest.warns(DiscoveredAdapterWarning, match="phi_fork"):
             res = ed.edit(model, tok, reqs, None)
-        assert fingerprint(model) == fp
-        d = res.delta
-        assert d.weight_names and all(n.endswith(".mlp.fc2.weight") for n in d.weight_names)
-        assert (d.meta["adapter"], d.meta["mlp_out"], d.meta["choice"]) == ("discovered", "model.layers.{}.mlp.fc2",
-                                                                          "measured")
-        assert sum(x.succeeded for x in res.diagnostics) >= 2   # 3 of 3 here; tiny models vary with the CPU
-        with applied(model, d):
-            assert [top1(model, tok, r.text, r.target_new) for r in reqs] == [x.succeeded for x in res.diagnostics]
+        _assert_measured_edit(model, tok, reqs, res, fp, "discovered", "model.layers.{}.mlp.fc2")
     finally:
         model.config.model_type = "phi"
 
@@ -192,14 +198,7 @@ def test_a_state_space_model_is_edited_at_its_mixer_output(tiny_mamba, facts, tm
     knew = [top1(model, tok, r.text, r.target_true) for r in reqs]
     fp = fingerprint(model)
     res = get_editor("nse", stats_dir=str(tmp_path), corpus="samples:8").edit(model, tok, reqs, None)
-    assert fingerprint(model) == fp
-    d = res.delta
-    assert d.weight_names and all(n.endswith(".mixer.out_proj.weight") for n in d.weight_names)
-    assert (d.meta["adapter"], d.meta["mlp_out"], d.meta["choice"]) == ("table", "backbone.layers.{}.mixer.out_proj",
-                                                                      "measured")
-    assert sum(x.succeeded for x in res.diagnostics) >= 2   # 3 of 3 here; tiny models vary with the CPU
-    with applied(model, d):
-        assert [top1(model, tok, r.text, r.target_new) for r in reqs] == [x.succeeded for x in res.diagnostics]
+    _assert_measured_edit(model, tok, reqs, res, fp, "table", "backbone.layers.{}.mixer.out_proj")
     assert [top1(model, tok, r.text, r.target_true) for r in reqs] == knew   # removed again
 
 
