@@ -22,7 +22,8 @@ Per request:
    (none containing it), for the token most similar to it (cosine of input
    embeddings); the model translates each variant itself, and a variant is kept when
    its output shows the unwanted span once; its positive is its own output with the
-   rewrite applied. No user data beyond the one example is needed.
+   rewrite applied. No user data beyond the one example is needed. The order the statistics
+   sentences are drawn in is seeded by the request's content, not its id (:func:`_draw_seed`).
 4. **Trace** (where is the behaviour decided? measured, never hard-coded). The MLP
    output of each layer at the trigger token (source stack) and of each decoder layer
    at the decision position is patched with that layer's mean output on the
@@ -89,6 +90,8 @@ bounded by ``preserve_max``).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 from dataclasses import dataclass, field, asdict, replace
@@ -158,6 +161,13 @@ def _gone_share(outputs: Sequence[str], requests: Sequence[DeletionRequest]) -> 
 
 
 # ------------------------------------------------------------ the editor
+def _draw_seed(req: DeletionRequest) -> str:
+    """The seed of a request's draws (which statistics sentences its variants and negatives come from): its
+    content, ``sha256(source, unwanted, positive)``, never its id, so the same request gives the same edit
+    under any ticket id (a resubmitted ticket, a demo stamped with another time)."""
+    return hashlib.sha256(json.dumps([req.source, req.unwanted, req.positive]).encode()).hexdigest()
+
+
 @dataclass
 class RankOneDeletionEditor:
     """Delete unwanted behaviours from one positive example each (see the module docstring)."""
@@ -522,7 +532,7 @@ class RankOneDeletionEditor:
         sim = torch.nn.functional.cosine_similarity(emb, emb[token][None], dim=-1)
         special = set(getattr(tokenizer, "all_special_ids", []) or [])
         pool = list(state.meta["_split"]["stats"])
-        random.Random(req.request_id).shuffle(pool)
+        random.Random(_draw_seed(req)).shuffle(pool)
         texts = []
         for text in pool:
             ids = list(tokenizer(text)["input_ids"]) if seq2seq else prompt_ids(tokenizer, text)
@@ -567,7 +577,7 @@ class RankOneDeletionEditor:
         seq2seq = ex.enc_ids is not None
         token = int((ex.enc_ids if seq2seq else ex.dec_ids)[0, ex.trigger])
         pairs = list(zip(state.meta["_split"]["stats"], self._stat_outputs(model, tokenizer, state)))
-        random.Random(req.request_id + "~neg").shuffle(pairs)
+        random.Random(_draw_seed(req) + "~neg").shuffle(pairs)
         out = []
         for i, (src, o) in enumerate(pairs):
             if not contains_span(o, req.unwanted) or o.strip() == req.unwanted.strip():

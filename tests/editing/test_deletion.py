@@ -240,3 +240,21 @@ def _copy(model):
     import copy
 
     return copy.deepcopy(model)
+
+
+@pytest.mark.slow
+def test_the_same_request_under_another_id_gives_the_same_edit(tiny_corpus, tiny_marian):
+    """The draws behind the variants and negatives are seeded by the request's content: a resubmitted ticket (or
+    a demo stamped with another time) is edited exactly as before, whatever its id."""
+    from dataclasses import replace
+
+    model, tok, _ = tiny_marian
+    req = tiny_corpus.requests[0]
+    editor = get_editor("rank-one", stats_sources=[s for s, _ in tiny_corpus.train[:200]])
+    first, again = (editor.edit(model, tok, [replace(req, request_id=rid)]) for rid in ("ticket-0001", "resent-77"))
+    assert first.diagnostics[0].succeeded and again.diagnostics[0].succeeded
+    assert first.diagnostics[0].extra["n_variants"] > 0   # the draw was used
+    assert first.delta.weight_names == again.delta.weight_names
+    for name in first.delta.weight_names:
+        assert all(torch.equal(a, b) for a, b in zip(first.delta.factors[name], again.delta.factors[name]))
+    assert again.delta.request_ids == ["resent-77"]
