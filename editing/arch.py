@@ -110,6 +110,9 @@ ADAPTERS: dict[str, ArchSpec] = {
     # state-space models: the mixer's output projection is the layer's one matrix onto the residual stream
     **{t: _causal(t, "backbone.layers.{}.mixer.out_proj", "backbone.layers.{}", "num_hidden_layers")
        for t in ("mamba", "mamba2", "falcon_mamba")},
+    # RWKV's channel mix writes receptance ⊙ (W_value k): the update is written through that gate (measured: a
+    # tiny RWKV's edits take, tests/editing/test_editors.py)
+    "rwkv": _causal("rwkv", "rwkv.blocks.{}.feed_forward.value", "rwkv.blocks.{}", "num_hidden_layers"),
     "gemma3": _causal("gemma3", "model.language_model.layers.{}.mlp.down_proj", "model.language_model.layers.{}", "num_hidden_layers"),
     **{t: _seq2seq(t, ("encoder.block.{}.layer.1.DenseReluDense.wo", "encoder.block.{}", "num_layers"),
                    ("decoder.block.{}.layer.2.DenseReluDense.wo", "decoder.block.{}", "num_decoder_layers"))

@@ -122,7 +122,7 @@ def accumulate_key_moments(model: nn.Module, module_names: Sequence[str], batche
             current.update({k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()})
             seen.clear()
             try:
-                model(**current)
+                model(**current, use_cache=False)
             except _StopForward:
                 pass
     finally:

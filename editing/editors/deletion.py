@@ -253,11 +253,11 @@ class RankOneDeletionEditor:
             ex = exs[0]
             if ex.enc_ids is not None:
                 out = model(input_ids=ex.enc_ids, attention_mask=torch.ones_like(ex.enc_ids),
-                            decoder_input_ids=ex.dec_ids)
+                            decoder_input_ids=ex.dec_ids, use_cache=False)
             else:
-                out = model(input_ids=ex.dec_ids, attention_mask=torch.ones_like(ex.dec_ids))
+                out = model(input_ids=ex.dec_ids, attention_mask=torch.ones_like(ex.dec_ids), use_cache=False)
             return [out.logits[0, ex.offset: ex.offset + len(ex.targets)]]
-        logits = model(**self._inputs(model, 0, exs)).logits
+        logits = model(**self._inputs(model, 0, exs), use_cache=False).logits
         return [logits[i, e.offset: e.offset + len(e.targets)] for i, e in enumerate(exs)]
 
     def _margin(self, model, ex: _Example) -> float:
@@ -394,7 +394,7 @@ class RankOneDeletionEditor:
             with ForwardPatch() as p:
                 for n in names:
                     p.capture_output(get_module(model, n), store, n)
-                model(**b)
+                model(**b, use_cache=False)
             for n in names:
                 dec = ".decoder." in f".{n}." and "decoder_attention_mask" in b
                 m = (b["decoder_attention_mask"] if dec else b["attention_mask"]).bool()
@@ -677,7 +677,7 @@ class RankOneDeletionEditor:
         kl_base = None
         if kl_batch is not None:
             with torch.no_grad():
-                kl_base = torch.log_softmax(model(**kl_batch).logits.float(), -1)
+                kl_base = torch.log_softmax(model(**kl_batch, use_cache=False).logits.float(), -1)
         exs = [ex, *variants, *negatives, *preserved]
         nv, nn_ = len(variants), len(negatives)
         delta = torch.zeros(store["v"].shape[-1], device=device, requires_grad=True)
@@ -694,7 +694,7 @@ class RankOneDeletionEditor:
                     lps = [torch.log_softmax(l.float(), -1) for l in self._forward_many(model, exs)]
                     kl = 0.0
                     if kl_base is not None and self.kl_weight:
-                        lq = torch.log_softmax(model(**kl_batch).logits.float(), -1)
+                        lq = torch.log_softmax(model(**kl_batch, use_cache=False).logits.float(), -1)
                         m = kl_batch.get("decoder_attention_mask", kl_batch["attention_mask"]).bool()
                         kl = (kl_base.exp() * (kl_base - lq)).sum(-1)[m].mean()
                 loss = self._example_loss(lps[0], ex)

@@ -60,7 +60,7 @@ class FineTuneEditor:
             model.eval()
             opt = torch.optim.Adam([m.weight for m in mods], lr=self.lr)
             for _ in range(self.steps):
-                logits = model(input_ids=ids, attention_mask=mask).logits
+                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
                 loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
                                                          labels.reshape(-1), ignore_index=-100)
                 opt.zero_grad(); loss.backward(); opt.step()

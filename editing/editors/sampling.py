@@ -14,7 +14,7 @@ alone) and share one key/value cache.
 from __future__ import annotations
 
 import inspect
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -30,6 +30,16 @@ def _eos_ids(model: nn.Module, tokenizer) -> set[int]:
     if eos is None:
         return set()
     return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
+
+
+def _cache_of(out) -> Any:
+    """The key-value cache a forward returned (``cache``, or ``past_key_values`` before transformers 5.24), or
+    ``None`` where it returned none of that kind."""
+    for name in ("cache", "past_key_values"):   # ModelOutput.get reads set fields only, never a deprecated alias
+        cache = out.get(name) if hasattr(out, "get") else getattr(out, name, None)
+        if cache is not None:
+            return cache
+    return None
 
 
 @torch.no_grad()
@@ -78,10 +88,15 @@ def sample_topk(model: nn.Module, tokenizer, rows: Sequence[Sequence[int]], seed
             if all(done) or step == max_new_tokens - 1:
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
-            extra = {"position_ids": nxt} if takes_positions else {}
-            cache = getattr(out, "cache", None)
-            extra[cache_arg] = cache if cache is not None else out.past_key_values
-            out = model(input_ids=tok, attention_mask=mask, use_cache=True, **extra)
+            ids = torch.cat([ids, tok], dim=-1)
+            cache = _cache_of(out)
+            if cache is None:   # a model whose cache is not a key-value cache (RWKV's state): the whole row again
+                full = {"position_ids": (mask.cumsum(-1) - 1).clamp(min=0)} if takes_positions else {}
+                out = model(input_ids=ids, attention_mask=mask, use_cache=False, **full)
+            else:
+                extra = {"position_ids": nxt} if takes_positions else {}
+                extra[cache_arg] = cache
+                out = model(input_ids=tok, attention_mask=mask, use_cache=True, **extra)
             nxt = nxt + 1
     finally:
         model.train(was_training)

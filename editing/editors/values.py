@@ -115,8 +115,8 @@ def _selected_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, ro
                                                                          "logits_scaling", "output_multiplier"))
     special = special or hasattr(model, "final_logits_bias")
     if head is None or base is None or base is model or special or not isinstance(head, nn.Linear):
-        return model(input_ids=ids, attention_mask=mask).logits[rows, cols]
-    hs = base(input_ids=ids, attention_mask=mask).last_hidden_state
+        return model(input_ids=ids, attention_mask=mask, use_cache=False).logits[rows, cols]
+    hs = base(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
     return head(hs[rows, cols])
 
 

@@ -59,6 +59,9 @@ CAUSAL = {
                                                   expand=2), 2 * D),
     "mamba2": (lambda: tf.Mamba2Config(vocab_size=V, hidden_size=D, state_size=8, num_hidden_layers=2, expand=2,
                                        num_heads=4, head_dim=16, n_groups=1), 2 * D),
+    # a recurrent model: the channel mix's value projection (gated by its receptance)
+    "rwkv": (lambda: tf.RwkvConfig(vocab_size=V, hidden_size=D, num_hidden_layers=2, attention_hidden_size=D,
+                                   intermediate_size=F, context_length=32), F),
 }
 # families whose layers keep the MLP at model.layers.{}.mlp.down_proj: the table lists them beside llama, and
 # discovery must find that module in each (their tiny configs differ in norms, heads and activations)

@@ -79,9 +79,10 @@ def tokenizer_for(texts):
 
 def build(arch: str, n_layer: int, facts, seed: int = 0, steps: int = 150, d: int = 64, lr: float = 1e-2):
     """``arch``: ``gpt2``, ``llama``, ``phi`` (parallel attention and MLP, partial rotary, ``fc1``/``fc2``) or
-    ``mamba`` (a state-space model: no attention, the mixer's ``out_proj`` is the edited matrix)."""
+    ``mamba`` (a state-space model: no attention, the mixer's ``out_proj`` is the edited matrix) or ``rwkv`` (a
+    recurrent model: the channel mix's ``value``, gated by its receptance)."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MambaConfig, \
-        MambaForCausalLM, PhiConfig, PhiForCausalLM
+        MambaForCausalLM, PhiConfig, PhiForCausalLM, RwkvConfig, RwkvForCausalLM
 
     texts = training_texts(facts)
     tok = tokenizer_for(texts)
@@ -99,6 +100,10 @@ def build(arch: str, n_layer: int, facts, seed: int = 0, steps: int = 150, d: in
         cfg = MambaConfig(vocab_size=len(tok), hidden_size=d, state_size=8, num_hidden_layers=n_layer, expand=2,
                           bos_token_id=0, eos_token_id=0, pad_token_id=0)
         model = MambaForCausalLM(cfg)
+    elif arch == "rwkv":
+        cfg = RwkvConfig(vocab_size=len(tok), hidden_size=d, num_hidden_layers=n_layer, attention_hidden_size=d,
+                         intermediate_size=4 * d, context_length=32, bos_token_id=0, eos_token_id=0)
+        model = RwkvForCausalLM(cfg)
     else:
         cfg = LlamaConfig(vocab_size=len(tok), hidden_size=d, intermediate_size=2 * d, num_hidden_layers=n_layer,
                           num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32,
@@ -173,6 +178,11 @@ def tiny_phi(facts):
 @pytest.fixture(scope="session")
 def tiny_mamba(facts):
     return build("mamba", 3, facts, steps=80)
+
+
+@pytest.fixture(scope="session")
+def tiny_rwkv(facts):
+    return build("rwkv", 3, facts, lr=3e-3)
 
 
 def siblings_from_world(monkeypatch, reqs) -> None:
