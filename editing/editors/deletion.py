@@ -161,11 +161,13 @@ def _gone_share(outputs: Sequence[str], requests: Sequence[DeletionRequest]) -> 
 
 
 # ------------------------------------------------------------ the editor
-def _draw_seed(req: DeletionRequest) -> str:
+def _draw_seed(req: DeletionRequest, salt: str = "") -> str:
     """The seed of a request's draws (which statistics sentences its variants and negatives come from): its
-    content, ``sha256(source, unwanted, positive)``, never its id, so the same request gives the same edit
-    under any ticket id (a resubmitted ticket, a demo stamped with another time)."""
-    return hashlib.sha256(json.dumps([req.source, req.unwanted, req.positive]).encode()).hexdigest()
+    content, ``sha256(source, unwanted, positive[, salt])``, never its id, so the same request gives the same
+    edit under any ticket id (a resubmitted ticket, a demo stamped with another time). ``salt`` (the editor's
+    ``draw_salt``) picks another draw, to measure how much an outcome depends on it."""
+    parts = [req.source, req.unwanted, req.positive] + ([salt] if salt else [])
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
 @dataclass
@@ -203,6 +205,7 @@ class RankOneDeletionEditor:
     max_stats_sources: int = 512
     max_new_tokens: int = 40
     on_nothing_to_delete: str = "raise"                # "raise" | "skip" (report in diagnostics)
+    draw_salt: str = ""                                # another draw of variants and negatives (_draw_seed)
     name: str = NAME
 
     def __post_init__(self) -> None:
@@ -532,7 +535,7 @@ class RankOneDeletionEditor:
         sim = torch.nn.functional.cosine_similarity(emb, emb[token][None], dim=-1)
         special = set(getattr(tokenizer, "all_special_ids", []) or [])
         pool = list(state.meta["_split"]["stats"])
-        random.Random(_draw_seed(req)).shuffle(pool)
+        random.Random(_draw_seed(req, self.draw_salt)).shuffle(pool)
         texts = []
         for text in pool:
             ids = list(tokenizer(text)["input_ids"]) if seq2seq else prompt_ids(tokenizer, text)
@@ -577,7 +580,7 @@ class RankOneDeletionEditor:
         seq2seq = ex.enc_ids is not None
         token = int((ex.enc_ids if seq2seq else ex.dec_ids)[0, ex.trigger])
         pairs = list(zip(state.meta["_split"]["stats"], self._stat_outputs(model, tokenizer, state)))
-        random.Random(_draw_seed(req) + "~neg").shuffle(pairs)
+        random.Random(_draw_seed(req, self.draw_salt) + "~neg").shuffle(pairs)
         out = []
         for i, (src, o) in enumerate(pairs):
             if not contains_span(o, req.unwanted) or o.strip() == req.unwanted.strip():

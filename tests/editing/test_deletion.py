@@ -258,3 +258,9 @@ def test_the_same_request_under_another_id_gives_the_same_edit(tiny_corpus, tiny
     for name in first.delta.weight_names:
         assert all(torch.equal(a, b) for a, b in zip(first.delta.factors[name], again.delta.factors[name]))
     assert again.delta.request_ids == ["resent-77"]
+    # another salt is another draw: the variants come from other sentences
+    salted = get_editor("rank-one", stats_sources=[s for s, _ in tiny_corpus.train[:200]], draw_salt="1")
+    other = salted.edit(model, tok, [req])
+    assert any(not torch.equal(a, b) for n in first.delta.weight_names if n in other.delta.factors
+               for a, b in zip(first.delta.factors[n], other.delta.factors[n])) or \
+        first.delta.weight_names != other.delta.weight_names
