@@ -68,7 +68,8 @@ Per request:
    them) falls below ``locality_floor`` after some λ already fixed the instance; kept:
    among trials with the instance fixed, locality ≥ floor and (``preserve_check``) the
    earlier tickets' held instances/variants still deleted (gone share at most
-   ``preserve_tolerance`` below the model as given), the one removing the span from most
+   ``preserve_tolerance`` below the model as given, and every earlier ticket's own instance
+   that is deleted stays deleted), the one removing the span from most
    variants (then most earlier ones kept, then smallest change); else the smallest change
    that fixes the instance.
 
@@ -161,6 +162,9 @@ def _gone_share(outputs: Sequence[str], requests: Sequence[DeletionRequest]) -> 
 
 
 # ------------------------------------------------------------ the editor
+_INSTANCE = "~instance"   # request-id suffix of an earlier ticket's own instance among the held examples
+
+
 def _draw_seed(req: DeletionRequest, salt: str = "") -> str:
     """The seed of a request's draws (which statistics sentences its variants and negatives come from): its
     content, ``sha256(source, unwanted, positive[, salt])``, never its id, so the same request gives the same
@@ -731,10 +735,10 @@ class RankOneDeletionEditor:
     @torch.no_grad()
     def _check(self, model, tokenizer, examples: list[_Example], variants: list[_Example], heldout: list[str],
                heldout_base: list[str], factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
-               earlier: Sequence[DeletionRequest] = ()) -> tuple[list[str], list[bool], float, float, float]:
+               earlier: Sequence[DeletionRequest] = ()) -> tuple[list[str], list[bool], float, float, list[str]]:
         """With the update installed as hooks: the instances' greedy outputs, whether each edit took (span
         gone AND the positive token wins at the decision position), the share of variants without the span,
-        and the share of held-out sentences whose output is unchanged."""
+        the share of held-out sentences whose output is unchanged, and the outputs of ``earlier``."""
         with ForwardPatch() as p:
             for w, (u, v) in factors.items():
                 p.add_lowrank(get_module(model, w[: -len(".weight")]), u, v)
@@ -753,7 +757,7 @@ class RankOneDeletionEditor:
         neg = [(a, b) for a, b in zip(held, heldout_base) if any(contains_span(b, ex.request.unwanted) for ex in examples)]
         if neg:
             loc = min(loc, sum(a == b for a, b in neg) / len(neg))
-        return inst, ok, share, loc, _gone_share(old, earlier)
+        return inst, ok, share, loc, old
 
     def _locate(self, model, tokenizer, spec, ex: _Example, state: EditorState, requests) -> dict:
         """Trigger, variants, trace; then try the candidate sites in order and keep the first whose joint value
@@ -914,16 +918,21 @@ class RankOneDeletionEditor:
                 kept += [[ex.request.request_id, e.request.source, e.request.unwanted, e.request.positive]
                          for e in [ex, *[v for v in all_variants if v.request.request_id.startswith(
                              ex.request.request_id + "~")]]]
+            back = chosen.get("back", [])
+            undo = (f"it brings back the earlier deletion(s) {', '.join(back)}: no λ kept them and fixed this one"
+                    if back else "")
             for ex, out, took_ in zip(examples, outs, ok):
                 rid = ex.request.request_id
+                missed = "" if took_ else f"edit did not take: output {out!r} (unwanted {ex.request.unwanted!r})"
                 diags[rid] = RequestDiagnostics(
                     rid, took_, value_loss=info[rid]["value_loss"], residual_norm=None,
-                    message="" if took_ else f"edit did not take: output {out!r} (unwanted {ex.request.unwanted!r})",
+                    message="; ".join(m for m in (missed, undo) if m),
                     extra={**info[rid], "edited_output": out,
                            "equals_positive": out == " ".join(ex.request.positive.split()),
                            "lambda": chosen_lambda[info[rid]["weight"]], "lambda_gain": gain,
                            "variants_gone": chosen["share"], "heldout_unchanged": chosen["loc"],
-                           "earlier_variants_gone": chosen["earlier"], "n_preserved": len(preserved),
+                           "earlier_variants_gone": chosen["earlier"], "earlier_instances_back": back,
+                           "n_preserved": len(preserved),
                            "n_heldout": len(heldout),
                            "lambda_trials": [(t["gain"], round(t["share"], 3), round(t["loc"], 4)) for t in trials]})
         for k in ("_batches", "_split", "_fingerprint", "_outputs", "_heldout_for"):
@@ -944,7 +953,8 @@ class RankOneDeletionEditor:
         """The λ rule (module docstring, step 7): ``(solves, trials, chosen trial)``. ``extra_hold`` (per weight,
         scaled keys of earlier tickets' instances and variants) joins ``C_edits`` in the solve for this call only;
         with ``preserve_check`` a trial must also keep ``preserved`` (earlier tickets' instances and variants)
-        deleted: their gone share may fall at most ``preserve_tolerance`` below the model-as-given share."""
+        deleted: their gone share may fall at most ``preserve_tolerance`` below the model-as-given share, and
+        no earlier ticket's own instance deleted on the model as given may come back (``back``)."""
         from editing.editors.solve import memit_factors
 
         solves = {}
@@ -961,19 +971,26 @@ class RankOneDeletionEditor:
                 hh = h.double().T @ h.double()
                 held[w] = hh if held[w] is None else held[w] + hh
         earlier = [p.request for p in preserved] if self.preserve_check else []
-        earlier_before = _gone_share(generate_outputs(model, tokenizer, [r.source for r in earlier],
-                                                      self.max_new_tokens), earlier) if earlier else 1.0
+        before = generate_outputs(model, tokenizer, [r.source for r in earlier], self.max_new_tokens) if earlier else []
+        earlier_before = _gone_share(before, earlier) if earlier else 1.0
+        # an earlier ticket's own instance that is deleted now must stay deleted (its variants: within tolerance)
+        instances = [i for i, r in enumerate(earlier)
+                     if r.request_id.endswith(_INSTANCE) and not contains_span(before[i], r.unwanted)]
         trials = []
         for g in self.lambda_grid:
             factors = {}
             for w, (K, R, C0, s_bar, ce) in solves.items():
                 u, v = memit_factors(K, R, C0, s_bar / g, held[w], ridge=0.0)
                 factors[w] = (u.float(), v.float())
-            outs, ok, share, loc, old = self._check(model, tokenizer, examples, variants, heldout, heldout_base,
-                                                    factors, earlier)
+            outs, ok, share, loc, old_outs = self._check(model, tokenizer, examples, variants, heldout,
+                                                         heldout_base, factors, earlier)
+            old = _gone_share(old_outs, earlier) if earlier else 1.0
+            back = [earlier[i].request_id[: -len(_INSTANCE)] for i in instances
+                    if contains_span(old_outs[i], earlier[i].unwanted)]
             exact = all(o == " ".join(ex.request.positive.split()) for o, ex in zip(outs, examples))
             trials.append({"gain": g, "factors": factors, "outs": outs, "ok": ok, "share": share, "loc": loc,
-                           "earlier": old, "kept": old >= earlier_before - self.preserve_tolerance - 1e-9,
+                           "earlier": old, "back": back,
+                           "kept": old >= earlier_before - self.preserve_tolerance - 1e-9 and not back,
                            "full": all(ok) and exact and share == 1.0})
             # stop at the first complete deletion, or once locality breaks after the instance was fixed
             if trials[-1]["full"] or (loc < self.locality_floor and any(all(t["ok"]) for t in trials)):
@@ -999,6 +1016,9 @@ class RankOneDeletionEditor:
         seq2seq = exs[0].enc_ids is not None
         triggers = {int((e.enc_ids if seq2seq else e.dec_ids)[0, e.trigger]) for e in exs}
         spans = [e.request.unwanted for e in exs]
+        first: dict[str, str] = {}   # each ticket's entries start with its instance (EditResult order below)
+        for entry in entries:
+            first.setdefault(entry[0], entry[1])
         by_ticket: dict[str, list] = {}
         for entry in entries:
             ids = list(tokenizer(entry[1])["input_ids"]) if seq2seq else prompt_ids(tokenizer, entry[1])
@@ -1018,8 +1038,8 @@ class RankOneDeletionEditor:
             if any(contains_span(target, s) for s in spans) or target.strip() == unwanted.strip():
                 continue
             try:
-                held.append(self._prepare(model, tokenizer, DeletionRequest(f"{ticket}~p{n}", source, unwanted,
-                                                                            target)))
+                rid = ticket + _INSTANCE if first[ticket] == source else f"{ticket}~p{n}"
+                held.append(self._prepare(model, tokenizer, DeletionRequest(rid, source, unwanted, target)))
             except EditopsError:
                 continue
         return held

@@ -56,6 +56,16 @@ def test_later_edit_holds_earlier_tickets_variants(tiny_corpus, tiny_marian):
     assert d.extra["n_preserved"] > 0
     # the λ rule re-checked the earlier ticket's variants: none of those deleted came back
     assert d.extra["earlier_variants_gone"] >= before
+    # and its own instance, held under its own name, is a hard constraint: it stays deleted
+    from editing.editors.deletion import _INSTANCE
+
+    held_now = get_editor("rank-one", **common)._preserved(model, tok, res1.state,
+                                                           [get_editor("rank-one", **common)._prepare(model, tok, second)])
+    assert [h.request.source for h in held_now if h.request.request_id == first.request_id + _INSTANCE] == [first.source]
+    assert d.extra["earlier_instances_back"] == []
+    with_second = copy.deepcopy(model)
+    on.delta.apply(with_second)
+    assert not contains_span(generate_outputs(with_second, tok, [first.source])[0], first.unwanted)
     site = Site(**d.extra["site"])
     # the same site and λ without holding the earlier ticket: the write moves its keys more
     off = get_editor("rank-one", **common, preserve_max=0, stacks=(site.stack,), layers=(site.layer,),
