@@ -1,14 +1,16 @@
-"""How often the demo's deletion tickets pass their gates, over ticket ids.
+"""How often the demo's deletion tickets pass their gates, over ticket ids and over draws.
 
-    .venv/bin/python bench/deletion_ticket_ids.py [--n-ids 40] [--first 3] [--ids ID ...]
+    .venv/bin/python bench/deletion_ticket_ids.py [--n-ids 40] [--first 3] [--ids ID ...] [--salts S ...]
 
-The rank-one editor shuffles the statistics sentences its self-generated variants are built from, and its negative
-examples, in an order seeded by the ticket's ``request_id`` (``editing/editors/deletion.py``; C0 itself uses the
-whole statistics split), so the same request under another id is another edit. The demo's
-ticket ids carry the time they were written. This script deletes the first ``--first`` requests of
-``--requests`` one after another (each delta applied before the next, the editor state carried), as the demo's
-deletion line does with batches of 1, once per id suffix (``seed0`` … or the ``--ids`` given, e.g. a demo's
-stamp), and prints per ticket the demo line's three gates (``editing.gates.deletion_gates``, as the flow calls it,
+The rank-one editor builds its self-generated variants, and takes its negative examples, from statistics
+sentences in an order it draws at random. Until session 49 that draw was seeded by the ticket's ``request_id``, so
+the same request under another id (the demo's ids carry the time they were written) was another edit; since then it
+is seeded by the request's content (``_draw_seed`` in ``editing/editors/deletion.py``), and every id gives the same
+edit. This script deletes the first ``--first`` requests of ``--requests`` one after another (each delta applied
+before the next, the editor state carried), as the demo's deletion line does with batches of 1, once per id suffix
+(``seed0`` … or the ``--ids`` given, e.g. a demo's stamp) and per ``--salts`` value (the editor's ``draw_salt``:
+another draw; the default, no salt, is the editor's own), and prints per ticket the demo line's three gates
+(``editing.gates.deletion_gates``, as the flow calls it,
 with the default ``GateThresholds``): ``deletion_gone``
 (the instance no longer gives the unwanted span, bar 1.0), ``unrelated_unchanged`` (the ticket's own locality
 sentences translated exactly as by the base model, bar 0.9) and ``retention`` (the earlier tickets' instances still
@@ -35,6 +37,7 @@ def main() -> None:
     p.add_argument("--first", type=int, default=3, help="requests deleted in sequence (the demo takes 3)")
     p.add_argument("--n-ids", type=int, default=40, help="id suffixes seed0 … seedN-1")
     p.add_argument("--ids", nargs="*", default=None, help="id suffixes to use instead (e.g. a demo's stamp)")
+    p.add_argument("--salts", nargs="*", default=[""], help="the editor's draw_salt values (each another draw)")
     a = p.parse_args()
 
     import torch
@@ -55,14 +58,16 @@ def main() -> None:
     requests = read_deletion_requests(a.requests)[: a.first]
     base = cache_base_outputs(model, tok, requests)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
-    suffixes = a.ids if a.ids else [f"seed{i}" for i in range(a.n_ids)]
+    runs = [(suffix, salt) for suffix in (a.ids if a.ids else [f"seed{i}" for i in range(a.n_ids)])
+            for salt in a.salts]
     failed = {r.request_id: 0 for r in requests}
     any_failed = 0
-    print("| id suffix | " + " | ".join(f"{r.request_id}: gone / unrelated / retention" for r in requests) + " |")
+    print("| id suffix (salt) | " + " | ".join(f"{r.request_id}: gone / unrelated / retention" for r in requests)
+          + " |")
     print("|---|" + "---|" * len(requests))
-    for suffix in suffixes:
+    for suffix, salt in runs:
         model.load_state_dict(weights)
-        editor = get_editor("rank-one", stats_corpus=a.stats_corpus)
+        editor = get_editor("rank-one", stats_corpus=a.stats_corpus, draw_salt=salt)
         state, cells, this_failed, earlier = None, [], False, []
         for r in requests:
             ticket = dataclasses.replace(r, request_id=f"{r.request_id}-{suffix}")
@@ -78,13 +83,13 @@ def main() -> None:
                                     for g in ("deletion_gone", "unrelated_unchanged", "retention"))
                          + ("" if report.passed else " (fails)"))
         any_failed += this_failed
-        print(f"| {suffix} | " + " | ".join(cells) + " |", flush=True)
+        print(f"| {suffix}{f' ({salt})' if salt else ''} | " + " | ".join(cells) + " |", flush=True)
     print()
-    print("| ticket | ids where it fails a gate |")
+    print("| ticket | runs where it fails a gate |")
     print("|---|---|")
     for rid, n in failed.items():
-        print(f"| {rid} | {n} / {len(suffixes)} |")
-    print(f"| any of them | {any_failed} / {len(suffixes)} |")
+        print(f"| {rid} | {n} / {len(runs)} |")
+    print(f"| any of them | {any_failed} / {len(runs)} |")
 
 
 if __name__ == "__main__":
