@@ -1,6 +1,6 @@
 """How often the demo's deletion tickets pass their gates, over ticket ids and over draws.
 
-    .venv/bin/python bench/deletion_ticket_ids.py [--n-ids 40] [--first 3] [--ids ID ...] [--salts S ...]
+    .venv/bin/python bench/deletion_ticket_ids.py [--n-ids 1] [--first 3] [--ids ID ...] [--salts S ...]
 
 The rank-one editor builds its self-generated variants, and takes its negative examples, from statistics
 sentences in an order it draws at random. Until session 49 that draw was seeded by the ticket's ``request_id``, so
@@ -35,9 +35,10 @@ def main() -> None:
     p.add_argument("--requests", default="data/requests/deletions.jsonl")
     p.add_argument("--stats-corpus", default="data/translation/train.jsonl", help="as the demo line's stats_corpus")
     p.add_argument("--first", type=int, default=3, help="requests deleted in sequence (the demo takes 3)")
-    p.add_argument("--n-ids", type=int, default=40, help="id suffixes seed0 … seedN-1")
+    p.add_argument("--n-ids", type=int, default=1, help="id suffixes seed0 … seedN-1 (one edit under each)")
     p.add_argument("--ids", nargs="*", default=None, help="id suffixes to use instead (e.g. a demo's stamp)")
-    p.add_argument("--salts", nargs="*", default=[""], help="the editor's draw_salt values (each another draw)")
+    p.add_argument("--salts", nargs="+", default=["", "1", "2", "3", "4", "5", "6", "7"],
+                   help="the editor's draw_salt values, each another draw ('' is the editor's own)")
     a = p.parse_args()
 
     import torch

@@ -19,6 +19,7 @@ override (``mlp_out_template``) a user can give.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import warnings
 from dataclasses import dataclass, field, replace
@@ -133,6 +134,10 @@ def custom_spec(model_type: str, mlp_out_template: str, layer_template: str | No
     return _causal(model_type, mlp_out_template, layer, n_layers_attr)
 
 
+# model types whose layers carry a recurrent state (no attention over earlier positions): a left-padded row's pad
+# tokens enter that state, so batched sampling takes their rows one length at a time (editing.editors.sampling)
+RECURRENT_TYPES = frozenset({"mamba", "mamba2", "falcon_mamba", "rwkv"})
+
 _OVERRIDE_HINT = ("Name the MLP output projection yourself with the module-name template, e.g. "
                   "--mlp-out-template 'model.layers.{}.mlp.down_proj' (Python: spec_for(model, mlp_out_template=...)).")
 _N_LAYERS_ATTRS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
@@ -167,7 +172,7 @@ def _projections(block: nn.Module) -> list[tuple[str, int, int]]:
 
 
 def _layer_span(list_name: str, idx: list[int], n: int) -> str:
-    """``model.layers.{1..2}`` (of 3), or ``model.layers.{0}`` where one layer is named."""
+    """``model.layers.{1..2} (of 3 layers)``, or ``model.layers.0`` where one layer is named."""
     if len(idx) == 1:
         return f"{list_name}.{idx[0]}"
     span = f"{idx[0]}..{idx[-1]}" if idx == list(range(idx[0], idx[-1] + 1)) else ",".join(map(str, idx))
@@ -201,8 +206,10 @@ def discover_spec(model: nn.Module) -> ArchSpec:
         raise UnsupportedArchitectureError(
             f"editops has no adapter for model_type {model_type!r} (known: {', '.join(sorted(ADAPTERS))}) and cannot "
             f"read its layer count or residual width from the config to find one. " + _OVERRIDE_HINT)
+    # a list of experts whose length happens to equal the layer count is not a layer list
     lists = [(name, m) for name, m in model.named_modules()
-             if isinstance(m, nn.ModuleList) and len(m) in counts.values() and name]
+             if isinstance(m, nn.ModuleList) and len(m) in counts.values() and name
+             and not any(w in name.lower() for w in _EXPERT_WORDS)]
     found: list[tuple[str, str, str]] = []   # (list name, projection path in the layer, config attr)
     notes: list[str] = []
     for list_name, layers in lists:
@@ -272,7 +279,23 @@ def spec_for(model: nn.Module, mlp_out_template: str | None = None) -> ArchSpec:
             f"{model_type}: module {first!r} not found in {type(model).__name__}; pass a module-name "
             "template that matches the model (see `model.named_modules()`) as --mlp-out-template"
         )
+    _refuse_rescaled_weights(model, spec)
     return spec
+
+
+def _refuse_rescaled_weights(model: nn.Module, spec: ArchSpec) -> None:
+    """RWKV divides block ``i``'s ``feed_forward.value`` weight in place by ``2 ** (i // rescale_every)`` on its
+    first forward in eval mode (and multiplies it back in train mode): a delta solved against one scale would be
+    applied at another, and the weights' fingerprint would change with the mode. Refused where that touches a
+    layer (``rescale_every > 0`` and more layers than it); ``rescale_every = 0`` turns it off."""
+    every = getattr(model.config, "rescale_every", 0) or 0
+    n = spec.num_layers(model.config)
+    if getattr(model.config, "model_type", None) == "rwkv" and every > 0 and n > every:
+        raise UnsupportedArchitectureError(
+            f"this RWKV model rescales its layers' output weights in place every {every} layers (config "
+            f"rescale_every={every}, {n} layers), so a weight delta would be solved and applied at different scales. "
+            "Load it with rescale_every=0 (AutoModelForCausalLM.from_pretrained(..., rescale_every=0); the rescale "
+            "only guards float16 against overflow) and edit that.")
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:
@@ -305,3 +328,12 @@ def add_to_weight(module: nn.Module, delta_out_in: torch.Tensor) -> None:
     w = module.weight
     d = delta_out_in.t() if is_transposed(module) else delta_out_in
     w.add_(d.to(device=w.device, dtype=w.dtype))
+
+
+def no_cache(model: nn.Module) -> dict[str, bool]:
+    """``{"use_cache": False}`` where ``model.forward`` takes ``use_cache`` (or ``**kwargs``), else ``{}``: the
+    editors' forwards read no cache, and a cached recurrent state (RWKV's) is written in place, which breaks a
+    backward pass through it."""
+    params = inspect.signature(model.forward).parameters
+    takes = "use_cache" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return {"use_cache": False} if takes else {}

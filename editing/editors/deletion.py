@@ -102,7 +102,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from editing.arch import ArchSpec, get_module, spec_for
+from editing.arch import ArchSpec, get_module, no_cache, spec_for
 from editing.atomic import replace_atomically
 from editing.delta import LowRankDelta
 from editing.editors.base import EditorState, EditResult, RequestDiagnostics
@@ -260,11 +260,11 @@ class RankOneDeletionEditor:
             ex = exs[0]
             if ex.enc_ids is not None:
                 out = model(input_ids=ex.enc_ids, attention_mask=torch.ones_like(ex.enc_ids),
-                            decoder_input_ids=ex.dec_ids, use_cache=False)
+                            decoder_input_ids=ex.dec_ids, **no_cache(model))
             else:
-                out = model(input_ids=ex.dec_ids, attention_mask=torch.ones_like(ex.dec_ids), use_cache=False)
+                out = model(input_ids=ex.dec_ids, attention_mask=torch.ones_like(ex.dec_ids), **no_cache(model))
             return [out.logits[0, ex.offset: ex.offset + len(ex.targets)]]
-        logits = model(**self._inputs(model, 0, exs), use_cache=False).logits
+        logits = model(**self._inputs(model, 0, exs), **no_cache(model)).logits
         return [logits[i, e.offset: e.offset + len(e.targets)] for i, e in enumerate(exs)]
 
     def _margin(self, model, ex: _Example) -> float:
@@ -401,7 +401,7 @@ class RankOneDeletionEditor:
             with ForwardPatch() as p:
                 for n in names:
                     p.capture_output(get_module(model, n), store, n)
-                model(**b, use_cache=False)
+                model(**b, **no_cache(model))
             for n in names:
                 dec = ".decoder." in f".{n}." and "decoder_attention_mask" in b
                 m = (b["decoder_attention_mask"] if dec else b["attention_mask"]).bool()
@@ -684,7 +684,7 @@ class RankOneDeletionEditor:
         kl_base = None
         if kl_batch is not None:
             with torch.no_grad():
-                kl_base = torch.log_softmax(model(**kl_batch, use_cache=False).logits.float(), -1)
+                kl_base = torch.log_softmax(model(**kl_batch, **no_cache(model)).logits.float(), -1)
         exs = [ex, *variants, *negatives, *preserved]
         nv, nn_ = len(variants), len(negatives)
         delta = torch.zeros(store["v"].shape[-1], device=device, requires_grad=True)
@@ -701,7 +701,7 @@ class RankOneDeletionEditor:
                     lps = [torch.log_softmax(l.float(), -1) for l in self._forward_many(model, exs)]
                     kl = 0.0
                     if kl_base is not None and self.kl_weight:
-                        lq = torch.log_softmax(model(**kl_batch, use_cache=False).logits.float(), -1)
+                        lq = torch.log_softmax(model(**kl_batch, **no_cache(model)).logits.float(), -1)
                         m = kl_batch.get("decoder_attention_mask", kl_batch["attention_mask"]).bool()
                         kl = (kl_base.exp() * (kl_base - lq)).sum(-1)[m].mean()
                 loss = self._example_loss(lps[0], ex)
@@ -919,8 +919,8 @@ class RankOneDeletionEditor:
                          for e in [ex, *[v for v in all_variants if v.request.request_id.startswith(
                              ex.request.request_id + "~")]]]
             back = chosen.get("back", [])
-            undo = (f"it brings back the earlier deletion(s) {', '.join(back)}: no λ kept them and fixed this one"
-                    if back else "")
+            undo = (f"it brings back the earlier deletion(s) {', '.join(back)}: no λ tried met every condition of "
+                    "the λ rule (this edit taking, held-out locality, earlier deletions kept)" if back else "")
             for ex, out, took_ in zip(examples, outs, ok):
                 rid = ex.request.request_id
                 missed = "" if took_ else f"edit did not take: output {out!r} (unwanted {ex.request.unwanted!r})"

@@ -9,7 +9,9 @@ model's device (the draw ``generate`` makes from the global stream). A row ends 
 token (not returned) or after ``n`` tokens.
 
 Rows are left-padded (position ids from the attention mask, so each row sees the positions it would see
-alone) and share one key/value cache.
+alone) and share one key/value cache. Recurrent models (:data:`editing.arch.RECURRENT_TYPES`: Mamba, RWKV) carry
+a padded row's pad tokens in their state, so there rows of different lengths are sampled one at a time; a model
+whose forward returns no key-value cache (RWKV's state) is run on the whole row at every step.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from editing.arch import RECURRENT_TYPES
 from editing.editors.keys import pad_id_of
 
 
@@ -51,6 +54,9 @@ def sample_topk(model: nn.Module, tokenizer, rows: Sequence[Sequence[int]], seed
         raise ValueError(f"{len(rows)} rows but {len(seeds)} seeds")
     if not rows:
         return []
+    recurrent = getattr(model.config, "model_type", None) in RECURRENT_TYPES
+    if len({len(r) for r in rows}) > 1 and recurrent:
+        return [sample_topk(model, tokenizer, [r], [s], max_new_tokens, top_k)[0] for r, s in zip(rows, seeds)]
     device = next(model.parameters()).device
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id_of(tokenizer), dtype=torch.long)
@@ -96,7 +102,9 @@ def sample_topk(model: nn.Module, tokenizer, rows: Sequence[Sequence[int]], seed
             else:
                 extra = {"position_ids": nxt} if takes_positions else {}
                 extra[cache_arg] = cache
-                out = model(input_ids=tok, attention_mask=mask, use_cache=True, **extra)
+                # a recurrent state has no positions to mask (generate passes none after the first step)
+                extra["attention_mask"] = None if recurrent else mask
+                out = model(input_ids=tok, use_cache=True, **extra)
             nxt = nxt + 1
     finally:
         model.train(was_training)

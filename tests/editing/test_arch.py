@@ -275,6 +275,47 @@ def test_a_projection_missing_from_later_layers_is_named():
         spec_for(Model())
 
 
+def test_rwkv_that_rescales_its_weights_in_place_is_refused():
+    """RWKV divides later blocks' value weights in place on an eval forward (rescale_every): refused with the
+    setting that turns it off named; with it off the same model has its adapter."""
+    make = lambda every: tf.AutoModelForCausalLM.from_config(tf.RwkvConfig(   # noqa: E731
+        vocab_size=V, hidden_size=D, num_hidden_layers=2, attention_hidden_size=D, intermediate_size=F,
+        context_length=32, rescale_every=every))
+    with pytest.raises(UnsupportedArchitectureError, match="rescale_every=0"):
+        spec_for(make(1))
+    assert spec_for(make(0)).mlp_out_name(1) == "rwkv.blocks.1.feed_forward.value"
+
+
+def test_a_list_of_experts_as_long_as_the_layer_list_is_not_taken_for_it():
+    """Two layers, the second with two experts in a ModuleList: the experts' list has the layer count's length,
+    but it is not the layer list; the model is refused as mixture-of-experts."""
+    class Expert(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.down_proj = torch.nn.Linear(F, D)
+
+    class Dense(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = Expert()
+
+    class Moe(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = torch.nn.Module()
+            self.mlp.experts = torch.nn.ModuleList([Expert(), Expert()])
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = tf.PretrainedConfig(num_hidden_layers=2, hidden_size=D)
+            self.config.model_type = "remote_moe"
+            self.layers = torch.nn.ModuleList([Dense(), Moe()])
+
+    with pytest.raises(UnsupportedArchitectureError, match=r"layers\.1 holds experts"):
+        spec_for(Model())
+
+
 def test_ambiguous_layers_are_refused_naming_the_candidates():
     class Two(torch.nn.Module):
         def __init__(self):

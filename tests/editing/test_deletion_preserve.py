@@ -59,8 +59,10 @@ def test_later_edit_holds_earlier_tickets_variants(tiny_corpus, tiny_marian):
     # and its own instance, held under its own name, is a hard constraint: it stays deleted
     from editing.editors.deletion import _INSTANCE
 
-    held_now = get_editor("rank-one", **common)._preserved(model, tok, res1.state,
-                                                           [get_editor("rank-one", **common)._prepare(model, tok, second)])
+    probe = get_editor("rank-one", **common)
+    ex2 = probe._prepare(model, tok, second)
+    ex2.trigger = probe.trigger_trace(model, tok, ex2)[0][0]   # the trigger the edit found, as _locate sets it
+    held_now = probe._preserved(model, tok, res1.state, [ex2])
     assert [h.request.source for h in held_now if h.request.request_id == first.request_id + _INSTANCE] == [first.source]
     assert d.extra["earlier_instances_back"] == []
     with_second = copy.deepcopy(model)

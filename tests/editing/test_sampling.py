@@ -7,12 +7,12 @@ import torch
 from editing.editors.keys import prompt_ids
 from editing.editors.sampling import sample_topk
 from editing.editors.siblings import sibling_lists, sibling_subjects
-from tinyworld import facts, generate_alone, tiny_gpt2, tiny_llama  # noqa: F401  (fixtures)
+from tinyworld import facts, generate_alone, tiny_gpt2, tiny_llama, tiny_mamba, tiny_rwkv  # noqa: F401  (fixtures)
 
 PROMPTS = ["Ada Park lives in", "The job of Bo Chen is", "Cy", "Dee Fox likes the colour"]
 
 
-@pytest.mark.parametrize("arch", ["tiny_gpt2", "tiny_llama"])
+@pytest.mark.parametrize("arch", ["tiny_gpt2", "tiny_llama", "tiny_mamba", "tiny_rwkv"])
 def test_each_row_of_a_padded_batch_draws_what_it_draws_alone(arch, request):
     model, tok = request.getfixturevalue(arch)
     rows = [prompt_ids(tok, p) for p in PROMPTS]
