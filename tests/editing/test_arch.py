@@ -253,26 +253,27 @@ def test_experts_after_dense_first_layers_are_refused_as_experts():
         spec_for(model)
 
 
+def _block(**modules: torch.nn.Module) -> torch.nn.Module:
+    block = torch.nn.Module()
+    for name, module in modules.items():
+        setattr(block, name, module)
+    return block
+
+
+def _toy(model_type: str, list_name: str, blocks: list) -> torch.nn.Module:
+    """A model no adapter knows: a config with the layer count and residual width, and one list of ``blocks``."""
+    model = torch.nn.Module()
+    model.config = tf.PretrainedConfig(num_hidden_layers=len(blocks), hidden_size=D)
+    model.config.model_type = model_type
+    setattr(model, list_name, torch.nn.ModuleList(blocks))
+    return model
+
+
 def test_a_projection_missing_from_later_layers_is_named():
-    class Dense(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.ff_out = torch.nn.Linear(F, D)
-
-    class Other(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.proj = torch.nn.Linear(F, D)
-
-    class Model(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.config = tf.PretrainedConfig(num_hidden_layers=3, hidden_size=D)
-            self.config.model_type = "mixed_blocks"
-            self.blocks = torch.nn.ModuleList([Dense(), Other(), Other()])
-
+    model = _toy("mixed_blocks", "blocks", [_block(ff_out=torch.nn.Linear(F, D))]
+                 + [_block(proj=torch.nn.Linear(F, D)) for _ in range(2)])
     with pytest.raises(UnsupportedArchitectureError, match=r"blocks\.0\.ff_out is not in blocks\.\{1\.\.2\}"):
-        spec_for(Model())
+        spec_for(model)
 
 
 def test_rwkv_that_rescales_its_weights_in_place_is_refused():
@@ -289,48 +290,18 @@ def test_rwkv_that_rescales_its_weights_in_place_is_refused():
 def test_a_list_of_experts_as_long_as_the_layer_list_is_not_taken_for_it():
     """Two layers, the second with two experts in a ModuleList: the experts' list has the layer count's length,
     but it is not the layer list; the model is refused as mixture-of-experts."""
-    class Expert(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.down_proj = torch.nn.Linear(F, D)
-
-    class Dense(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.mlp = Expert()
-
-    class Moe(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.mlp = torch.nn.Module()
-            self.mlp.experts = torch.nn.ModuleList([Expert(), Expert()])
-
-    class Model(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.config = tf.PretrainedConfig(num_hidden_layers=2, hidden_size=D)
-            self.config.model_type = "remote_moe"
-            self.layers = torch.nn.ModuleList([Dense(), Moe()])
-
+    expert = lambda: _block(down_proj=torch.nn.Linear(F, D))   # noqa: E731
+    model = _toy("remote_moe", "layers", [_block(mlp=expert()),
+                                          _block(mlp=_block(experts=torch.nn.ModuleList([expert(), expert()])))])
     with pytest.raises(UnsupportedArchitectureError, match=r"layers\.1 holds experts"):
-        spec_for(Model())
+        spec_for(model)
 
 
 def test_ambiguous_layers_are_refused_naming_the_candidates():
-    class Two(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.out_a, self.out_b = torch.nn.Linear(F, D), torch.nn.Linear(F, D)
-
-    class Model(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.config = tf.PretrainedConfig(num_hidden_layers=2, hidden_size=D)
-            self.config.model_type = "two_outs"
-            self.blocks = torch.nn.ModuleList([Two(), Two()])
-
+    two = lambda: _block(out_a=torch.nn.Linear(F, D), out_b=torch.nn.Linear(F, D))   # noqa: E731
+    model = _toy("two_outs", "blocks", [two(), two()])
     with pytest.raises(UnsupportedArchitectureError, match="2 candidates.*out_a.*out_b"):
-        spec_for(Model())
+        spec_for(model)
 
 
 def test_override_template_works_and_bad_template_is_clear():
