@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from editing.arch import ArchSpec, get_module, no_cache
+from editing.arch import ArchSpec, get_module
 from editing.atomic import replace_atomically
 from editing.errors import EditopsError
 from editing.formats import read_texts
@@ -122,7 +122,7 @@ def accumulate_key_moments(model: nn.Module, module_names: Sequence[str], batche
             current.update({k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()})
             seen.clear()
             try:
-                model(**{**current, **no_cache(model)})
+                model(**current)
             except _StopForward:
                 pass
     finally:
