@@ -56,7 +56,12 @@ def prompt_ids(tokenizer, text: str) -> list[int]:
 @torch.no_grad()
 def generate_outputs(model, tokenizer, sources: Sequence[str], max_new_tokens: int = 40,
                      batch_size: int = 32) -> list[str]:
-    """Greedy outputs for ``sources`` (causal LMs: the continuation only)."""
+    """Greedy outputs for ``sources`` (causal LMs: the continuation only), in padded batches (one source at a time
+    for recurrent models, :data:`editing.arch.RECURRENT_TYPES`: their state would carry the padding)."""
+    from editing.arch import RECURRENT_TYPES
+
+    if getattr(model.config, "model_type", None) in RECURRENT_TYPES:
+        batch_size = 1
     outs: list[str] = []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     for i in range(0, len(sources), batch_size):

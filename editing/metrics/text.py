@@ -121,7 +121,12 @@ def fluency(texts: Sequence[str]) -> float:
 @torch.no_grad()
 def greedy_generate(model: nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int = 40,
                     batch_size: int = 16) -> list[str]:
-    """Greedy continuations of ``prompts`` (the continuation only, decoded), left-padded batches."""
+    """Greedy continuations of ``prompts`` (the continuation only, decoded), left-padded batches (one prompt at a
+    time for recurrent models, :data:`editing.arch.RECURRENT_TYPES`: their state would carry the padding)."""
+    from editing.arch import RECURRENT_TYPES
+
+    if getattr(model.config, "model_type", None) in RECURRENT_TYPES:
+        batch_size = 1
     device = _device(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     out: list[str] = []

@@ -34,3 +34,17 @@ def test_sibling_lists_of_a_batch_equal_each_subjects_own_list(tiny_llama):
     assert all(s not in subjects for names in lists for s in names)
     with pytest.raises(ValueError, match="2 seeds"):
         sibling_lists(model, tok, subjects, 4, seeds=[1, 2])
+
+
+@pytest.mark.parametrize("arch", ["tiny_gpt2", "tiny_mamba", "tiny_rwkv"])
+def test_greedy_outputs_of_a_batch_equal_each_prompt_alone(arch, request):
+    """The metrics' greedy generation (fluency, deletion outputs) pads a batch; a recurrent model's state would
+    carry the padding, so there each prompt runs alone: a batch gives what each prompt gives by itself."""
+    from editing.metrics.deletion import generate_outputs
+    from editing.metrics.text import greedy_generate
+
+    model, tok = request.getfixturevalue(arch)
+    assert greedy_generate(model, tok, PROMPTS, max_new_tokens=6) == \
+        [greedy_generate(model, tok, [p], max_new_tokens=6)[0] for p in PROMPTS]
+    assert generate_outputs(model, tok, PROMPTS, max_new_tokens=6) == \
+        [generate_outputs(model, tok, [p], max_new_tokens=6)[0] for p in PROMPTS]
