@@ -19,6 +19,7 @@ override (``mlp_out_template``) a user can give.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import warnings
@@ -137,6 +138,11 @@ def custom_spec(model_type: str, mlp_out_template: str, layer_template: str | No
 # model types whose layers carry a recurrent state (no attention over earlier positions): a left-padded row's pad
 # tokens enter that state, so batched sampling takes their rows one length at a time (editing.editors.sampling)
 RECURRENT_TYPES = frozenset({"mamba", "mamba2", "falcon_mamba", "rwkv"})
+
+
+def is_recurrent(model: nn.Module) -> bool:
+    """Whether ``model``'s type is one of :data:`RECURRENT_TYPES`."""
+    return getattr(model.config, "model_type", None) in RECURRENT_TYPES
 
 _OVERRIDE_HINT = ("Name the MLP output projection yourself with the module-name template, e.g. "
                   "--mlp-out-template 'model.layers.{}.mlp.down_proj' (Python: spec_for(model, mlp_out_template=...)).")
@@ -334,6 +340,11 @@ def no_cache(model: nn.Module) -> dict[str, bool]:
     """``{"use_cache": False}`` where ``model.forward`` takes ``use_cache`` (or ``**kwargs``), else ``{}``: the
     editors' forwards read no cache, and a cached recurrent state (RWKV's) is written in place, which breaks a
     backward pass through it."""
-    params = inspect.signature(model.forward).parameters
-    takes = "use_cache" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    return {"use_cache": False} if takes else {}
+    return {"use_cache": False} if _takes_use_cache(type(model)) else {}
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_use_cache(model_class: type) -> bool:
+    """Read once per model class: :func:`no_cache` is called on every forward of the editors' inner loops."""
+    params = inspect.signature(model_class.forward).parameters
+    return "use_cache" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())

@@ -971,8 +971,8 @@ class RankOneDeletionEditor:
                 hh = h.double().T @ h.double()
                 held[w] = hh if held[w] is None else held[w] + hh
         earlier = [p.request for p in preserved] if self.preserve_check else []
-        before = generate_outputs(model, tokenizer, [r.source for r in earlier], self.max_new_tokens) if earlier else []
-        earlier_before = _gone_share(before, earlier) if earlier else 1.0
+        before = generate_outputs(model, tokenizer, [r.source for r in earlier], self.max_new_tokens)
+        earlier_before = _gone_share(before, earlier)   # 1.0 where there are none
         # an earlier ticket's own instance that is deleted now must stay deleted (its variants: within tolerance)
         instances = [i for i, r in enumerate(earlier)
                      if r.request_id.endswith(_INSTANCE) and not contains_span(before[i], r.unwanted)]
@@ -984,7 +984,7 @@ class RankOneDeletionEditor:
                 factors[w] = (u.float(), v.float())
             outs, ok, share, loc, old_outs = self._check(model, tokenizer, examples, variants, heldout,
                                                          heldout_base, factors, earlier)
-            old = _gone_share(old_outs, earlier) if earlier else 1.0
+            old = _gone_share(old_outs, earlier)
             back = [earlier[i].request_id[: -len(_INSTANCE)] for i in instances
                     if contains_span(old_outs[i], earlier[i].unwanted)]
             exact = all(o == " ".join(ex.request.positive.split()) for o, ex in zip(outs, examples))

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from editing.arch import RECURRENT_TYPES
+from editing.arch import is_recurrent
 from editing.editors.keys import pad_id_of
 
 
@@ -54,7 +54,7 @@ def sample_topk(model: nn.Module, tokenizer, rows: Sequence[Sequence[int]], seed
         raise ValueError(f"{len(rows)} rows but {len(seeds)} seeds")
     if not rows:
         return []
-    recurrent = getattr(model.config, "model_type", None) in RECURRENT_TYPES
+    recurrent = is_recurrent(model)
     if len({len(r) for r in rows}) > 1 and recurrent:
         return [sample_topk(model, tokenizer, [r], [s], max_new_tokens, top_k)[0] for r, s in zip(rows, seeds)]
     device = next(model.parameters()).device
@@ -94,9 +94,9 @@ def sample_topk(model: nn.Module, tokenizer, rows: Sequence[Sequence[int]], seed
             if all(done) or step == max_new_tokens - 1:
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
-            ids = torch.cat([ids, tok], dim=-1)
             cache = _cache_of(out)
             if cache is None:   # a model whose cache is not a key-value cache (RWKV's state): the whole row again
+                ids = torch.cat([ids, tok], dim=-1)
                 full = {"position_ids": (mask.cumsum(-1) - 1).clamp(min=0)} if takes_positions else {}
                 out = model(input_ids=ids, attention_mask=mask, use_cache=False, **full)
             else:

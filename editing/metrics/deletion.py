@@ -24,6 +24,7 @@ from typing import Mapping, Sequence
 
 import torch
 
+from editing.arch import is_recurrent
 from editing.requests import DeletionRequest, TranslationProbe
 
 
@@ -58,9 +59,7 @@ def generate_outputs(model, tokenizer, sources: Sequence[str], max_new_tokens: i
                      batch_size: int = 32) -> list[str]:
     """Greedy outputs for ``sources`` (causal LMs: the continuation only), in padded batches (one source at a time
     for recurrent models, :data:`editing.arch.RECURRENT_TYPES`: their state would carry the padding)."""
-    from editing.arch import RECURRENT_TYPES
-
-    if getattr(model.config, "model_type", None) in RECURRENT_TYPES:
+    if is_recurrent(model):
         batch_size = 1
     outs: list[str] = []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

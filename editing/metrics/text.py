@@ -23,6 +23,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from editing.arch import is_recurrent
+
 _WORD = re.compile(r"\w+|[^\w\s]")
 
 
@@ -123,9 +125,7 @@ def greedy_generate(model: nn.Module, tokenizer, prompts: Sequence[str], max_new
                     batch_size: int = 16) -> list[str]:
     """Greedy continuations of ``prompts`` (the continuation only, decoded), left-padded batches (one prompt at a
     time for recurrent models, :data:`editing.arch.RECURRENT_TYPES`: their state would carry the padding)."""
-    from editing.arch import RECURRENT_TYPES
-
-    if getattr(model.config, "model_type", None) in RECURRENT_TYPES:
+    if is_recurrent(model):
         batch_size = 1
     device = _device(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
