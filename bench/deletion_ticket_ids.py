@@ -11,10 +11,10 @@ before the next, the editor state carried), as the demo's deletion line does wit
 (``seed0`` … or the ``--ids`` given, e.g. a demo's stamp) and per ``--salts`` value (the editor's ``draw_salt``:
 another draw; the default, no salt, is the editor's own), and prints per ticket the demo line's three gates
 (``editing.gates.deletion_gates``, as the flow calls it,
-with the default ``GateThresholds``): ``deletion_gone``
+with a deletion line's default ``GateThresholds``): ``deletion_gone``
 (the instance no longer gives the unwanted span, bar 1.0), ``unrelated_unchanged`` (the ticket's own locality
 sentences translated exactly as by the base model, bar 0.9) and ``retention`` (the earlier tickets' instances still
-gone, bar 0.8; none for the first). Every ticket's delta is applied whether or not it passes, so a later ticket's
+gone, bar 1.0 on a deletion line; none for the first). Every ticket's delta is applied whether or not it passes, so a later ticket's
 figure is after all earlier ones (the demo leaves a rejected one out).
 """
 from __future__ import annotations
@@ -53,7 +53,7 @@ def main() -> None:
     from editing.metrics.deletion import cache_base_outputs
     from editing.models import load
 
-    gates = GateThresholds()
+    gates = GateThresholds.from_dict({}, kind="deletion")
     lm = load(a.model)
     model, tok = lm.model, lm.tokenizer
     requests = read_deletion_requests(a.requests)[: a.first]

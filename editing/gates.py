@@ -16,7 +16,9 @@ fact tickets
 deletion tickets
   - ``deletion_gone`` (per ticket): the unwanted span is gone from the source's output.
   - ``unrelated_unchanged`` (batch): share of unrelated sources translated exactly as by BASE.
-  - ``retention`` (batch): share of earlier deletions still gone.
+  - ``retention`` (batch): share of earlier deletions still gone. Its default is 1.0 on deletion lines
+    (:data:`KIND_DEFAULTS`): a deletion that brings back an earlier one (an offensive word, say) fails its batch.
+    Fact lines keep 0.8: there an earlier edit eroding a little is what sequential editing trades.
 
 A gate whose metric cannot be computed (no paraphrases, no held-out text, no
 earlier edits) is recorded as ``skipped`` and does not fail the batch.
@@ -32,7 +34,9 @@ from editing.requests import DeletionRequest, FactRequest
 
 @dataclass
 class GateThresholds:
-    """Minimum shares (0-1) and maximum drift a batch must meet (see module docstring)."""
+    """Minimum shares (0-1) and maximum drift a batch must meet (see module docstring). The field defaults are a
+    fact line's; :meth:`from_dict` with ``kind`` applies a line kind's own (:data:`KIND_DEFAULTS`) under the
+    configured values."""
 
     efficacy: float = 1.0
     paraphrase: float = 0.0
@@ -43,7 +47,8 @@ class GateThresholds:
     unrelated_unchanged: float = 0.9
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None) -> "GateThresholds":
+    def from_dict(cls, d: Mapping[str, Any] | None, kind: str = "fact") -> "GateThresholds":
+        """Thresholds configured for a line of ``kind``: its kind's defaults, then the values given in ``d``."""
         from editing.errors import EditopsError
 
         d = dict(d or {})
@@ -51,7 +56,11 @@ class GateThresholds:
         unknown = sorted(set(d) - known)
         if unknown:
             raise EditopsError(f"unknown gate(s) {unknown}; known gates: {sorted(known)}")
-        return cls(**{k: float(v) for k, v in d.items()})
+        return cls(**{**KIND_DEFAULTS.get(kind, {}), **{k: float(v) for k, v in d.items()}})
+
+
+# a line kind's defaults where they differ from the field defaults (module docstring)
+KIND_DEFAULTS: dict[str, dict[str, float]] = {"deletion": {"retention": 1.0}}
 
 
 @dataclass

@@ -179,7 +179,7 @@ def load_config(path: str | os.PathLike | None = None, *, workdir: str | os.Path
             raise ConfigError(f"line {name!r}: 'base_model' is required (a model directory or hub id)")
         spec["base_model"] = _resolve(root, str(spec["base_model"]))
         try:
-            spec["gates"] = GateThresholds.from_dict(spec.get("gates"))
+            spec["gates"] = GateThresholds.from_dict(spec.get("gates"), kind=str(spec.get("kind", "fact")))
         except EditopsError as exc:
             raise ConfigError(f"line {name!r}: {exc}") from exc
         allowed_req = spec.get("allowed_requesters", ["*"])

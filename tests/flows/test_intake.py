@@ -100,3 +100,19 @@ def test_config_errors(tmp_path):
     p.write_text("lines:\n  a:\n    base_model: x\n    promotion: sometimes\n")
     with pytest.raises(ConfigError, match="promotion"):
         load_config(p)
+
+
+def test_a_deletion_line_fails_a_batch_that_brings_an_earlier_deletion_back(tmp_path):
+    """Retention defaults to 1.0 on deletion lines (0.8 on fact lines); a configured value still wins."""
+    p = tmp_path / "editops.yaml"
+    p.write_text("lines:\n  mt:\n    base_model: x\n    kind: deletion\n  facts:\n    base_model: y\n"
+                 "  mt_lenient:\n    base_model: x\n    kind: deletion\n    gates: {retention: 0.9}\n")
+    lines = load_config(p).lines
+    assert lines["mt"].gates.retention == 1.0
+    assert lines["facts"].gates.retention == 0.8
+    assert lines["mt_lenient"].gates.retention == 0.9
+    # one earlier deletion in ten back: the fact default would pass it, the deletion default does not
+    from editing.gates import GateResult
+
+    assert GateResult("retention", "batch", 0.9, lines["facts"].gates.retention).passed
+    assert not GateResult("retention", "batch", 0.9, lines["mt"].gates.retention).passed
