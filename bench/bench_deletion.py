@@ -89,7 +89,7 @@ def main() -> None:
         tickets.append({"request_id": r.request_id, "succeeded": d.succeeded,
                         **{k: v for k, v in d.extra.items() if k in (
                             "site", "lambda_gain", "value_tried", "lambda_trials", "n_variants", "n_negatives",
-                            "n_preserved", "variants_gone", "earlier_variants_gone", "heldout_unchanged",
+                            "n_preserved", "n_validation", "validation_gone", "trigger", "trigger_trace", "variants_gone", "earlier_variants_gone", "heldout_unchanged",
                             "why_fallback", "nothing_to_delete")}})
     final = evaluate_deletions(model, tok, requests, base, unrelated=test)
     total = time.time() - t0

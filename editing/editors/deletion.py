@@ -14,7 +14,10 @@ Per request:
    positive prefix); ``u`` is the token the model prefers there, ``p`` the positive
    token; margin ``m = log P(u) − log P(p)`` at ``t``.
 2. **Trigger.** Each source token is replaced by ``<unk>`` in turn; the one whose
-   corruption lowers ``m`` most is the trigger token.
+   corruption lowers ``m`` most is the trigger token, unless it yields fewer than half of
+   ``n_variants`` variants (step 3): then the next ``trigger_candidates`` tokens of that trace and
+   the first ``trigger_candidates`` by the drop of ``log P(u)`` alone are tried, and the one yielding
+   most variants is the trigger.
 3. **Self-generated variants** (``n_variants``; the single positive plus automatic
    variation). The *rewrite* is read off the one positive: the word-level diff of the
    greedy output and the positive around the unwanted span (``rizor → kabu``,
@@ -24,6 +27,8 @@ Per request:
    its output shows the unwanted span once; its positive is its own output with the
    rewrite applied. No user data beyond the one example is needed. The order the statistics
    sentences are drawn in is seeded by the request's content, not its id (:func:`_draw_seed`).
+   Up to ``validation_variants`` further variants, from later sentences of the same draw,
+   are never fitted: they judge whether a site's write generalises (step 5).
 4. **Trace** (where is the behaviour decided? measured, never hard-coded). The MLP
    output of each layer at the trigger token (source stack) and of each decoder layer
    at the decision position is patched with that layer's mean output on the
@@ -38,7 +43,10 @@ Per request:
    ``NLL(positive) + unlikelihood(u at t)`` on the instance plus the same averaged over
    the variants, ``+ kl_weight · KL(base ‖ edited)`` on ``kl_sentences`` statistics
    sentences ``+ weight_decay · ‖δ‖²/‖v‖²``. The first site where the instance reaches
-   ``margin`` and at least ``variant_accept`` of the variants flip is edited.
+   ``margin``, at least ``variant_accept`` of the variants flip, and (after the site's own λ
+   rule, step 7) at least ``variant_accept`` of the validation variants lose the span is
+   edited; when none does, the best by (margin reached, λ rule met, some λ fixing the instance,
+   fitted variants flipped, validation variants deleted where the λ rule was met, locality).
 6. **Write** per edited weight, with keys ``K`` and residuals ``R = δ`` of all requests
    on it: ``ΔW = R Kᵀ (λ C0 + C_edits + K Kᵀ)⁻¹`` (MEMIT's solve,
    :func:`editing.editors.solve.memit_factors`), stored as rank-≤-n factors in a
@@ -190,8 +198,11 @@ class RankOneDeletionEditor:
     kl_sentences: int = 16
     n_variants: int = 8                                # self-generated variants of each request (0: instance only)
     variant_pool: int = 4                              # candidate sentences tried per wanted variant
+    trigger_candidates: int = 2                        # further tokens of each trigger trace tried when the first
+                                                       # yields few variants (0: the first only)
     variant_weight: float = 1.0                        # weight of the variants' mean loss beside the instance's
     variant_accept: float = 0.75                       # share of variants a site's value must flip
+    validation_variants: int = 8                       # further variants, never fitted, that choose among sites
     variant_gain: float = 16.0                         # λ = s̄ / variant_gain while optimising the value
     n_negatives: int = 32                              # statistics sentences whose output shows the span legitimately
     negative_weight: float = 1.0                       # weight of their preservation loss
@@ -267,9 +278,10 @@ class RankOneDeletionEditor:
         logits = model(**self._inputs(model, 0, exs), **no_cache(model)).logits
         return [logits[i, e.offset: e.offset + len(e.targets)] for i, e in enumerate(exs)]
 
-    def _margin(self, model, ex: _Example) -> float:
+    def _margin(self, model, ex: _Example, unwanted_only: bool = False) -> float:
+        """``log P(u) − log P(p)`` at the decision position (``unwanted_only``: ``log P(u)``)."""
         lp = torch.log_softmax(self._forward(model, ex)[ex.decision].float(), -1)
-        return float(lp[ex.unwanted_tok] - lp[ex.targets[ex.decision]])
+        return float(lp[ex.unwanted_tok] - (0.0 if unwanted_only else lp[ex.targets[ex.decision]]))
 
     def _prepare(self, model, tokenizer, req: DeletionRequest) -> _Example:
         from editing.editors.keys import max_context
@@ -473,10 +485,12 @@ class RankOneDeletionEditor:
         return ex.offset + 1
 
     @torch.no_grad()
-    def trigger_trace(self, model, tokenizer, ex: _Example) -> list[tuple[int, float]]:
+    def trigger_trace(self, model, tokenizer, ex: _Example, unwanted_only: bool = False) -> list[tuple[int, float]]:
         """Corrupt each source token in turn (replace it by ``<unk>``/pad) and measure the drop of the margin
-        ``log P(u) − log P(p)`` at the decision position; the largest drop marks the trigger token."""
-        base = self._margin(model, ex)
+        ``log P(u) − log P(p)`` at the decision position; the largest drop marks the trigger token. With
+        ``unwanted_only`` the drop of ``log P(u)`` alone: corrupting the trigger can lower ``P(p)`` as much as
+        ``P(u)`` (the positive word is the trigger's own translation), which hides it from the margin."""
+        base = self._margin(model, ex, unwanted_only)
         corrupt = tokenizer.unk_token_id if tokenizer.unk_token_id is not None else (
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
         out = []
@@ -489,7 +503,7 @@ class RankOneDeletionEditor:
                 ids = ex.dec_ids.clone()
                 ids[0, i] = corrupt
                 alt = replace(ex, dec_ids=ids)
-            out.append((i, base - self._margin(model, alt)))
+            out.append((i, base - self._margin(model, alt, unwanted_only)))
         out.sort(key=lambda e: -e[1])
         return out
 
@@ -524,14 +538,18 @@ class RankOneDeletionEditor:
 
     # ------------------------------------------------------------ variants
     @torch.no_grad()
-    def _variants(self, model, tokenizer, ex: _Example, state: EditorState) -> list[_Example]:
-        """Self-generated variants of ``ex`` (module docstring, step 3), at most ``n_variants``."""
+    def _variants(self, model, tokenizer, ex: _Example, state: EditorState
+                  ) -> tuple[list[_Example], list[_Example]]:
+        """Self-generated variants of ``ex`` (module docstring, step 3): ``(fitted, validation)``. The fitted
+        ones (at most ``n_variants``) come from the first ``n_variants · variant_pool`` sentences of the draw, the
+        validation ones (at most ``validation_variants``) from the rest of it and whatever the first part had
+        left over; the value never sees them, they only choose among sites (step 5)."""
         if self.n_variants <= 0:
-            return []
+            return [], []
         req = ex.request
         rw = rewrite_of(ex.greedy, req.positive, req.unwanted)
         if rw is None:
-            return []
+            return [], []
         seq2seq = ex.enc_ids is not None
         src_ids = (ex.enc_ids if seq2seq else ex.dec_ids)[0]
         token = int(src_ids[ex.trigger])
@@ -551,10 +569,11 @@ class RankOneDeletionEditor:
             j = max(cand, key=lambda j: float(sim[ids[j]]))
             ids[j] = token
             texts.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
-            if len(texts) >= self.n_variants * self.variant_pool:
+            if len(texts) >= (self.n_variants + self.validation_variants) * self.variant_pool:
                 break
         outs = generate_outputs(model, tokenizer, texts, self.max_new_tokens)
-        variants = []
+        fitted_pool = self.n_variants * self.variant_pool
+        variants, validation = [], []
         for i, (text, out) in enumerate(zip(texts, outs)):
             positive = apply_rewrite(out, rw, req.unwanted)
             if not positive or positive.strip() == req.unwanted.strip():
@@ -568,10 +587,10 @@ class RankOneDeletionEditor:
             if ids.count(token) != 1 or not self._decide(model, v, out):
                 continue
             v.trigger = ids.index(token)
-            variants.append(v)
-            if len(variants) >= self.n_variants:
+            (variants if i < fitted_pool and len(variants) < self.n_variants else validation).append(v)
+            if len(variants) >= self.n_variants and len(validation) >= self.validation_variants:
                 break
-        return variants
+        return variants, validation[: self.validation_variants]
 
     @torch.no_grad()
     def _negatives(self, model, tokenizer, ex: _Example, state: EditorState) -> list[_Example]:
@@ -759,25 +778,73 @@ class RankOneDeletionEditor:
             loc = min(loc, sum(a == b for a, b in neg) / len(neg))
         return inst, ok, share, loc, old
 
+    @torch.no_grad()
+    def _gone_under(self, model, tokenizer, factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                    exs: Sequence[_Example]) -> float:
+        """Share of ``exs`` whose greedy output no longer shows their unwanted span with ``factors`` installed."""
+        with ForwardPatch() as p:
+            for w, (u, v) in factors.items():
+                p.add_lowrank(get_module(model, w[: -len(".weight")]), u, v)
+            outs = generate_outputs(model, tokenizer, [e.request.source for e in exs], self.max_new_tokens)
+        return sum(not contains_span(o, e.request.unwanted) for o, e in zip(outs, exs)) / len(exs)
+
+    def _accepted(self, t: dict) -> bool:
+        """A tried site that ends the search: its λ scan is good and it deletes ``variant_accept`` of the fitted
+        variants and of the validation variants."""
+        return t["good"] and t["share"] >= self.variant_accept and t["val"] >= self.variant_accept
+
+    def _rank(self, t: dict) -> tuple:
+        """Order of tried sites when none was accepted: instance margin reached, λ scan good, some λ of the scan
+        fixed the instance (the hard bar), fitted variants flipped, then (among sites whose λ scan is good, all
+        within the locality floor) the validation variants' gone share, then fitted share, locality and margin.
+        A site that broke the λ rule is never preferred for its validation share: that would trade held-out
+        locality for generalisation."""
+        return (t["margin"] >= self.margin, t["good"], t["fixed"], t["share"] >= self.variant_accept,
+                t["val"] if t["good"] else 0.0, t["share"], t["loc"], t["margin"])
+
+    def _trigger(self, model, tokenizer, ex: _Example, state: EditorState, trig: list[tuple[int, float]]
+                 ) -> tuple[list[_Example], list[_Example]]:
+        """Set ``ex.trigger`` and return its variants ``(fitted, validation)``. The trace's first token is the
+        trigger unless it carries the behaviour into fewer than half of ``n_variants`` new sentences; then the next
+        tokens of the trace that lower the margin, and the tokens whose corruption lowers ``log P(u)`` most
+        (:meth:`trigger_trace` with ``unwanted_only``), up to ``trigger_candidates`` of each, are tried and the one
+        with the most fitted variants (then validation variants, then that order) is kept: a token whose corruption
+        lowers the margin but whose substitution elsewhere does not bring the behaviour (an article beside the real
+        trigger) is not the trigger."""
+        ex.trigger = trig[0][0]
+        best = (ex.trigger, *self._variants(model, tokenizer, ex, state))
+        if len(best[1]) * 2 < self.n_variants:
+            k = self.trigger_candidates
+            tried = {ex.trigger}
+            for pos, effect in trig[1: 1 + k] + (self.trigger_trace(model, tokenizer, ex, True)[:k] if k else []):
+                if effect <= 0 or pos in tried:
+                    continue
+                tried.add(pos)
+                ex.trigger = pos
+                fitted, validation = self._variants(model, tokenizer, ex, state)
+                if (len(fitted), len(validation)) > (len(best[1]), len(best[2])):
+                    best = (pos, fitted, validation)
+        ex.trigger = best[0]
+        return best[1], best[2]
+
     def _locate(self, model, tokenizer, spec, ex: _Example, state: EditorState, requests) -> dict:
         """Trigger, variants, trace; then try the candidate sites in order and keep the first whose joint value
         reaches ``margin`` on the instance and flips ``variant_accept`` of the variants."""
         trig = self.trigger_trace(model, tokenizer, ex)
-        ex.trigger = trig[0][0]
-        variants = self._variants(model, tokenizer, ex, state)
+        variants, validation = self._trigger(model, tokenizer, ex, state, trig)
         negatives = self._negatives(model, tokenizer, ex, state)
         preserved = self._preserved(model, tokenizer, state, [ex])
         effects = self.trace(model, spec, ex, state, None, variants)
-        tried = self._try_sites(model, tokenizer, spec, ex, state, requests, effects, variants, negatives, preserved)
+        tried = self._try_sites(model, tokenizer, spec, ex, state, requests, effects, variants, negatives, preserved,
+                                validation)
         return self._pick(tried, ex, trig, effects, variants, negatives, model, tokenizer, spec, state, requests,
-                          preserved)
+                          preserved, validation)
 
     def _locate_sites(self, model, tokenizer, spec, ex, state, requests, effects, variants, negatives,
-                      preserved=()) -> dict:
-        tried = self._try_sites(model, tokenizer, spec, ex, state, requests, effects, variants, negatives, preserved)
-        last = tried[-1]
-        best = last if last["good"] else max(
-            tried, key=lambda t: (t["margin"] >= self.margin, t["good"], t["share"], t["loc"], t["margin"]))
+                      preserved=(), validation=()) -> dict:
+        tried = self._try_sites(model, tokenizer, spec, ex, state, requests, effects, variants, negatives, preserved,
+                                validation)
+        best = tried[-1] if self._accepted(tried[-1]) else max(tried, key=self._rank)
         best["variants"] = variants
         return best
 
@@ -789,9 +856,11 @@ class RankOneDeletionEditor:
         return self._keys(model, spec, exs, site, every=True) * strength ** 0.5
 
     def _try_sites(self, model, tokenizer, spec, ex, state, requests, effects, variants, negatives,
-                   preserved=()) -> list[dict]:
+                   preserved=(), validation=()) -> list[dict]:
         """Value (and, when it reaches the margin, the site's own λ scan) at each candidate site in order,
-        until one deletes the instance and ``variant_accept`` of the variants within the locality floor."""
+        until one deletes the instance and ``variant_accept`` of the fitted variants within the locality floor,
+        and ``variant_accept`` of the ``validation`` variants (never fitted: a site whose write does not follow the
+        trigger into new sentences is passed over for the next)."""
         tried = []
         for site, effect in effects:
             keys = self._keys(model, spec, [ex, *variants], site)
@@ -802,7 +871,7 @@ class RankOneDeletionEditor:
                                                      negatives, torch.cat(hold) if hold else None, preserved)
             t = {"site": site, "effect": effect, "keys": keys, "delta": delta, "loss": loss,
                  "margin": margin, "share": share, "neg_keys": neg_keys, "pres_keys": pres_keys, "good": False, "loc": 0.0,
-                 "earlier": 1.0}
+                 "earlier": 1.0, "val": 0.0 if validation else 1.0, "fixed": False}
             tried.append(t)
             if margin < self.margin or share < self.variant_accept:
                 continue
@@ -815,31 +884,34 @@ class RankOneDeletionEditor:
             _, held, held_base = state.meta["_heldout_for"]
             _, _, chosen = self._scan(model, tokenizer, requests, state, {weight: items}, [ex], variants, held, held_base,
                                       {weight: pres_keys} if pres_keys is not None else {}, preserved)
-            t.update(good=chosen["good"], share=chosen["share"], loc=chosen["loc"], earlier=chosen["earlier"])
-            if chosen["good"] and chosen["share"] >= self.variant_accept:
+            t.update(good=chosen["good"], share=chosen["share"], loc=chosen["loc"], earlier=chosen["earlier"],
+                     fixed=all(chosen["ok"]))
+            if validation:
+                t["val"] = self._gone_under(model, tokenizer, chosen["factors"], validation)
+            if self._accepted(t):
                 break
         return tried
 
     def _pick(self, tried, ex, trig, effects, variants, negatives, model, tokenizer, spec, state, requests,
-              preserved=()) -> dict:
+              preserved=(), validation=()) -> dict:
         if (variants or negatives) and not any(t["margin"] >= self.margin for t in tried):
             # no site can serve the instance and its variants at once: the instance is the hard bar, so fall
             # back to the instance alone (the original single-example edit, no variants or negatives)
-            best = self._locate_sites(model, tokenizer, spec, ex, state, requests, effects, [], [])
+            best = self._locate_sites(model, tokenizer, spec, ex, state, requests, effects, [], [], (), validation)
             negatives = []
             best["why_fallback"] = [(asdict(t["site"]), round(t["margin"], 3), round(t["share"], 3)) for t in tried]
             tried = tried + [best]
         else:
-            last = tried[-1]
-            best = last if last["good"] and last["share"] >= self.variant_accept else max(
-                tried, key=lambda t: (t["margin"] >= self.margin, t["good"], t["share"], t["loc"], t["margin"]))
+            best = tried[-1] if self._accepted(tried[-1]) else max(tried, key=self._rank)
             best["variants"] = variants
         variants = best["variants"]
-        best["why"] = {"trigger_trace": [(i, round(e, 4)) for i, e in trig[:3]],
+        best["why"] = {"trigger_trace": [(i, round(e, 4)) for i, e in trig[:3]], "trigger": ex.trigger,
                        "trace": [(asdict(s), round(e, 4)) for s, e in effects],
                        "n_variants": len(variants), "n_negatives": len(negatives), "n_preserved": len(preserved),
+                       "n_validation": len(validation), "validation_gone": best["val"],
                        "value_tried": [(asdict(t["site"]), round(t["margin"], 3), round(t["share"], 3),
-                                        round(t["loc"], 4)) for t in tried]}
+                                        round(t["loc"], 4), round(t["val"], 3), t["good"], t["fixed"])
+                                       for t in tried]}
         return best
 
     def edit(self, model: nn.Module, tokenizer, requests: Sequence[DeletionRequest],

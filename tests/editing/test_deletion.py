@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from editing.editors import get_editor
+from editing.arch import spec_for
 from editing.editors.base import EditorState
 from editing.editors.deletion import RankOneDeletionEditor
 from editing.editors.deletion_corpus import training_corpus_for
@@ -264,3 +265,110 @@ def test_the_same_request_under_another_id_gives_the_same_edit(tiny_corpus, tiny
     assert any(not torch.equal(a, b) for n in first.delta.weight_names if n in other.delta.factors
                for a, b in zip(first.delta.factors[n], other.delta.factors[n])) or \
         first.delta.weight_names != other.delta.weight_names
+
+
+@pytest.mark.slow
+def test_validation_variants_choose_the_site_and_are_never_fitted(tiny_corpus, tiny_marian):
+    """Variants beyond ``n_variants`` come from later sentences of the same draw and only judge sites: the fitted
+    variants are the ones drawn without them, a site is kept only when its write also deletes the span from them
+    (else the best of the tried sites by them), and at a given site the delta is the one computed without them."""
+    model, tok, _ = tiny_marian
+    req = tiny_corpus.requests[0]
+    stats = [s for s, _ in tiny_corpus.train[:200]]
+    with_val = RankOneDeletionEditor(stats_sources=stats, stats_dir=None)
+    without = RankOneDeletionEditor(stats_sources=stats, stats_dir=None, validation_variants=0)
+    assert with_val.validation_variants > 0
+    ex = with_val._prepare(model, tok, req)
+    assert with_val._decision(model, tok, ex)
+    ex.trigger = with_val.trigger_trace(model, tok, ex)[0][0]
+    state = with_val._init_state(model, tok, spec_for(model), [req], None)
+    fitted, validation = with_val._variants(model, tok, ex, state)
+    fitted0, validation0 = without._variants(model, tok, ex, state)
+    assert [v.request.source for v in fitted] == [v.request.source for v in fitted0] and not validation0
+    assert validation and not {v.request.source for v in validation} & {v.request.source for v in fitted}
+
+    d = with_val.edit(model, tok, [req]).diagnostics[0]
+    assert d.succeeded, d.message
+    assert d.extra["n_validation"] == len(validation)
+    tried = d.extra["value_tried"]   # (site, margin, fitted share, locality, validation share, λ rule met, instance fixed)
+    assert all(0.0 <= t[4] <= 1.0 for t in tried)
+    chosen = [t for t in tried if t[0] == d.extra["site"]][-1]
+    assert chosen[4] == pytest.approx(d.extra["validation_gone"], abs=1e-3)
+    accept = with_val.variant_accept
+    passed = [t for t in tried if t[5] and t[2] >= accept]      # λ rule met, fitted variants deleted
+    if chosen[5] and chosen[2] >= accept and chosen[4] >= accept:
+        # accepted: the search stopped there, past every earlier site whose write missed the validation variants
+        assert chosen is tried[-1] and all(t[4] < accept for t in passed[:-1])
+    elif passed:
+        # none accepted: the best of the sites that met the λ rule, by the validation variants
+        assert chosen[5] and chosen[4] == max(t[4] for t in passed)
+
+    # the validation variants never enter the fit: at the chosen site alone the delta is the one made without them
+    site = d.extra["site"]
+    only = dict(layers=(site["layer"],), stacks=(site["stack"],))
+    a = RankOneDeletionEditor(stats_sources=stats, stats_dir=None, **only).edit(model, tok, [req])
+    b = RankOneDeletionEditor(stats_sources=stats, stats_dir=None, validation_variants=0, **only).edit(model, tok, [req])
+    assert a.diagnostics[0].extra["site"] == b.diagnostics[0].extra["site"] == site
+    assert a.delta.weight_names == b.delta.weight_names
+    for name in a.delta.weight_names:
+        assert all(torch.equal(x, y) for x, y in zip(a.delta.factors[name], b.delta.factors[name]))
+
+
+def test_site_order_puts_the_lambda_rule_before_the_validation_share():
+    """Among tried sites none of which was accepted: a site that met the λ rule (locality floor, earlier deletions
+    kept) wins over one that generalises better to the validation variants but broke it; among sites that met it,
+    the validation share decides; among sites that broke it, one whose scan fixed the instance comes first; a site
+    is accepted only when fitted and validation variants both pass."""
+    ed = RankOneDeletionEditor(stats_dir=None)
+
+    def tried(good, val, share=1.0, loc=0.995, margin=3.0, fixed=True):
+        return {"good": good, "val": val, "share": share, "loc": loc, "margin": margin, "fixed": fixed}
+
+    broke_rule = tried(False, 1.0, loc=0.90)
+    kept_rule = tried(True, 0.25)
+    assert max([broke_rule, kept_rule], key=ed._rank) is kept_rule
+    better = tried(True, 0.625, loc=0.991)
+    assert max([kept_rule, better], key=ed._rank) is better
+    # without a good site the old order holds: fitted share, then locality (the validation share is not read)
+    a, b = tried(False, 1.0, loc=0.95), tried(False, 0.0, loc=0.98)
+    assert max([a, b], key=ed._rank) is b
+    # ... but a site where some λ fixed the instance comes first (the instance is the hard bar)
+    unfixed = tried(False, 0.0, loc=0.99, fixed=False)
+    assert max([unfixed, a], key=ed._rank) is a
+    assert ed._accepted(tried(True, 0.75)) and not ed._accepted(tried(True, 0.625))
+    assert not ed._accepted(tried(False, 1.0)) and not ed._accepted(tried(True, 1.0, share=0.5))
+
+
+@pytest.mark.slow
+def test_a_trigger_that_carries_the_behaviour_into_few_sentences_is_passed_over(tiny_corpus, tiny_marian):
+    """The trigger trace's first token is the trigger unless its variants are fewer than half of ``n_variants``;
+    then the next traced tokens that lower the margin, and those whose corruption lowers log P(unwanted) most, are
+    tried and the one with the most variants is kept (``trigger_candidates=0``: the first token only)."""
+    model, tok, _ = tiny_marian
+    req = next(r for r in tiny_corpus.requests if r.request_id.endswith("child"))
+    ed = RankOneDeletionEditor(stats_sources=[s for s, _ in tiny_corpus.train[:200]], stats_dir=None)
+    ex = ed._prepare(model, tok, req)
+    assert ed._decision(model, tok, ex)
+    trace = ed.trigger_trace(model, tok, ex)
+    state = ed._init_state(model, tok, spec_for(model), [req], None)
+    real = trace[0][0]
+    assert len(ed._trigger(model, tok, ex, state, trace)[0]) * 2 >= ed.n_variants and ex.trigger == real
+
+    def n_fitted(pos: int) -> int:
+        ex.trigger = pos
+        return len(ed._variants(model, tok, ex, state)[0])
+
+    weak = [pos for pos, _ in trace[1:] if n_fitted(pos) * 2 < ed.n_variants]
+    assert weak, "every token of the sentence carries the behaviour: no weak first candidate to test with"
+    # a trace misled onto a weak token first: the real trigger, second, is found by its variants
+    fitted, validation = ed._trigger(model, tok, ex, state, [(weak[0], 5.0), (real, 0.5)])
+    assert ex.trigger == real and len(fitted) * 2 >= ed.n_variants and validation
+    # the trace by log P(unwanted) alone finds it too (corrupting the trigger can lower the positive word as much)
+    assert ed.trigger_trace(model, tok, ex, unwanted_only=True)[0][0] == real
+    ed._trigger(model, tok, ex, state, [(weak[0], 5.0)])
+    assert ex.trigger == real
+    # trigger_candidates=0: the trace's first token, whatever it yields
+    no_alt = RankOneDeletionEditor(stats_sources=[s for s, _ in tiny_corpus.train[:200]], stats_dir=None,
+                                   trigger_candidates=0)
+    no_alt._trigger(model, tok, ex, state, [(weak[0], 5.0), (real, 0.5)])
+    assert ex.trigger == weak[0]
