@@ -55,7 +55,7 @@ class LineConfig:
     batch_size: int = 8
     allowed_requesters: list[str] = field(default_factory=lambda: ["*"])
     promotion: str = "auto"
-    gates: GateThresholds = field(default_factory=GateThresholds)
+    gates: GateThresholds | None = None   # None: the line kind's defaults (GateThresholds.from_dict({}, kind))
     heldout: str | None = None  # held-out text for perplexity: a file (one text per line), stdlib:N or samples:N
     max_new_tokens: int = 40    # deletion lines: generation length for the gates
     # fact lines whose editor holds a subject's other facts (other_prompts): hold every prompt of the line's applied
@@ -65,6 +65,8 @@ class LineConfig:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ConfigError(f"line {self.name!r}: kind must be one of {KINDS}, not {self.kind!r}")
+        if self.gates is None:
+            self.gates = GateThresholds.from_dict({}, kind=self.kind)
         if self.promotion not in PROMOTION_POLICIES:
             raise ConfigError(f"line {self.name!r}: promotion must be one of {PROMOTION_POLICIES}, not {self.promotion!r}")
         if int(self.batch_size) < 1:

@@ -203,6 +203,7 @@ class RankOneDeletionEditor:
     variant_weight: float = 1.0                        # weight of the variants' mean loss beside the instance's
     variant_accept: float = 0.75                       # share of variants a site's value must flip
     validation_variants: int = 8                       # further variants, never fitted, that choose among sites
+                                                       # (none when n_variants is 0)
     variant_gain: float = 16.0                         # λ = s̄ / variant_gain while optimising the value
     n_negatives: int = 32                              # statistics sentences whose output shows the span legitimately
     negative_weight: float = 1.0                       # weight of their preservation loss
@@ -230,6 +231,9 @@ class RankOneDeletionEditor:
             self.stats_sources = tuple(self.stats_sources)
         if self.on_nothing_to_delete not in ("raise", "skip"):
             raise ValueError("on_nothing_to_delete must be 'raise' or 'skip'")
+        for name in ("n_variants", "validation_variants", "trigger_candidates"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"{name} must be ≥ 0, not {getattr(self, name)}")
 
     @property
     def hyperparameters(self) -> dict[str, Any]:
@@ -571,8 +575,10 @@ class RankOneDeletionEditor:
             texts.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
             if len(texts) >= (self.n_variants + self.validation_variants) * self.variant_pool:
                 break
-        outs = generate_outputs(model, tokenizer, texts, self.max_new_tokens)
         fitted_pool = self.n_variants * self.variant_pool
+        # the fitted part alone in its own call: its batches are what they were without validation variants
+        outs = generate_outputs(model, tokenizer, texts[:fitted_pool], self.max_new_tokens) + (
+            generate_outputs(model, tokenizer, texts[fitted_pool:], self.max_new_tokens) if texts[fitted_pool:] else [])
         variants, validation = [], []
         for i, (text, out) in enumerate(zip(texts, outs)):
             positive = apply_rewrite(out, rw, req.unwanted)
@@ -808,12 +814,12 @@ class RankOneDeletionEditor:
         trigger unless it carries the behaviour into fewer than half of ``n_variants`` new sentences; then the next
         tokens of the trace that lower the margin, and the tokens whose corruption lowers ``log P(u)`` most
         (:meth:`trigger_trace` with ``unwanted_only``), up to ``trigger_candidates`` of each, are tried and the one
-        with the most fitted variants (then validation variants, then that order) is kept: a token whose corruption
+        with the most fitted variants (first in that order on a tie) is kept: a token whose corruption
         lowers the margin but whose substitution elsewhere does not bring the behaviour (an article beside the real
         trigger) is not the trigger."""
         ex.trigger = trig[0][0]
         best = (ex.trigger, *self._variants(model, tokenizer, ex, state))
-        if len(best[1]) * 2 < self.n_variants:
+        if len(best[1]) * 2 < self.n_variants and rewrite_of(ex.greedy, ex.request.positive, ex.request.unwanted):
             k = self.trigger_candidates
             tried = {ex.trigger}
             for pos, effect in trig[1: 1 + k] + (self.trigger_trace(model, tokenizer, ex, True)[:k] if k else []):
@@ -822,14 +828,15 @@ class RankOneDeletionEditor:
                 tried.add(pos)
                 ex.trigger = pos
                 fitted, validation = self._variants(model, tokenizer, ex, state)
-                if (len(fitted), len(validation)) > (len(best[1]), len(best[2])):
+                if len(fitted) > len(best[1]):       # the validation variants never choose what is fitted
                     best = (pos, fitted, validation)
         ex.trigger = best[0]
         return best[1], best[2]
 
     def _locate(self, model, tokenizer, spec, ex: _Example, state: EditorState, requests) -> dict:
         """Trigger, variants, trace; then try the candidate sites in order and keep the first whose joint value
-        reaches ``margin`` on the instance and flips ``variant_accept`` of the variants."""
+        reaches ``margin`` on the instance and flips ``variant_accept`` of the variants, and whose write (after its λ
+        rule) deletes the span from ``variant_accept`` of the validation variants (:meth:`_try_sites`)."""
         trig = self.trigger_trace(model, tokenizer, ex)
         variants, validation = self._trigger(model, tokenizer, ex, state, trig)
         negatives = self._negatives(model, tokenizer, ex, state)

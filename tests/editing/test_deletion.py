@@ -372,3 +372,21 @@ def test_a_trigger_that_carries_the_behaviour_into_few_sentences_is_passed_over(
                                    trigger_candidates=0)
     no_alt._trigger(model, tok, ex, state, [(weak[0], 5.0), (real, 0.5)])
     assert ex.trigger == weak[0]
+
+
+@pytest.mark.slow
+def test_a_site_whose_write_misses_the_validation_variants_is_passed_over(tiny_corpus, tiny_marian, monkeypatch):
+    """The search stops at the first site that meets the λ rule only when its write also deletes the validation
+    variants: judged (by a stand-in for the editor's own generation check) to delete none, it goes on to the other
+    sites and keeps the best of them."""
+    model, tok, _ = tiny_marian
+    req = tiny_corpus.requests[0]
+    stats = [s for s, _ in tiny_corpus.train[:200]]
+    passing = RankOneDeletionEditor(stats_sources=stats, stats_dir=None).edit(model, tok, [req]).diagnostics[0]
+    tried = passing.extra["value_tried"]
+    assert tried[-1][5] and tried[-1][4] >= 0.75, "the real check passed the first site that met the λ rule"
+    monkeypatch.setattr(RankOneDeletionEditor, "_gone_under", lambda self, *args: 0.0)
+    missing = RankOneDeletionEditor(stats_sources=stats, stats_dir=None).edit(model, tok, [req]).diagnostics[0]
+    assert missing.succeeded, missing.message
+    assert len(missing.extra["value_tried"]) > len(tried)     # went on past the site it stopped at before
+    assert missing.extra["validation_gone"] == 0.0

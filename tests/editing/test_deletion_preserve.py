@@ -61,7 +61,7 @@ def test_later_edit_holds_earlier_tickets_variants(tiny_corpus, tiny_marian):
 
     probe = get_editor("rank-one", **common)
     ex2 = probe._prepare(model, tok, second)
-    ex2.trigger = probe.trigger_trace(model, tok, ex2)[0][0]   # the trigger the edit found, as _locate sets it
+    ex2.trigger = d.extra["trigger"]   # the trigger the edit found
     held_now = probe._preserved(model, tok, res1.state, [ex2])
     assert [h.request.source for h in held_now if h.request.request_id == first.request_id + _INSTANCE] == [first.source]
     assert d.extra["earlier_instances_back"] == []

@@ -116,3 +116,12 @@ def test_a_deletion_line_fails_a_batch_that_brings_an_earlier_deletion_back(tmp_
 
     assert GateResult("retention", "batch", 0.9, lines["facts"].gates.retention).passed
     assert not GateResult("retention", "batch", 0.9, lines["mt"].gates.retention).passed
+    # a line built in code (as the demo builds its lines) gets its kind's defaults too, and keeps them through the file
+    from flows.config import LineConfig, ProjectConfig, write_config
+
+    built = {"mt": LineConfig(name="mt", base_model="x", kind="deletion"), "f": LineConfig(name="f", base_model="y")}
+    assert built["mt"].gates.retention == 1.0 and built["f"].gates.retention == 0.8
+    cfg = ProjectConfig(root=tmp_path, workdir=tmp_path / "wd", lines=built, ledger_url="sqlite://",
+                        tracking_uri="sqlite://", artifact_root=tmp_path / "art")
+    again = load_config(write_config(cfg, tmp_path / "built.yaml")).lines
+    assert again["mt"].gates.retention == 1.0 and again["f"].gates.retention == 0.8
