@@ -808,6 +808,10 @@ class RankOneDeletionEditor:
         return (t["margin"] >= self.margin, t["good"], t["fixed"], t["share"] >= self.variant_accept,
                 t["val"] if t["good"] else 0.0, t["share"], t["loc"], t["margin"])
 
+    def _best(self, tried: list[dict]) -> dict:
+        """The site the search stopped at when it was accepted, else the best tried by :meth:`_rank`."""
+        return tried[-1] if self._accepted(tried[-1]) else max(tried, key=self._rank)
+
     def _trigger(self, model, tokenizer, ex: _Example, state: EditorState, trig: list[tuple[int, float]]
                  ) -> tuple[list[_Example], list[_Example]]:
         """Set ``ex.trigger`` and return its variants ``(fitted, validation)``. The trace's first token is the
@@ -851,7 +855,7 @@ class RankOneDeletionEditor:
                       preserved=(), validation=()) -> dict:
         tried = self._try_sites(model, tokenizer, spec, ex, state, requests, effects, variants, negatives, preserved,
                                 validation)
-        best = tried[-1] if self._accepted(tried[-1]) else max(tried, key=self._rank)
+        best = self._best(tried)
         best["variants"] = variants
         return best
 
@@ -909,7 +913,7 @@ class RankOneDeletionEditor:
             best["why_fallback"] = [(asdict(t["site"]), round(t["margin"], 3), round(t["share"], 3)) for t in tried]
             tried = tried + [best]
         else:
-            best = tried[-1] if self._accepted(tried[-1]) else max(tried, key=self._rank)
+            best = self._best(tried)
             best["variants"] = variants
         variants = best["variants"]
         best["why"] = {"trigger_trace": [(i, round(e, 4)) for i, e in trig[:3]], "trigger": ex.trigger,
