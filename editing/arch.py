@@ -24,6 +24,7 @@ import inspect
 import logging
 import warnings
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -336,15 +337,15 @@ def add_to_weight(module: nn.Module, delta_out_in: torch.Tensor) -> None:
     w.add_(d.to(device=w.device, dtype=w.dtype))
 
 
-def no_cache(model: nn.Module) -> dict[str, bool]:
-    """``{"use_cache": False}`` where ``model.forward`` takes ``use_cache`` (or ``**kwargs``), else ``{}``: the
-    editors' forwards read no cache, and a cached recurrent state (RWKV's) is written in place, which breaks a
+def uncached(model: nn.Module, **inputs: Any) -> Any:
+    """``model(**inputs)`` with ``use_cache=False`` where ``model.forward`` takes it (or ``**kwargs``): the editors'
+    forwards read no key/value cache, and a cached recurrent state (RWKV's) is written in place, which breaks a
     backward pass through it."""
-    return {"use_cache": False} if _takes_use_cache(type(model)) else {}
+    return model(**inputs, **({"use_cache": False} if _takes_use_cache(type(model)) else {}))
 
 
 @functools.lru_cache(maxsize=None)
 def _takes_use_cache(model_class: type) -> bool:
-    """Read once per model class: :func:`no_cache` is called on every forward of the editors' inner loops."""
+    """Read once per model class: :func:`uncached` runs every forward of the editors' inner loops."""
     params = inspect.signature(model_class.forward).parameters
     return "use_cache" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())

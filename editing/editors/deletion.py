@@ -110,7 +110,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from editing.arch import ArchSpec, get_module, no_cache, spec_for
+from editing.arch import ArchSpec, get_module, uncached, spec_for
 from editing.atomic import replace_atomically
 from editing.delta import LowRankDelta
 from editing.editors.base import EditorState, EditResult, RequestDiagnostics
@@ -167,6 +167,14 @@ def _gone_share(outputs: Sequence[str], requests: Sequence[DeletionRequest]) -> 
     if not requests:
         return 1.0
     return sum(not contains_span(o, r.unwanted) for o, r in zip(outputs, requests)) / len(requests)
+
+
+def _tried_record(t: dict) -> dict:
+    """A tried site as the diagnostics report it (``value_tried``, ``why_fallback``): the site, the instance's
+    margin, the fitted variants' flipped share, held-out locality, the validation variants' gone share, whether the
+    site's λ rule was met (``good``) and whether some λ of its scan deleted the instance (``fixed``)."""
+    return {"site": asdict(t["site"]), "margin": round(t["margin"], 3), "share": round(t["share"], 3),
+            "loc": round(t["loc"], 4), "val": round(t["val"], 3), "good": t["good"], "fixed": t["fixed"]}
 
 
 # ------------------------------------------------------------ the editor
@@ -274,12 +282,12 @@ class RankOneDeletionEditor:
         if len(exs) == 1:
             ex = exs[0]
             if ex.enc_ids is not None:
-                out = model(input_ids=ex.enc_ids, attention_mask=torch.ones_like(ex.enc_ids),
-                            decoder_input_ids=ex.dec_ids, **no_cache(model))
+                out = uncached(model, input_ids=ex.enc_ids, attention_mask=torch.ones_like(ex.enc_ids),
+                               decoder_input_ids=ex.dec_ids)
             else:
-                out = model(input_ids=ex.dec_ids, attention_mask=torch.ones_like(ex.dec_ids), **no_cache(model))
+                out = uncached(model, input_ids=ex.dec_ids, attention_mask=torch.ones_like(ex.dec_ids))
             return [out.logits[0, ex.offset: ex.offset + len(ex.targets)]]
-        logits = model(**self._inputs(model, 0, exs), **no_cache(model)).logits
+        logits = uncached(model, **self._inputs(model, 0, exs)).logits
         return [logits[i, e.offset: e.offset + len(e.targets)] for i, e in enumerate(exs)]
 
     def _margin(self, model, ex: _Example, unwanted_only: bool = False) -> float:
@@ -417,7 +425,7 @@ class RankOneDeletionEditor:
             with ForwardPatch() as p:
                 for n in names:
                     p.capture_output(get_module(model, n), store, n)
-                model(**b, **no_cache(model))
+                uncached(model, **b)
             for n in names:
                 dec = ".decoder." in f".{n}." and "decoder_attention_mask" in b
                 m = (b["decoder_attention_mask"] if dec else b["attention_mask"]).bool()
@@ -709,7 +717,7 @@ class RankOneDeletionEditor:
         kl_base = None
         if kl_batch is not None:
             with torch.no_grad():
-                kl_base = torch.log_softmax(model(**kl_batch, **no_cache(model)).logits.float(), -1)
+                kl_base = torch.log_softmax(uncached(model, **kl_batch).logits.float(), -1)
         exs = [ex, *variants, *negatives, *preserved]
         nv, nn_ = len(variants), len(negatives)
         delta = torch.zeros(store["v"].shape[-1], device=device, requires_grad=True)
@@ -726,7 +734,7 @@ class RankOneDeletionEditor:
                     lps = [torch.log_softmax(l.float(), -1) for l in self._forward_many(model, exs)]
                     kl = 0.0
                     if kl_base is not None and self.kl_weight:
-                        lq = torch.log_softmax(model(**kl_batch, **no_cache(model)).logits.float(), -1)
+                        lq = torch.log_softmax(uncached(model, **kl_batch).logits.float(), -1)
                         m = kl_batch.get("decoder_attention_mask", kl_batch["attention_mask"]).bool()
                         kl = (kl_base.exp() * (kl_base - lq)).sum(-1)[m].mean()
                 loss = self._example_loss(lps[0], ex)
@@ -792,7 +800,7 @@ class RankOneDeletionEditor:
             for w, (u, v) in factors.items():
                 p.add_lowrank(get_module(model, w[: -len(".weight")]), u, v)
             outs = generate_outputs(model, tokenizer, [e.request.source for e in exs], self.max_new_tokens)
-        return sum(not contains_span(o, e.request.unwanted) for o, e in zip(outs, exs)) / len(exs)
+        return _gone_share(outs, [e.request for e in exs])
 
     def _accepted(self, t: dict) -> bool:
         """A tried site that ends the search: its λ scan is good and it deletes ``variant_accept`` of the fitted
@@ -910,7 +918,7 @@ class RankOneDeletionEditor:
             # back to the instance alone (the original single-example edit, no variants or negatives)
             best = self._locate_sites(model, tokenizer, spec, ex, state, requests, effects, [], [], (), validation)
             negatives = []
-            best["why_fallback"] = [(asdict(t["site"]), round(t["margin"], 3), round(t["share"], 3)) for t in tried]
+            best["why_fallback"] = [_tried_record(t) for t in tried]
             tried = tried + [best]
         else:
             best = self._best(tried)
@@ -920,9 +928,7 @@ class RankOneDeletionEditor:
                        "trace": [(asdict(s), round(e, 4)) for s, e in effects],
                        "n_variants": len(variants), "n_negatives": len(negatives), "n_preserved": len(preserved),
                        "n_validation": len(validation), "validation_gone": best["val"],
-                       "value_tried": [(asdict(t["site"]), round(t["margin"], 3), round(t["share"], 3),
-                                        round(t["loc"], 4), round(t["val"], 3), t["good"], t["fixed"])
-                                       for t in tried]}
+                       "value_tried": [_tried_record(t) for t in tried]}
         return best
 
     def edit(self, model: nn.Module, tokenizer, requests: Sequence[DeletionRequest],

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from editing.arch import get_module, no_cache, spec_for, weight_view
+from editing.arch import get_module, uncached, spec_for, weight_view
 from editing.delta import LowRankDelta
 from editing.editors.base import EditorState, EditResult, RequestDiagnostics
 from editing.editors.keys import pad_id_of, pad_right, prompt_ids, score_targets, target_ids
@@ -60,7 +60,7 @@ class FineTuneEditor:
             model.eval()
             opt = torch.optim.Adam([m.weight for m in mods], lr=self.lr)
             for _ in range(self.steps):
-                logits = model(input_ids=ids, attention_mask=mask, **no_cache(model)).logits
+                logits = uncached(model, input_ids=ids, attention_mask=mask).logits
                 loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
                                                          labels.reshape(-1), ignore_index=-100)
                 opt.zero_grad(); loss.backward(); opt.step()

@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from editing.arch import get_module, in_out_features, no_cache
+from editing.arch import get_module, in_out_features, uncached
 from editing.delta import LowRankDelta
 from editing.editors.hook_module import (
     HookLayer,
@@ -200,7 +200,7 @@ def hook_firing_rate(model: nn.Module, tokenizer, texts: Sequence[str], batch_si
             enc = {k: v.to(device) for k, v in enc.items()}
             for layer in hs.layers.values():
                 layer.last_fired = None
-            model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], **no_cache(model))
+            uncached(model, input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
             valid = enc["attention_mask"].bool()
             fired = torch.zeros_like(valid)
             for layer in hs.layers.values():
@@ -296,7 +296,7 @@ def _block_outputs_at(model: nn.Module, block_name: str, rows, positions, pad_id
 
     handle = get_module(model, block_name).register_forward_hook(hook)
     try:
-        model(input_ids=ids.to(device), attention_mask=mask.to(device), **no_cache(model))
+        uncached(model, input_ids=ids.to(device), attention_mask=mask.to(device))
     finally:
         handle.remove()
     return got["h"]
@@ -316,7 +316,7 @@ def _sequence_inputs(model: nn.Module, module_names, rows, pad_id: int) -> tuple
             got[name] = args[0].detach().float().cpu()
         handles.append(get_module(model, name).register_forward_pre_hook(pre))
     try:
-        model(input_ids=ids.to(device), attention_mask=mask.to(device), **no_cache(model))
+        uncached(model, input_ids=ids.to(device), attention_mask=mask.to(device))
     finally:
         for h in handles:
             h.remove()

@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from editing.arch import ArchSpec, get_module, no_cache
+from editing.arch import ArchSpec, get_module, uncached
 from editing.errors import EmptyTargetError, HyperparameterError, PromptTooLongError, SubjectNotInPromptError
 
 DEFAULT_CONTEXT_TEMPLATES: tuple[str, ...] = ("{}", "Here is a fact. {}", "I read this today. {}",
@@ -203,7 +203,7 @@ def module_inputs_at(model: nn.Module, module_names: Sequence[str], rows: Sequen
 
         handles = [get_module(model, n).register_forward_pre_hook(make_hook(n)) for n in names]
         try:
-            model(input_ids=ids.to(device), attention_mask=mask.to(device), **no_cache(model))
+            uncached(model, input_ids=ids.to(device), attention_mask=mask.to(device))
         except _StopForward:
             pass
         finally:
@@ -299,7 +299,7 @@ def block_outputs_at(model: nn.Module, spec: ArchSpec, layer: int, rows: Sequenc
 
         handle = block.register_forward_hook(hook)
         try:
-            model(input_ids=ids.to(device), attention_mask=mask.to(device), **no_cache(model))
+            uncached(model, input_ids=ids.to(device), attention_mask=mask.to(device))
         except _StopForward:
             pass
         finally:
@@ -321,7 +321,7 @@ def score_targets(model: nn.Module, tokenizer, prompts: Sequence[str], targets: 
     top, lp = [], []
     for c in range(0, len(rows), chunk):
         ids, mask = pad_right(rows[c:c + chunk], pad_id_of(tokenizer))
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), **no_cache(model)).logits.float()
+        logits = uncached(model, input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
         logp = torch.log_softmax(logits, -1)
         for j in range(ids.shape[0]):
             s, t = starts[c + j], tgts[c + j]

@@ -28,7 +28,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from editing.arch import ArchSpec, get_module, no_cache
+from editing.arch import ArchSpec, get_module, uncached
 from editing.editors.keys import edit_position, fill, pad_id_of, prompt_ids, subject_last_token, target_ids
 from editing.errors import EditopsError
 
@@ -85,7 +85,7 @@ def causal_trace(model: nn.Module, tokenizer, spec: ArchSpec, requests: Sequence
 
         hs = [m.register_forward_hook(rec(l)) for l, m in enumerate(mods)]
         try:
-            p_clean = float(torch.softmax(model(input_ids=ids, attention_mask=mask, **no_cache(model)).logits[0, -1].float(), -1)[tok])
+            p_clean = float(torch.softmax(uncached(model, input_ids=ids, attention_mask=mask).logits[0, -1].float(), -1)[tok])
         finally:
             for h in hs:
                 h.remove()
@@ -100,7 +100,7 @@ def causal_trace(model: nn.Module, tokenizer, spec: ArchSpec, requests: Sequence
 
             hc = emb.register_forward_hook(corrupt)
             try:
-                p_corr = float(torch.softmax(model(input_ids=ids, attention_mask=mask, **no_cache(model)).logits[0, -1].float(), -1)[tok])
+                p_corr = float(torch.softmax(uncached(model, input_ids=ids, attention_mask=mask).logits[0, -1].float(), -1)[tok])
                 corrupt_sum += p_corr / samples
                 for l in range(n_layers):
                     lo, hi = max(0, l - window // 2), min(n_layers - 1, l + window // 2)
@@ -114,7 +114,7 @@ def causal_trace(model: nn.Module, tokenizer, spec: ArchSpec, requests: Sequence
 
                     hr = [mods[j].register_forward_hook(restore(j)) for j in range(lo, hi + 1)]
                     try:
-                        p = float(torch.softmax(model(input_ids=ids, attention_mask=mask, **no_cache(model)).logits[0, -1].float(), -1)[tok])
+                        p = float(torch.softmax(uncached(model, input_ids=ids, attention_mask=mask).logits[0, -1].float(), -1)[tok])
                     finally:
                         for h in hr:
                             h.remove()

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from editing.arch import ArchSpec, get_module, no_cache
+from editing.arch import ArchSpec, get_module, uncached
 from editing.errors import HyperparameterError
 from editing.editors.keys import DEFAULT_CONTEXT_TEMPLATES, edit_position, fill, pad_id_of, pad_right, \
     prompt_ids, target_ids
@@ -115,8 +115,8 @@ def _selected_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, ro
                                                                          "logits_scaling", "output_multiplier"))
     special = special or hasattr(model, "final_logits_bias")
     if head is None or base is None or base is model or special or not isinstance(head, nn.Linear):
-        return model(input_ids=ids, attention_mask=mask, **no_cache(model)).logits[rows, cols]
-    hs = base(input_ids=ids, attention_mask=mask, **no_cache(base)).last_hidden_state
+        return uncached(model, input_ids=ids, attention_mask=mask).logits[rows, cols]
+    hs = uncached(base, input_ids=ids, attention_mask=mask).last_hidden_state
     return head(hs[rows, cols])
 
 

@@ -290,18 +290,18 @@ def test_validation_variants_choose_the_site_and_are_never_fitted(tiny_corpus, t
     d = with_val.edit(model, tok, [req]).diagnostics[0]
     assert d.succeeded, d.message
     assert d.extra["n_validation"] == len(validation)
-    tried = d.extra["value_tried"]   # (site, margin, fitted share, locality, validation share, λ rule met, instance fixed)
-    assert all(0.0 <= t[4] <= 1.0 for t in tried)
-    chosen = [t for t in tried if t[0] == d.extra["site"]][-1]
-    assert chosen[4] == pytest.approx(d.extra["validation_gone"], abs=1e-3)
+    tried = d.extra["value_tried"]
+    assert all(0.0 <= t["val"] <= 1.0 for t in tried)
+    chosen = [t for t in tried if t["site"] == d.extra["site"]][-1]
+    assert chosen["val"] == pytest.approx(d.extra["validation_gone"], abs=1e-3)
     accept = with_val.variant_accept
-    passed = [t for t in tried if t[5] and t[2] >= accept]      # λ rule met, fitted variants deleted
-    if chosen[5] and chosen[2] >= accept and chosen[4] >= accept:
+    passed = [t for t in tried if t["good"] and t["share"] >= accept]      # λ rule met, fitted variants deleted
+    if chosen["good"] and chosen["share"] >= accept and chosen["val"] >= accept:
         # accepted: the search stopped there, past every earlier site whose write missed the validation variants
-        assert chosen is tried[-1] and all(t[4] < accept for t in passed[:-1])
+        assert chosen is tried[-1] and all(t["val"] < accept for t in passed[:-1])
     elif passed:
         # none accepted: the best of the sites that met the λ rule, by the validation variants
-        assert chosen[5] and chosen[4] == max(t[4] for t in passed)
+        assert chosen["good"] and chosen["val"] == max(t["val"] for t in passed)
 
     # the validation variants never enter the fit: at the chosen site alone the delta is the one made without them
     site = d.extra["site"]
@@ -384,7 +384,7 @@ def test_a_site_whose_write_misses_the_validation_variants_is_passed_over(tiny_c
     stats = [s for s, _ in tiny_corpus.train[:200]]
     passing = RankOneDeletionEditor(stats_sources=stats, stats_dir=None).edit(model, tok, [req]).diagnostics[0]
     tried = passing.extra["value_tried"]
-    assert tried[-1][5] and tried[-1][4] >= 0.75, "the real check passed the first site that met the λ rule"
+    assert tried[-1]["good"] and tried[-1]["val"] >= 0.75, "the real check passed the first site that met the λ rule"
     monkeypatch.setattr(RankOneDeletionEditor, "_gone_under", lambda self, *args: 0.0)
     missing = RankOneDeletionEditor(stats_sources=stats, stats_dir=None).edit(model, tok, [req]).diagnostics[0]
     assert missing.succeeded, missing.message
