@@ -741,7 +741,8 @@ class MemitEditor:
         failed = [d.request_id for d in diagnostics if not d.succeeded]
         rate = 1 - len(failed) / max(len(diagnostics), 1)
         if failed and rate < hp.warn_below:
-            lam_text = f"λ={hp.lam}" if len(set(lams)) < 2 else "λ " + " → ".join(f"{x:.6g}" for x in lams)
+            lam_text = (f"null-space projection, α={hp.alpha}" if hp.nullspace else f"λ={hp.lam}" if len(set(lams)) < 2
+                        else "λ " + " → ".join(f"{x:.6g}" for x in lams))
             broken = [r.request_id for r in noops if r.request_id in failed]
             broken_text = f" ({len(broken)} of them no-ops the batch's other edits changed)" if broken else ""
             msg = (f"{self.name}: {len(failed)}/{len(diagnostics)} edits did not take{broken_text} (layers {layers}, {lam_text}, "

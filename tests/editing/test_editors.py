@@ -218,6 +218,18 @@ def test_edits_that_do_not_take_warn_loudly(tiny_gpt2, facts, tmp_path):
     assert "did not take" in res.delta.meta["warning"]
 
 
+def test_a_null_space_edit_that_does_not_take_names_its_projection_not_a_lambda(tiny_gpt2, facts, tmp_path):
+    """With ``nullspace`` the solve has no λ (AlphaEdit's ridge α instead): the warning says what was solved."""
+    model, tok = tiny_gpt2
+    ed = get_editor("nse", **_hp(tmp_path, lam=1e3, nullspace=True, alpha=1e12, repasses=0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = ed.edit(model, tok, requests(facts, 2), None)
+    assert not any(d.succeeded for d in res.diagnostics)
+    assert "null-space projection, α=1000000000000.0" in res.delta.meta["warning"]
+    assert "λ" not in res.delta.meta["warning"].split("(layers", 1)[1].split(", locus")[0]
+
+
 def test_not_taken_message_says_when_the_new_target_already_outscores_the_true_one():
     """Top-1 is the editor's test; a gate on CounterFact's efficacy (P(new) > P(true)) may pass the same request,
     and the message says which case it is."""
