@@ -110,7 +110,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from editing.arch import ArchSpec, get_module, uncached, spec_for
+from editing.arch import ArchSpec, get_module, spec_for, uncached
 from editing.atomic import replace_atomically
 from editing.delta import LowRankDelta
 from editing.editors.base import EditorState, EditResult, RequestDiagnostics
@@ -169,12 +169,16 @@ def _gone_share(outputs: Sequence[str], requests: Sequence[DeletionRequest]) -> 
     return sum(not contains_span(o, r.unwanted) for o, r in zip(outputs, requests)) / len(requests)
 
 
-def _tried_record(t: dict) -> dict:
-    """A tried site as the diagnostics report it (``value_tried``, ``why_fallback``): the site, the instance's
-    margin, the fitted variants' flipped share, held-out locality, the validation variants' gone share, whether the
-    site's λ rule was met (``good``) and whether some λ of its scan deleted the instance (``fixed``)."""
-    return {"site": asdict(t["site"]), "margin": round(t["margin"], 3), "share": round(t["share"], 3),
-            "loc": round(t["loc"], 4), "val": round(t["val"], 3), "good": t["good"], "fixed": t["fixed"]}
+def _tried_record(t: dict, scanned: bool = True) -> dict:
+    """A tried site as the diagnostics report it: the site, the instance's margin and the fitted variants' flipped
+    share; with ``scanned`` (``value_tried``) also held-out locality, the validation variants' gone share, whether the
+    site's λ rule was met (``good``) and whether some λ of its scan deleted the instance (``fixed``), which keep their
+    starting values (0, 0 — 1 without validation variants —, false, false) where the margin or the fitted share fell
+    short and no scan ran. ``why_fallback`` (no site reached the margin, none was scanned) gives the first three."""
+    record = {"site": asdict(t["site"]), "margin": round(t["margin"], 3), "share": round(t["share"], 3)}
+    if scanned:
+        record.update(loc=round(t["loc"], 4), val=round(t["val"], 3), good=t["good"], fixed=t["fixed"])
+    return record
 
 
 # ------------------------------------------------------------ the editor
@@ -918,7 +922,7 @@ class RankOneDeletionEditor:
             # back to the instance alone (the original single-example edit, no variants or negatives)
             best = self._locate_sites(model, tokenizer, spec, ex, state, requests, effects, [], [], (), validation)
             negatives = []
-            best["why_fallback"] = [_tried_record(t) for t in tried]
+            best["why_fallback"] = [_tried_record(t, scanned=False) for t in tried]
             tried = tried + [best]
         else:
             best = self._best(tried)

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from editing.arch import get_module, uncached, spec_for, weight_view
+from editing.arch import get_module, spec_for, uncached, weight_view
 from editing.delta import LowRankDelta
 from editing.editors.base import EditorState, EditResult, RequestDiagnostics
 from editing.editors.keys import pad_id_of, pad_right, prompt_ids, score_targets, target_ids

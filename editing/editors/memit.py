@@ -746,7 +746,8 @@ class MemitEditor:
             broken = [r.request_id for r in noops if r.request_id in failed]
             broken_text = f" ({len(broken)} of them no-ops the batch's other edits changed)" if broken else ""
             msg = (f"{self.name}: {len(failed)}/{len(diagnostics)} edits did not take{broken_text} (layers {layers}, {lam_text}, "
-                   f"locus {hp.locus}, choice: {hp.source}); try other layers (--layers), a smaller λ, the other "
+                   f"locus {hp.locus}, choice: {hp.source}); try other layers (--layers), a smaller "
+                   f"{'α' if hp.nullspace else 'λ'}, the other "
                    "locus (--set locus=subject|last) or more value steps")
             warnings.warn(msg, EditDidNotTakeWarning, stacklevel=2)
             log.warning(msg)

@@ -228,6 +228,7 @@ def test_a_null_space_edit_that_does_not_take_names_its_projection_not_a_lambda(
     assert not any(d.succeeded for d in res.diagnostics)
     assert "null-space projection, α=1000000000000.0" in res.delta.meta["warning"]
     assert "λ" not in res.delta.meta["warning"].split("(layers", 1)[1].split(", locus")[0]
+    assert "a smaller α" in res.delta.meta["warning"]
 
 
 def test_not_taken_message_says_when_the_new_target_already_outscores_the_true_one():
