@@ -741,13 +741,15 @@ class MemitEditor:
         failed = [d.request_id for d in diagnostics if not d.succeeded]
         rate = 1 - len(failed) / max(len(diagnostics), 1)
         if failed and rate < hp.warn_below:
-            lam_text = (f"null-space projection, α={hp.alpha}" if hp.nullspace else f"λ={hp.lam}" if len(set(lams)) < 2
-                        else "λ " + " → ".join(f"{x:.6g}" for x in lams))
+            if hp.nullspace:   # AlphaEdit's solve: no λ, the ridge α
+                lam_text, knob = f"null-space projection, α={hp.alpha}", "α"
+            else:
+                lam_text = f"λ={hp.lam}" if len(set(lams)) < 2 else "λ " + " → ".join(f"{x:.6g}" for x in lams)
+                knob = "λ"
             broken = [r.request_id for r in noops if r.request_id in failed]
             broken_text = f" ({len(broken)} of them no-ops the batch's other edits changed)" if broken else ""
             msg = (f"{self.name}: {len(failed)}/{len(diagnostics)} edits did not take{broken_text} (layers {layers}, {lam_text}, "
-                   f"locus {hp.locus}, choice: {hp.source}); try other layers (--layers), a smaller "
-                   f"{'α' if hp.nullspace else 'λ'}, the other "
+                   f"locus {hp.locus}, choice: {hp.source}); try other layers (--layers), a smaller {knob}, the other "
                    "locus (--set locus=subject|last) or more value steps")
             warnings.warn(msg, EditDidNotTakeWarning, stacklevel=2)
             log.warning(msg)
