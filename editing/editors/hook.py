@@ -257,7 +257,7 @@ class HookHparams:
     n_ref_keys: int = 1024
     max_tracked: int = 64
     value_steps: int = 25
-    value_lr: float = 0.5
+    value_lr: float | None = None   # None: the step in units of the residual (the preset's, else DEFAULT_LR_REL)
     clamp_norm_factor: float = 4.0
     kl_weight: float = 0.0625
     context_templates: tuple[str, ...] | None = None
@@ -502,8 +502,12 @@ class HookEditor:
             for l in missing:
                 tensors[f"{weights[l]}::ref_keys"] = ref[names[l]]
 
+        from editing.editors.presets import preset_for
+
+        preset = preset_for(model)
         vh = ValueHparams(steps=hp.value_steps, lr=hp.value_lr, clamp_norm_factor=hp.clamp_norm_factor,
-                          kl_weight=hp.kl_weight, context_templates=tuple(templates))
+                          kl_weight=hp.kl_weight, context_templates=tuple(templates),
+                          lr_rel=preset.value_lr_rel if preset is not None else None)
         last = layers[-1]
         was_training = model.training
         model.eval()

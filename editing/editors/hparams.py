@@ -23,7 +23,7 @@ from torch import nn
 
 from editing.editors.presets import corpus_for, preset_for
 from editing.editors.siblings import SIBLING_SAMPLES
-from editing.editors.values import DEFAULT_CLAMP_NORM_FACTOR, ValueHparams
+from editing.editors.values import DEFAULT_CLAMP_NORM_FACTOR, DEFAULT_LR_REL, ValueHparams
 from editing.errors import HyperparameterError
 
 
@@ -256,7 +256,8 @@ class EditHparams:
 
 def with_model_defaults(hp: EditHparams, model: nn.Module) -> EditHparams:
     """``hp`` with what the model decides when the user did not: the key-statistics corpus
-    (:func:`corpus_for`) and the value clamp (the preset's, else :data:`DEFAULT_CLAMP_NORM_FACTOR`).
+    (:func:`corpus_for`), the value clamp (the preset's, else :data:`DEFAULT_CLAMP_NORM_FACTOR`) and the value step
+    (the preset's, else :data:`DEFAULT_LR_REL`).
     A value the user gave is kept."""
     if hp.corpus is None:
         hp = replace(hp, corpus=corpus_for(model))
@@ -264,6 +265,10 @@ def with_model_defaults(hp: EditHparams, model: nn.Module) -> EditHparams:
         p = preset_for(model)
         hp = replace(hp, value=replace(hp.value, clamp_norm_factor=p.clamp_norm_factor if p is not None
                                        else DEFAULT_CLAMP_NORM_FACTOR))
+    if hp.value.lr_rel is None:
+        p = preset_for(model)
+        hp = replace(hp, value=replace(hp.value, lr_rel=p.value_lr_rel if p is not None and p.value_lr_rel
+                                       else DEFAULT_LR_REL))
     return hp
 
 

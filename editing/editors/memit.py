@@ -622,6 +622,7 @@ class MemitEditor:
                                     locus=hp.locus, held_prompts=_held_prompts(keep, active, holds),
                                     held_weight=hp.other_prompts_kl)
                 self._restore(model, saved)
+                meta_extra["value_sigma"] = round(vr.scale, 4)   # the unit of value.lr_rel in this batch
                 rows, pos = self._bare_rows(tokenizer, active, hp.locus)
                 h0 = block_outputs_at(model, spec, layers[-1], rows, pos, pad_id_of(tokenizer)).double()
                 z = vr.z.double()
@@ -720,6 +721,7 @@ class MemitEditor:
                         extra={"beats_true": beats, "logp_new": lp_new[i], "value_nll": float(vr.nll[i]),
                                "locus_at_text_start": at_start,
                                "value_nll_init": float(vr.nll_init[i]),
+                               "value_step_doublings": int(vr.escalations[i]),
                                "delta_ratio": float(vr.delta[i].norm() / vr.h[i].norm().clamp(min=1e-12)),
                                "relative_residual": res / max(float((z[i] - h0[i]).norm()), 1e-12)})
             else:

@@ -53,6 +53,7 @@ class Preset:
     clamp_norm_factor: float
     note: str
     corpus: str | None = None        # None: default_corpus(model)
+    value_lr_rel: float | None = None   # the value step in units of the residual (None: values.DEFAULT_LR_REL)
     locus: str = "subject"
     # ``nse`` settings for this model where the user gave none (MemitEditor.settings_for); MEMIT takes none
     sequential: dict[str, Any] = field(default_factory=dict)
@@ -92,7 +93,9 @@ PRESETS: dict[tuple[str, int, int], Preset] = {
     # (bench/RESULTS.md "Fact editing", 2026-11-22).
     ("llama", 30, 576): Preset((4, 5, 6, 7, 8), None, 4.0,
                           "SmolLM2-135M: layers by causal trace, λ calibrated on the first batch", corpus="stdlib",
-                          sequential=SMOLLM2_SEQUENTIAL),
+                          sequential=SMOLLM2_SEQUENTIAL,
+                          # MEMIT's absolute 0.5 at SmolLM2's block 8 (σ 5.0–5.3), the step all its runs were measured with
+                          value_lr_rel=0.1),
 }
 
 

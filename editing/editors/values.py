@@ -14,7 +14,14 @@ adding it there makes ``target_new`` likely, and return ``z_i = h_i + δ_i``:
 ``            the caller wants left, at a weight of their own)
 ``          + weight_decay · ‖δ‖² / ‖h‖²``
 
-minimised with Adam (``steps``, ``lr``); a request's ``δ`` is final once its NLL is below
+minimised with Adam (``steps``); each step moves a coordinate of ``δ_i`` by about ``lr_rel · σ`` (``δ = σ u``, Adam
+on ``u``; ``σ`` = :func:`residual_scale`, the median ``‖h_t‖/√d`` over the batch's tokens at block ``L``), so the
+optimisation, like the clamp and the weight decay, is in units of the residual stream it edits and a model whose
+residual is ten times larger (the same function) gets the same ``δ / ‖h‖`` (``bench/residual_scale.py``); a fixed
+``lr`` (MEMIT's absolute step, what versions before 2026-12-07 recorded) is used as given instead. With ``lr_rel``,
+a request whose NLL is still above ``reach_nll`` when its budget ends and whose ``‖δ‖`` is below the clamp gets
+another ``steps`` at twice the step (up to ``escalations`` times; ``ValueResult.escalations``); the others end
+with the first budget. A request's ``δ`` is final once its NLL is below
 ``loss_stop`` (with ``stop="top1"`` also once ``target_new`` is the argmax, token by token, after
 every context template: most-probable early stopping), and the loop ends when every request's is; after each step ``‖δ_i‖`` is clamped to
 ``clamp_norm_factor · ‖h_i‖``. All requests are optimised at once (one ``δ`` row
@@ -24,6 +31,7 @@ editor rewinds to the original weights first). The model is left unchanged.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -38,6 +46,10 @@ from editing.editors.keys import DEFAULT_CONTEXT_TEMPLATES, edit_position, fill,
 
 
 DEFAULT_CLAMP_NORM_FACTOR = 4.0   # ROME's bound on ‖δ‖ / ‖h‖, where no preset gives one
+# The value step in units of residual_scale where no preset gives one: MEMIT's absolute 0.5 at the fact world's
+# scale (σ = 8.3–9.7 at its edited block 1), the measured default of every model without a preset; SmolLM2's preset
+# gives 0.1 (σ = 5.0–5.3 at its block 8), the same 0.5 there (bench/RESULTS.md, session 52)
+DEFAULT_LR_REL = 0.054
 
 
 @dataclass
@@ -45,7 +57,18 @@ class ValueHparams:
     """Hyperparameters of the value optimisation (MEMIT defaults)."""
 
     steps: int = 25
-    lr: float = 0.5
+    # Adam's step in units of the residual's typical per-coordinate size at the edited block (residual_scale);
+    # None: the model's preset (hparams.with_model_defaults), else DEFAULT_LR_REL
+    lr_rel: float | None = None
+    # MEMIT's absolute step (its published 0.5 for GPT-2 XL and GPT-J), used as given instead of lr_rel; None:
+    # lr_rel. Versions registered before session 52 record lr=0.5 and are rebuilt with it
+    lr: float | None = None
+    # a value still short of its target at the end of its budget (NLL > reach_nll) with ‖δ‖ below the clamp gets
+    # another `steps` at twice the step, up to `escalations` times (with lr_rel only): how far δ must go in units
+    # of ‖h‖ differs by model (SmolLM2 0.76, the tests' tiny Llama 1.1–1.6), and one fixed step cannot both settle on
+    # the first and reach the second within 25 steps
+    reach_nll: float = 0.5
+    escalations: int = 3
     kl_weight: float = 0.0625
     weight_decay: float = 0.5
     clamp_norm_factor: float | None = None   # None: the model's preset (hparams.with_model_defaults), else 4
@@ -67,6 +90,20 @@ class ValueHparams:
     def __post_init__(self) -> None:
         if self.stop not in ("nll", "top1"):
             raise HyperparameterError(f"value stop={self.stop!r} is not one of nll, top1")
+        if self.lr is not None and not (isinstance(self.lr, (int, float)) and not isinstance(self.lr, bool)
+                                        and self.lr > 0):
+            raise HyperparameterError(f"value lr={self.lr!r} must be a number > 0 (an absolute Adam step) or null "
+                                      "(the step in units of the residual, lr_rel)")
+        if self.lr_rel is not None and not (isinstance(self.lr_rel, (int, float)) and not isinstance(self.lr_rel, bool)
+                                            and self.lr_rel > 0):
+            raise HyperparameterError(f"value lr_rel={self.lr_rel!r} must be a number > 0 (Adam's step per "
+                                      "coordinate, in units of ‖h‖/√d)")
+        if not (isinstance(self.escalations, int) and not isinstance(self.escalations, bool) and self.escalations >= 0):
+            raise HyperparameterError(f"value escalations={self.escalations!r} must be a whole number ≥ 0 (0: a "
+                                      "value gets one budget of steps)")
+        if not (isinstance(self.reach_nll, (int, float)) and not isinstance(self.reach_nll, bool)
+                and self.reach_nll > 0):
+            raise HyperparameterError(f"value reach_nll={self.reach_nll!r} must be a number > 0")
         if not isinstance(self.keep_contexts, bool):
             raise HyperparameterError(f"value keep_contexts={self.keep_contexts!r} must be true or false")
 
@@ -83,6 +120,8 @@ class ValueResult:
     nll_init: list[float]     # NLL before optimisation
     steps: int = 0
     history: list[float] = field(default_factory=list)  # mean loss per step
+    escalations: list[int] = field(default_factory=list)  # per request: how often its step was doubled
+    scale: float = 1.0        # σ, the unit of lr_rel before any doubling (residual_scale); 1.0 with an absolute lr
 
 
 def _block_output_hook(delta: torch.Tensor, row_req: torch.Tensor, row_pos: torch.Tensor, record: dict):
@@ -134,6 +173,7 @@ def compute_values(model: nn.Module, tokenizer, spec: ArchSpec, requests: Sequen
     0.82 × base with them, 0.71 × without; bench/RESULTS.md "edit locus")."""
     hp = hp or ValueHparams()
     clamp = hp.clamp_norm_factor if hp.clamp_norm_factor is not None else DEFAULT_CLAMP_NORM_FACTOR
+    lr_rel = hp.lr_rel if hp.lr_rel is not None else DEFAULT_LR_REL
     templates = list(hp.context_templates) or ["{}"]
     if templates[0] != "{}":
         templates = ["{}", *templates]
@@ -193,7 +233,9 @@ def compute_values(model: nn.Module, tokenizer, spec: ArchSpec, requests: Sequen
     was_training = model.training
     model.eval()
     d_model = None
-    delta = None
+    delta = None     # σ ⊙ u, the added residual (None on the first pass, which only reads h)
+    u = None         # what Adam moves
+    sigma = None     # (n, 1): σ (residual_scale), doubled per escalation of a row; 1 with an absolute lr
     h = None
     kl_ref = None
     kl_weights = torch.tensor(kl_w, device=device, dtype=torch.float32)
@@ -203,31 +245,43 @@ def compute_values(model: nn.Module, tokenizer, spec: ArchSpec, requests: Sequen
     nll_req = torch.zeros(n)
     loss_req = torch.zeros(n)
     steps_done = 0
+    escalated = torch.zeros(n, dtype=torch.long)
+    tok_norms: list[torch.Tensor] = []   # the first pass's token norms at block L (residual_scale)
+    scale = 1.0                          # σ before any doubling; 1 with an absolute lr
+    final = torch.zeros(n, dtype=torch.bool)   # ended with the first budget: never run again
     try:
         for p in params:
             p.requires_grad_(False)
         live = torch.ones(n, dtype=torch.bool)   # requests still optimised (NLL ≥ loss_stop)
         prev_kl = torch.zeros(n)
-        for step in range(hp.steps + 1):
+        budget = hp.steps                         # the step at which the optimisation ends, unless escalated
+        step = -1
+        while True:
+            step += 1
             record: dict = {}
             nll_sum = torch.zeros(n, device=device)
             nll_cnt = torch.zeros(n, device=device)
             wrong = torch.zeros(n, device=device)   # target tokens that are not the argmax, over all templates
             kl_per = torch.zeros(n, device=device)
             h_rows = []
-            if delta is not None and opt is not None:
+            if u is not None:
                 opt.zero_grad()
             order = [j for j in range(len(all_rows)) if delta is None or bool(live[int(all_req[j])])]
             for c in range(0, len(order), hp.chunk):
                 ix = torch.tensor(order[c:c + hp.chunk])
                 width = int(mask_full[ix].sum(1).max())
-                d_arg = delta if delta is not None else torch.zeros((n, 1), device=device)
-                if delta is None:
+                # a fresh σ ⊙ u per chunk: each chunk's backward frees its own graph
+                d_arg = u * sigma if u is not None else None
+                if d_arg is None:
                     # first pass: find d_model and h without any addition
                     def hook0(_m, _a, output):
                         hs = output[0] if isinstance(output, tuple) else output
                         ar = torch.arange(hs.shape[0], device=hs.device)
                         record["h"] = hs[ar, all_pos[ix].to(hs.device)].detach()
+                        # every token's ‖h‖ but the first (a BOS-less model's attention sink) and the padding
+                        m = mask_full[ix, :hs.shape[1]].to(hs.device).bool().clone()
+                        m[:, 0] = False
+                        tok_norms.append(hs.detach().float().norm(dim=-1)[m])
                     handle = block.register_forward_hook(hook0)
                 else:
                     handle = block.register_forward_hook(
@@ -275,7 +329,7 @@ def compute_values(model: nn.Module, tokenizer, spec: ArchSpec, requests: Sequen
                             if (~main).any():
                                 chunk_loss = chunk_loss + kl.sum()
                             if c == 0:
-                                wd = hp.weight_decay * ((delta.norm(dim=1) / h.norm(dim=1).clamp(min=1e-8)) ** 2)
+                                wd = hp.weight_decay * ((d_arg.norm(dim=1) / h.norm(dim=1).clamp(min=1e-8)) ** 2)
                                 chunk_loss = chunk_loss + wd.sum()
                             chunk_loss.backward()
                 finally:
@@ -297,8 +351,12 @@ def compute_values(model: nn.Module, tokenizer, spec: ArchSpec, requests: Sequen
                 first = torch.tensor([req.index(i) for i in range(n)])
                 h = hr[first].to(device)
                 d_model = h.shape[1]
-                delta = torch.zeros((n, d_model), device=device, requires_grad=True)
-                opt = torch.optim.Adam([delta], lr=hp.lr)
+                if hp.lr is None:
+                    scale = residual_scale(torch.cat(tok_norms), d_model)
+                sigma = torch.full((n, 1), scale, device=device)
+                u = torch.zeros((n, d_model), device=device, requires_grad=True)
+                delta = (u * sigma).detach()
+                opt = torch.optim.Adam([u], lr=hp.lr if hp.lr is not None else lr_rel)
                 if kl_rows:  # the first pass ran every row in order: one reference per KL row
                     kl_ref = torch.cat(record.get("kl_ref", []))
                 nll_init = nll.tolist()
@@ -313,19 +371,31 @@ def compute_values(model: nn.Module, tokenizer, spec: ArchSpec, requests: Sequen
                 nll_req = nll
             history.append(float(loss_req.mean()))
             steps_done = step
-            done = (nll < hp.loss_stop) | on_top
-            if bool(done.all()) or step == hp.steps:
+            done = (nll < hp.loss_stop) | on_top | final
+            if step >= budget and not bool(done.all()):
+                stuck = _stuck(hp, nll, done, delta, h, clamp, escalated)
+                if not bool(stuck.any()):
+                    break
+                with torch.no_grad():   # the same δ, twice the step: σ doubles, u halves
+                    sigma[stuck.to(device)] *= 2.0
+                    u[stuck.to(device)] /= 2.0
+                escalated += stuck.long()
+                opt = torch.optim.Adam([u], lr=lr_rel)
+                budget = step + hp.steps
+                final |= ~stuck          # the others end with the budget that just ran out
+                done = done | final
+            if bool(done.all()):
                 break
             live = ~done
             frozen = (~live).to(device)
-            keep = delta.detach().clone()
+            keep = u.detach().clone()
             opt.step()
             with torch.no_grad():
-                delta[frozen] = keep[frozen]
-            with torch.no_grad():
+                u[frozen] = keep[frozen]
                 limit = clamp * h.norm(dim=1, keepdim=True)
-                norm = delta.norm(dim=1, keepdim=True).clamp(min=1e-12)
-                delta.mul_(torch.clamp(limit / norm, max=1.0))
+                norm = (u * sigma).norm(dim=1, keepdim=True).clamp(min=1e-12)
+                u.mul_(torch.clamp(limit / norm, max=1.0))
+                delta = (u * sigma).detach()
     finally:
         for p, f in zip(params, flags):
             p.requires_grad_(f)
@@ -333,4 +403,24 @@ def compute_values(model: nn.Module, tokenizer, spec: ArchSpec, requests: Sequen
     d = delta.detach().cpu()
     hh = h.detach().cpu()
     return ValueResult(z=hh + d, h=hh, delta=d, loss=loss_req.tolist(), nll=nll_req.tolist(), nll_init=nll_init,
-                       steps=steps_done, history=history)
+                       steps=steps_done, history=history, escalations=escalated.tolist(),
+                       scale=scale)
+
+
+def residual_scale(token_norms: torch.Tensor, d_model: int) -> float:
+    """``σ = median_t ‖h_t‖ / √d`` over the given tokens' residuals: the residual stream's typical per-coordinate
+    size at the edited block, the unit of ``lr_rel``. One number per layer and batch (the median over every token
+    of the batch's texts, not the locus alone), so requests whose locus happens to carry a large or small
+    residual take the same step, as under MEMIT's absolute ``lr``."""
+    return max(float(token_norms.median()) / math.sqrt(d_model), 1e-12)
+
+
+def _stuck(hp: ValueHparams, nll: torch.Tensor, done: torch.Tensor, delta: torch.Tensor, h: torch.Tensor,
+           clamp: float, escalated: torch.Tensor) -> torch.Tensor:
+    """Requests whose value gets another budget at twice the step: not final, NLL still above ``reach_nll``,
+    ``‖δ‖`` short of the clamp (a larger step can still go further), fewer than ``escalations`` doublings so far;
+    never with an absolute ``lr`` (MEMIT's fixed budget, as recorded versions were made)."""
+    if hp.lr is not None:
+        return torch.zeros_like(done)
+    room = (delta.norm(dim=1) < 0.99 * clamp * h.norm(dim=1)).cpu()
+    return ~done & (nll > hp.reach_nll) & room & (escalated < hp.escalations)
