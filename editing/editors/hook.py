@@ -502,12 +502,8 @@ class HookEditor:
             for l in missing:
                 tensors[f"{weights[l]}::ref_keys"] = ref[names[l]]
 
-        from editing.editors.presets import preset_for
-
-        preset = preset_for(model)
         vh = ValueHparams(steps=hp.value_steps, lr=hp.value_lr, clamp_norm_factor=hp.clamp_norm_factor,
-                          kl_weight=hp.kl_weight, context_templates=tuple(templates),
-                          lr_rel=preset.value_lr_rel if preset is not None else None)
+                          kl_weight=hp.kl_weight, context_templates=tuple(templates))
         last = layers[-1]
         was_training = model.training
         model.eval()

@@ -23,7 +23,7 @@ from torch import nn
 
 from editing.editors.presets import corpus_for, preset_for
 from editing.editors.siblings import SIBLING_SAMPLES
-from editing.editors.values import DEFAULT_CLAMP_NORM_FACTOR, DEFAULT_LR_REL, ValueHparams
+from editing.editors.values import DEFAULT_CLAMP_NORM_FACTOR, ValueHparams, default_lr_rel
 from editing.errors import HyperparameterError
 
 
@@ -265,10 +265,8 @@ def with_model_defaults(hp: EditHparams, model: nn.Module) -> EditHparams:
         p = preset_for(model)
         hp = replace(hp, value=replace(hp.value, clamp_norm_factor=p.clamp_norm_factor if p is not None
                                        else DEFAULT_CLAMP_NORM_FACTOR))
-    if hp.value.lr_rel is None:
-        p = preset_for(model)
-        hp = replace(hp, value=replace(hp.value, lr_rel=p.value_lr_rel if p is not None and p.value_lr_rel
-                                       else DEFAULT_LR_REL))
+    if hp.value.lr_rel is None and hp.value.lr is None:   # a fixed lr is the step: no lr_rel to record
+        hp = replace(hp, value=replace(hp.value, lr_rel=default_lr_rel(model)))
     return hp
 
 

@@ -622,7 +622,8 @@ class MemitEditor:
                                     locus=hp.locus, held_prompts=_held_prompts(keep, active, holds),
                                     held_weight=hp.other_prompts_kl)
                 self._restore(model, saved)
-                meta_extra["value_sigma"] = round(vr.scale, 4)   # the unit of value.lr_rel in this batch
+                # the unit of value.lr_rel in this batch (none with a fixed lr)
+                meta_extra["value_sigma"] = vr.scale if hp.value.lr is None else None
                 rows, pos = self._bare_rows(tokenizer, active, hp.locus)
                 h0 = block_outputs_at(model, spec, layers[-1], rows, pos, pad_id_of(tokenizer)).double()
                 z = vr.z.double()

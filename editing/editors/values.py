@@ -25,7 +25,7 @@ with the first budget. A request's ``δ`` is final once its NLL is below
 ``loss_stop`` (with ``stop="top1"`` also once ``target_new`` is the argmax, token by token, after
 every context template: most-probable early stopping), and the loop ends when every request's is; after each step ``‖δ_i‖`` is clamped to
 ``clamp_norm_factor · ‖h_i‖``. All requests are optimised at once (one ``δ`` row
-each; Adam is element-wise so this equals separate runs). The optimisation runs
+each; Adam is element-wise, so this equals separate runs but for σ, one median over the batch's texts). The optimisation runs
 against whatever model it is given; the caller decides which (the sequential
 editor rewinds to the original weights first). The model is left unchanged.
 """
@@ -54,11 +54,11 @@ DEFAULT_LR_REL = 0.054
 
 @dataclass
 class ValueHparams:
-    """Hyperparameters of the value optimisation (MEMIT defaults)."""
+    """Hyperparameters of the value optimisation (MEMIT's, but for the step: see ``lr_rel``)."""
 
     steps: int = 25
     # Adam's step in units of the residual's typical per-coordinate size at the edited block (residual_scale);
-    # None: the model's preset (hparams.with_model_defaults), else DEFAULT_LR_REL
+    # None: the model's preset, else DEFAULT_LR_REL (default_lr_rel; hparams.with_model_defaults records it)
     lr_rel: float | None = None
     # MEMIT's absolute step (its published 0.5 for GPT-2 XL and GPT-J), used as given instead of lr_rel; None:
     # lr_rel. Versions registered before session 52 record lr=0.5 and are rebuilt with it
@@ -173,7 +173,7 @@ def compute_values(model: nn.Module, tokenizer, spec: ArchSpec, requests: Sequen
     0.82 × base with them, 0.71 × without; bench/RESULTS.md "edit locus")."""
     hp = hp or ValueHparams()
     clamp = hp.clamp_norm_factor if hp.clamp_norm_factor is not None else DEFAULT_CLAMP_NORM_FACTOR
-    lr_rel = hp.lr_rel if hp.lr_rel is not None else DEFAULT_LR_REL
+    lr_rel = hp.lr_rel if hp.lr_rel is not None else default_lr_rel(model)
     templates = list(hp.context_templates) or ["{}"]
     if templates[0] != "{}":
         templates = ["{}", *templates]
@@ -407,6 +407,15 @@ def compute_values(model: nn.Module, tokenizer, spec: ArchSpec, requests: Sequen
                        scale=scale)
 
 
+def default_lr_rel(model: nn.Module) -> float:
+    """The value step where none is given: the model's preset's (``Preset.value_lr_rel``), else
+    :data:`DEFAULT_LR_REL`."""
+    from editing.editors.presets import preset_for
+
+    p = preset_for(model) if hasattr(model, "config") else None
+    return p.value_lr_rel if p is not None and p.value_lr_rel else DEFAULT_LR_REL
+
+
 def residual_scale(token_norms: torch.Tensor, d_model: int) -> float:
     """``σ = median_t ‖h_t‖ / √d`` over the given tokens' residuals: the residual stream's typical per-coordinate
     size at the edited block, the unit of ``lr_rel``. One number per layer and batch (the median over every token
@@ -420,7 +429,7 @@ def _stuck(hp: ValueHparams, nll: torch.Tensor, done: torch.Tensor, delta: torch
     """Requests whose value gets another budget at twice the step: not final, NLL still above ``reach_nll``,
     ``‖δ‖`` short of the clamp (a larger step can still go further), fewer than ``escalations`` doublings so far;
     never with an absolute ``lr`` (MEMIT's fixed budget, as recorded versions were made)."""
-    if hp.lr is not None:
+    if hp.lr is not None or hp.steps == 0:
         return torch.zeros_like(done)
     room = (delta.norm(dim=1) < 0.99 * clamp * h.norm(dim=1)).cpu()
     return ~done & (nll > hp.reach_nll) & room & (escalated < hp.escalations)

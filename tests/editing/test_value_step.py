@@ -109,8 +109,6 @@ def test_a_version_recorded_before_the_relative_step_is_rebuilt_with_its_fixed_s
 def test_the_step_is_the_presets_else_the_default(tiny_llama):
     """Like the clamp: SmolLM2's preset gives its own (MEMIT's 0.5 at its scale), a model without one the default,
     and a step the user gave is kept."""
-    from dataclasses import replace
-
     from editing.editors.hparams import EditHparams, with_model_defaults
     from editing.editors.presets import PRESETS
     from editing.editors.values import DEFAULT_LR_REL
@@ -120,4 +118,12 @@ def test_the_step_is_the_presets_else_the_default(tiny_llama):
     given = EditHparams(value=ValueHparams(lr_rel=0.2))
     assert with_model_defaults(given, model).value.lr_rel == 0.2
     assert PRESETS[("llama", 30, 576)].value_lr_rel == 0.1
-    assert with_model_defaults(replace(given, value=ValueHparams()), model).value.lr_rel == DEFAULT_LR_REL
+    fixed = EditHparams(value=ValueHparams(lr=0.5))   # MEMIT's fixed step: nothing relative to record
+    assert with_model_defaults(fixed, model).value.lr_rel is None
+
+
+def test_no_steps_means_no_optimisation(tiny_llama, facts):
+    """``steps=0`` returns ``δ = 0``: no budget, nothing to double."""
+    model, tok = tiny_llama
+    res = compute_values(model, tok, spec_for(model), requests(facts, 2), 0, ValueHparams(steps=0))
+    assert float(res.delta.abs().max()) == 0.0 and res.escalations == [0, 0]
