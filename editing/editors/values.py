@@ -65,7 +65,7 @@ class ValueHparams:
     lr: float | None = None
     # a value still short of its target at the end of its budget (NLL > reach_nll) with ‖δ‖ below the clamp gets
     # another `steps` at twice the step, up to `escalations` times (with lr_rel only): how far δ must go in units
-    # of ‖h‖ differs by model (SmolLM2 0.76, the tests' tiny Llama 1.1–1.6), and one fixed step cannot both settle on
+    # of ‖h‖ differs by model (SmolLM2 0.76, the tests' tiny Llama up to 1.6), and one fixed step cannot both settle on
     # the first and reach the second within 25 steps
     reach_nll: float = 0.5
     escalations: int = 3
@@ -173,7 +173,8 @@ def compute_values(model: nn.Module, tokenizer, spec: ArchSpec, requests: Sequen
     0.82 × base with them, 0.71 × without; bench/RESULTS.md "edit locus")."""
     hp = hp or ValueHparams()
     clamp = hp.clamp_norm_factor if hp.clamp_norm_factor is not None else DEFAULT_CLAMP_NORM_FACTOR
-    lr_rel = hp.lr_rel if hp.lr_rel is not None else default_lr_rel(model)
+    # Adam's lr on u: the fixed step as given, else the relative one (σ carries the unit)
+    lr = hp.lr if hp.lr is not None else (hp.lr_rel if hp.lr_rel is not None else default_lr_rel(model))
     templates = list(hp.context_templates) or ["{}"]
     if templates[0] != "{}":
         templates = ["{}", *templates]
@@ -356,7 +357,7 @@ def compute_values(model: nn.Module, tokenizer, spec: ArchSpec, requests: Sequen
                 sigma = torch.full((n, 1), scale, device=device)
                 u = torch.zeros((n, d_model), device=device, requires_grad=True)
                 delta = (u * sigma).detach()
-                opt = torch.optim.Adam([u], lr=hp.lr if hp.lr is not None else lr_rel)
+                opt = torch.optim.Adam([u], lr=lr)
                 if kl_rows:  # the first pass ran every row in order: one reference per KL row
                     kl_ref = torch.cat(record.get("kl_ref", []))
                 nll_init = nll.tolist()
@@ -380,7 +381,7 @@ def compute_values(model: nn.Module, tokenizer, spec: ArchSpec, requests: Sequen
                     sigma[stuck.to(device)] *= 2.0
                     u[stuck.to(device)] /= 2.0
                 escalated += stuck.long()
-                opt = torch.optim.Adam([u], lr=lr_rel)
+                opt = torch.optim.Adam([u], lr=lr)
                 budget = step + hp.steps
                 final |= ~stuck          # the others end with the budget that just ran out
                 done = done | final

@@ -46,7 +46,7 @@ def test_values_follow_the_residual_scale_and_a_fixed_step_does_not(tiny_llama, 
 
 
 def test_a_value_short_of_its_target_gets_more_steps_at_twice_the_step(tiny_llama, facts):
-    """On the tiny Llama two of three values need ‖δ‖ ≈ 1.4–1.6 ‖h‖; 25 steps of ``DEFAULT_LR_REL · σ`` do not get there. A
+    """On the tiny Llama two of three values need ‖δ‖ ≈ 1.5–1.6 ‖h‖; 25 steps of ``DEFAULT_LR_REL · σ`` do not get there. A
     strict ``loss_stop`` leaves the third unfinished at the budget's end too: it ends there all the same."""
     model, tok = tiny_llama
     spec = spec_for(model)
